@@ -1,0 +1,20 @@
+"""shoal: a distributed LLM inference runtime."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["LLM", "SamplingParams", "__version__"]
+
+
+def __getattr__(name: str):
+    # The package root sits above every layer; importing it lazily keeps
+    # `import shoal.comm` light (no torch model code pulled in).
+    if name == "LLM":
+        from shoal.runtime.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from shoal.runtime.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(name)

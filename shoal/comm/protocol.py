@@ -1,0 +1,200 @@
+"""Wire messages between the driver and the workers.
+
+Every message is a frozen-schema dataclass registered under a :class:`MsgType`.
+The codec (``shoal.comm.codec``) turns them into msgpack frames; arrays travel
+as separate zero-copy frames. Nothing here is pickled, and every message on the
+wire carries ``PROTOCOL_VERSION``.
+
+The step protocol sends a request in full once (``NewRequestData``), then only
+deltas (``CachedRequestData``): tokens appended since it last ran and new page
+ids. Workers keep the rest of each request's state between steps.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+
+class MsgType(enum.IntEnum):
+    """Every message kind on the wire; the codec's type tag."""
+
+    WORKER_READY = 1
+    CALL = 2
+    REPLY = 3
+    STEP_PLAN = 4
+    STEP_RESULT = 5
+    HEARTBEAT = 6
+    SHUTDOWN = 7
+    WORKER_FAILURE = 8
+
+
+class Command(enum.IntEnum):
+    """Commands the driver runs on workers; each worker dispatches through a handler table."""
+
+    PING = 1
+    LOAD_MODEL = 2
+    MEASURE_KV_CAPACITY = 3
+    INIT_KV_CACHE = 4
+    GET_STATS = 5
+    RESET_STATS = 6
+    ECHO = 7  # returns its arguments: used by tests and the control-plane benchmark
+
+
+# -- control -------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerReady:
+    """A worker reports it has joined its process groups and is ready for commands."""
+
+    MSG_TYPE = MsgType.WORKER_READY
+    rank: int
+    pid: int
+    hostname: str
+    device: str
+    total_memory: int
+    free_memory: int
+    versions: dict[str, str]
+
+
+@dataclass
+class Call:
+    """Run ``command`` on the target ranks (empty = all) and reply."""
+
+    MSG_TYPE = MsgType.CALL
+    call_id: int
+    command: int  # a Command value
+    args: dict[str, Any]
+    target_ranks: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Reply:
+    """One rank's answer to a Call."""
+
+    MSG_TYPE = MsgType.REPLY
+    call_id: int
+    rank: int
+    ok: bool
+    result: Any = None
+    error: str = ""
+
+
+@dataclass
+class Heartbeat:
+    """Liveness: the driver sends these to workers, workers answer with their own."""
+
+    MSG_TYPE = MsgType.HEARTBEAT
+    sender: int  # -1 = driver, else the worker's rank
+    seq: int
+    time: float
+
+
+@dataclass
+class Shutdown:
+    MSG_TYPE = MsgType.SHUTDOWN
+    reason: str = ""
+
+
+@dataclass
+class WorkerFailure:
+    """A worker hit an error it cannot recover from (e.g. inside a step)."""
+
+    MSG_TYPE = MsgType.WORKER_FAILURE
+    rank: int
+    step_id: int
+    error: str
+
+
+# -- step protocol --------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingOptions:
+    """What the output rank needs to sample one request (a wire form of SamplingParams)."""
+
+    temperature: float = 0.0
+    top_k: int = -1
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+
+@dataclass
+class NewRequestData:
+    """A request scheduled for the first time (or again after preemption), in full."""
+
+    req_id: int
+    prompt_token_ids: np.ndarray  # int32 [num_prompt_tokens]
+    output_token_ids: list[int]  # tokens already generated (non-empty when resumed)
+    page_ids: list[int]
+    num_computed_tokens: int  # tokens already in the cache (prefix hits)
+    sampling: SamplingOptions
+
+
+@dataclass
+class CachedRequestData:
+    """A request the workers already know: only what changed since it last ran."""
+
+    req_id: int
+    new_token_ids: list[int]  # sampled since it last ran
+    new_page_ids: list[int]
+    num_computed_tokens: int  # for checking: what the driver believes is cached
+
+
+@dataclass
+class StepPlan:
+    """One step: which tokens of which requests run, in batch order.
+
+    ``scheduled_req_ids[i]`` runs ``num_scheduled_tokens[i]`` tokens; a request
+    samples when those tokens bring it up to its full token count.
+    """
+
+    MSG_TYPE = MsgType.STEP_PLAN
+    step_id: int
+    new_requests: list[NewRequestData]
+    cached_requests: list[CachedRequestData]
+    scheduled_req_ids: list[int]
+    num_scheduled_tokens: list[int]
+    finished_req_ids: list[int]  # finished, aborted or preempted: drop their state
+
+
+@dataclass
+class StepResult:
+    """Sampled tokens of one step, from the output rank."""
+
+    MSG_TYPE = MsgType.STEP_RESULT
+    step_id: int
+    req_ids: list[int]
+    sampled_token_ids: np.ndarray  # int32 [num_sampled]
+    logprobs: np.ndarray | None = None  # float32 [num_sampled]
+    top_token_ids: np.ndarray | None = None  # int32 [num_sampled, k]
+    top_logprobs: np.ndarray | None = None  # float32 [num_sampled, k]
+    prompt_logprobs: dict[int, list[np.ndarray]] | None = None  # req_id -> [ids, logprobs, top ids, top lps]
+    # per-layer per-expert routed token counts since the last step (MoE models), [layers, experts]
+    expert_counts: np.ndarray | None = None
+
+
+MESSAGE_TYPES: dict[MsgType, type] = {
+    cls.MSG_TYPE: cls
+    for cls in (
+        WorkerReady,
+        Call,
+        Reply,
+        Heartbeat,
+        Shutdown,
+        WorkerFailure,
+        StepPlan,
+        StepResult,
+    )
+}

@@ -1,0 +1,132 @@
+"""Frozen configuration dataclasses, one per concern, composed into EngineConfig.
+
+Validation raises ValueError naming the bad value and what would be valid; it
+does no I/O. Derive new configs with ``dataclasses.replace``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+EXECUTOR_BACKENDS = ("mp", "ray", "external")
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Sizes of the rank mesh: world = dp x pp x tp (tp fastest)."""
+
+    tp_size: int = 1
+    pp_size: int = 1
+    dp_size: int = 1
+    enable_expert_parallel: bool = False
+    pp_layer_partition: tuple[int, ...] | None = None
+    executor_backend: str = "mp"
+    placement_strategy: str = "PACK"
+
+    def __post_init__(self) -> None:
+        _positive("tensor_parallel_size", self.tp_size)
+        _positive("pipeline_parallel_size", self.pp_size)
+        _positive("data_parallel_size", self.dp_size)
+        if self.executor_backend not in EXECUTOR_BACKENDS:
+            raise ValueError(
+                f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, "
+                f"got {self.executor_backend!r}"
+            )
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(
+                f"placement strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                f"got {self.placement_strategy!r}"
+            )
+        if self.pp_layer_partition is not None:
+            if len(self.pp_layer_partition) != self.pp_size:
+                raise ValueError(
+                    f"pp_layer_partition {self.pp_layer_partition} has "
+                    f"{len(self.pp_layer_partition)} entries; expected pipeline_parallel_size="
+                    f"{self.pp_size}"
+                )
+            for n in self.pp_layer_partition:
+                _positive("each pp_layer_partition entry", n)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_size * self.pp_size * self.tp_size
+
+    @property
+    def ep_size(self) -> int:
+        """Expert-parallel size: dp x tp when expert parallelism is on, else 1."""
+        return self.dp_size * self.tp_size if self.enable_expert_parallel else 1
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: page size in tokens and the per-rank memory budget."""
+
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes per rank (CPU); None = a default
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive("block_size", self.block_size)
+        if self.block_size > 1024:
+            raise ValueError(f"block_size must be at most 1024, got {self.block_size}")
+        if self.kv_cache_memory is not None:
+            _positive("kv_cache_memory", self.kv_cache_memory)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.num_gpu_blocks_override is not None:
+            _positive("num_gpu_blocks_override", self.num_gpu_blocks_override)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Per-step budgets of the scheduler."""
+
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_waiting_requests: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.max_waiting_requests is not None:
+            _positive("max_waiting_requests", self.max_waiting_requests)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which checkpoint to serve and in which dtype."""
+
+    model: str | None = None  # None = the default model
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.max_model_len is not None:
+            _positive("max_model_len", self.max_model_len)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs, composed from the per-concern configs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,35 @@
+"""shoal's error hierarchy.
+
+Every error a user can see derives from :class:`ShoalError`. Errors that concern
+one worker carry its rank; errors that concern one request carry its id.
+"""
+from __future__ import annotations
+
+
+class ShoalError(Exception):
+    """Base class of every shoal error."""
+
+    def __init__(self, message: str, *, rank: int | None = None, request_id: str | None = None):
+        super().__init__(message)
+        self.rank = rank
+        self.request_id = request_id
+
+
+class ProtocolError(ShoalError):
+    """A wire message was malformed, of a wrong version, or too large."""
+
+
+class WorkerDiedError(ShoalError):
+    """A worker process or actor died or stopped answering."""
+
+
+class WorkerError(ShoalError):
+    """A worker raised while running a command; the message holds its traceback."""
+
+
+class ModelNotAvailableError(ShoalError):
+    """The model could not be found or fetched (for example: offline with an empty cache)."""
+
+
+class RequestError(ShoalError):
+    """A request cannot be served as asked (for example: its prompt can never fit)."""
