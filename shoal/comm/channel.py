@@ -1,0 +1,214 @@
+"""ZeroMQ channels between the driver and its workers.
+
+Three sockets, all bound by the driver at addresses chosen at run time:
+
+- bootstrap (REP): a worker that knows only this address asks for the rest
+  (broadcast and return addresses, rendezvous store, mesh sizes);
+- broadcast (XPUB → SUB): one message to every worker (plans, commands,
+  heartbeats). XPUB reports each subscription, so the driver knows when every
+  worker listens and no message is lost to a late joiner;
+- return (PULL ← PUSH): replies, step results and worker heartbeats.
+
+Addresses are ipc:// in a private temporary directory on one host, tcp:// on a
+real interface address with an OS-chosen port when workers are remote.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from typing import Any
+
+import msgpack
+import zmq
+
+from shoal.comm.codec import DEFAULT_MAX_MESSAGE_BYTES, decode, encode
+from shoal.errors import ProtocolError
+
+logger = logging.getLogger(__name__)
+
+
+def local_ip() -> str:
+    """An address of this host that other hosts can reach (best effort, no traffic sent)."""
+    override = os.environ.get("SHOAL_HOST_IP")
+    if override:
+        return override
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+class DriverChannel:
+    """The driver's end: bootstrap REP, broadcast XPUB and return PULL sockets."""
+
+    def __init__(
+        self,
+        transport: str = "ipc",
+        host: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        bootstrap_port: int = 0,
+    ):
+        if transport not in ("ipc", "tcp"):
+            raise ValueError(f"transport must be 'ipc' or 'tcp', got {transport!r}")
+        self.max_message_bytes = max_message_bytes
+        self._ctx = zmq.Context()
+        self._ipc_dir: str | None = None
+        self._send_lock = threading.Lock()  # heartbeats come from another thread
+        self.bootstrap = self._ctx.socket(zmq.REP)
+        self.broadcast = self._ctx.socket(zmq.XPUB)
+        self.broadcast.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.broadcast.setsockopt(zmq.SNDHWM, 0)
+        self.results = self._ctx.socket(zmq.PULL)
+        self.results.setsockopt(zmq.RCVHWM, 0)
+        for sock in (self.bootstrap, self.broadcast, self.results):
+            sock.setsockopt(zmq.LINGER, 0)
+        if transport == "ipc":
+            self._ipc_dir = tempfile.mkdtemp(prefix="shoal-")
+            self.bootstrap_address = self._bind(self.bootstrap, f"ipc://{self._ipc_dir}/boot")
+            self.broadcast_address = self._bind(self.broadcast, f"ipc://{self._ipc_dir}/bcast")
+            self.return_address = self._bind(self.results, f"ipc://{self._ipc_dir}/ret")
+        else:
+            host = host or local_ip()
+            boot = f"tcp://{host}:{bootstrap_port}" if bootstrap_port else f"tcp://{host}:*"
+            self.bootstrap_address = self._bind(self.bootstrap, boot)
+            self.broadcast_address = self._bind(self.broadcast, f"tcp://{host}:*")
+            self.return_address = self._bind(self.results, f"tcp://{host}:*")
+        self._poller = zmq.Poller()
+        self._poller.register(self.results, zmq.POLLIN)
+        self._subscribers = 0
+
+    @staticmethod
+    def _bind(sock: zmq.Socket, address: str) -> str:
+        sock.bind(address)
+        return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    # -- bootstrap ---------------------------------------------------------------------------
+
+    def serve_bootstrap(self, info_for_rank, timeout_s: float) -> dict | None:
+        """Answer one bootstrap request with ``info_for_rank(request)``; None on timeout."""
+        if not self.bootstrap.poll(int(timeout_s * 1000)):
+            return None
+        raw = self.bootstrap.recv()
+        try:
+            request = msgpack.unpackb(raw, raw=False)
+            if not isinstance(request, dict):
+                raise ProtocolError("bootstrap request must be a map")
+            reply = info_for_rank(request)
+        except Exception as exc:
+            self.bootstrap.send(msgpack.packb({"error": str(exc)}))
+            raise
+        self.bootstrap.send(msgpack.packb(reply))
+        return request
+
+    # -- broadcast ---------------------------------------------------------------------------
+
+    def wait_for_subscribers(self, count: int, timeout_s: float, alive=None) -> None:
+        """Block until ``count`` workers subscribed to the broadcast socket."""
+        deadline = time.monotonic() + timeout_s
+        while self._subscribers < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"only {self._subscribers} of {count} workers subscribed")
+            if alive is not None:
+                alive()
+            if self.broadcast.poll(int(min(remaining, 0.1) * 1000)):
+                event = self.broadcast.recv()
+                if event[:1] == b"\x01":
+                    self._subscribers += 1
+
+    def publish(self, msg: Any) -> int:
+        """Send a message to every worker; returns the bytes sent."""
+        frames = encode(msg)
+        with self._send_lock:
+            self.broadcast.send_multipart(frames, copy=False)
+        return sum(len(f) for f in frames)
+
+    # -- return ------------------------------------------------------------------------------
+
+    def recv(self, timeout_s: float | None) -> Any | None:
+        """The next message from any worker, or None after ``timeout_s`` seconds."""
+        timeout_ms = None if timeout_s is None else int(timeout_s * 1000)
+        if not self._poller.poll(timeout_ms):
+            return None
+        frames = self.results.recv_multipart(copy=False)
+        return decode(frames, self.max_message_bytes)
+
+    def close(self) -> None:
+        for sock in (self.bootstrap, self.broadcast, self.results):
+            sock.close(linger=0)
+        self._ctx.term()
+        if self._ipc_dir:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+
+def request_bootstrap(address: str, request: dict, timeout_s: float = 60.0) -> dict:
+    """A worker's first contact: ask the driver's bootstrap socket for the addresses."""
+    ctx = zmq.Context.instance()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        sock = ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        try:
+            sock.send(msgpack.packb(request))
+            if sock.poll(int(min(5.0, max(0.1, deadline - time.monotonic())) * 1000)):
+                reply = msgpack.unpackb(sock.recv(), raw=False)
+                if "error" in reply:
+                    raise ProtocolError(f"driver refused bootstrap: {reply['error']}")
+                return reply
+        finally:
+            sock.close(linger=0)
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"no bootstrap answer from the driver at {address}")
+
+
+class WorkerChannel:
+    """A worker's end: SUB for broadcasts, PUSH for replies and results."""
+
+    def __init__(
+        self,
+        broadcast_address: str,
+        return_address: str,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ):
+        self.max_message_bytes = max_message_bytes
+        self._ctx = zmq.Context()
+        self.sub = self._ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.RCVHWM, 0)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.connect(broadcast_address)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.push = self._new_push(return_address)
+        self._return_address = return_address
+        self._push_lock = threading.Lock()
+
+    def _new_push(self, address: str) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.connect(address)
+        return sock
+
+    def heartbeat_socket(self) -> zmq.Socket:
+        """A separate PUSH socket for a heartbeat thread (ZeroMQ sockets are not thread-safe)."""
+        return self._new_push(self._return_address)
+
+    def recv(self, timeout_s: float | None) -> Any | None:
+        timeout_ms = -1 if timeout_s is None else int(timeout_s * 1000)
+        if not self.sub.poll(timeout_ms):
+            return None
+        return decode(self.sub.recv_multipart(copy=False), self.max_message_bytes)
+
+    def send(self, msg: Any) -> None:
+        with self._push_lock:
+            self.push.send_multipart(encode(msg), copy=False)
+
+    def close(self) -> None:
+        self.sub.close(linger=0)
+        self.push.close(linger=1000)
+        self._ctx.term()

@@ -1,0 +1,301 @@
+"""Executors: how the driver starts, talks to and watches its workers.
+
+``Executor`` is the interface the engine uses. ``ZmqExecutor`` holds everything
+that does not depend on how workers are started (bootstrap, handshake,
+commands, step plans, heartbeats, failure detection); subclasses only launch
+workers and say whether they are still alive (``mp``: local processes,
+``ray``: actors, ``external``: workers started by another launcher).
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from typing import Any, Protocol
+
+from shoal.comm.bootstrap import create_store_server
+from shoal.comm.channel import DriverChannel
+from shoal.comm.protocol import (
+    Call,
+    Command,
+    Heartbeat,
+    Reply,
+    Shutdown,
+    StepPlan,
+    StepResult,
+    WorkerFailure,
+    WorkerReady,
+)
+from shoal.config import ParallelConfig
+from shoal.errors import ProtocolError, WorkerDiedError, WorkerError
+from shoal.parallel.mesh import build_mesh
+
+logger = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    """What the engine needs from an executor."""
+
+    world_size: int
+    workers: list[WorkerReady]
+
+    def start(self) -> None: ...
+
+    def call(self, command: Command, args: dict | None = None, ranks: list[int] | None = None,
+             timeout_s: float | None = None) -> list[Any]: ...
+
+    def submit(self, plan: StepPlan) -> int: ...
+
+    def get_result(self, timeout_s: float | None = None) -> StepResult: ...
+
+    def check_alive(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+class ZmqExecutor:
+    """Driver side of the worker protocol over ZeroMQ; subclasses launch the workers."""
+
+    transport = "ipc"
+    poll_interval_s = 0.1
+
+    def __init__(
+        self,
+        parallel: ParallelConfig,
+        *,
+        host: str | None = None,
+        bootstrap_port: int = 0,
+        start_timeout_s: float = 300.0,
+        heartbeat_timeout_s: float = 10.0,
+        threads_per_worker: int | None = None,
+    ):
+        self.parallel = parallel
+        self.world_size = parallel.world_size
+        self.mesh = build_mesh(parallel.dp_size, parallel.pp_size, parallel.tp_size)
+        self.output_ranks = self.mesh.output_ranks()
+        self.start_timeout_s = start_timeout_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.threads_per_worker = threads_per_worker
+        self.channel = DriverChannel(self.transport, host, bootstrap_port=bootstrap_port)
+        self.store_host = host or ("127.0.0.1" if self.transport == "ipc" else self._tcp_host())
+        self.store = create_store_server(self.store_host, self.world_size)
+        self.workers: list[WorkerReady] = []
+        self._call_ids = itertools.count(1)
+        self._results: collections.deque[StepResult] = collections.deque()
+        self._replies: dict[int, dict[int, Reply]] = {}
+        self._last_heartbeat: dict[int, float] = {}
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
+        self._closed = False
+        self.bytes_sent = 0
+
+    def _tcp_host(self) -> str:
+        return self.channel.bootstrap_address.split("//", 1)[1].rsplit(":", 1)[0]
+
+    @property
+    def driver_address(self) -> str:
+        """The address a worker needs (``shoal worker --driver-addr``)."""
+        return self.channel.bootstrap_address
+
+    # -- subclass hooks ----------------------------------------------------------------------
+
+    def _launch_workers(self) -> None:
+        raise NotImplementedError
+
+    def _dead_ranks(self) -> list[int]:
+        """Ranks whose process/actor is known dead (beyond heartbeat silence)."""
+        return []
+
+    def _stop_workers(self, timeout_s: float) -> None:
+        """Make sure no worker outlives the executor."""
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def _bootstrap_info(self, request: dict) -> dict:
+        rank = request.get("rank")
+        if not isinstance(rank, int) or not 0 <= rank < self.world_size:
+            raise ProtocolError(f"bootstrap from rank {rank!r}; world size is {self.world_size}")
+        return {
+            "world_size": self.world_size,
+            "tp_size": self.parallel.tp_size,
+            "pp_size": self.parallel.pp_size,
+            "dp_size": self.parallel.dp_size,
+            "enable_expert_parallel": self.parallel.enable_expert_parallel,
+            "broadcast_address": self.channel.broadcast_address,
+            "return_address": self.channel.return_address,
+            "store_host": self.store_host,
+            "store_port": self.store.port,
+            "heartbeat_timeout_s": self.heartbeat_timeout_s,
+            "threads_per_worker": self.threads_per_worker,
+        }
+
+    def start(self) -> None:
+        """Launch the workers and wait until every one has reported ready."""
+        self._launch_workers()
+        deadline = time.monotonic() + self.start_timeout_s
+        booted: set[int] = set()
+        while len(booted) < self.world_size:
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise WorkerDiedError(
+                    f"only ranks {sorted(booted)} of {self.world_size} contacted the driver "
+                    f"at {self.driver_address} within {self.start_timeout_s:.0f} s"
+                )
+            try:
+                request = self.channel.serve_bootstrap(self._bootstrap_info, self.poll_interval_s)
+            except ProtocolError as exc:
+                logger.error("bad bootstrap request: %s", exc)
+                continue
+            if request is not None:
+                booted.add(request["rank"])
+        remaining = max(1.0, deadline - time.monotonic())
+        self.channel.wait_for_subscribers(self.world_size, remaining, alive=self.check_alive)
+        ready: dict[int, WorkerReady] = {}
+        while len(ready) < self.world_size:
+            msg = self._recv_one(deadline)
+            if isinstance(msg, WorkerReady):
+                ready[msg.rank] = msg
+                self._last_heartbeat[msg.rank] = time.monotonic()
+        self.workers = [ready[r] for r in range(self.world_size)]
+        self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, daemon=True)
+        self._heartbeat_thread.start()
+        logger.info("all %d workers ready", self.world_size)
+
+    # -- liveness ----------------------------------------------------------------------------
+
+    def check_alive(self) -> None:
+        """Raise WorkerDiedError naming the first rank whose process or actor is gone."""
+        dead = self._dead_ranks()
+        if dead:
+            raise WorkerDiedError(f"worker rank {dead[0]} died", rank=dead[0])
+
+    def _check_heartbeats(self) -> None:
+        """Raise WorkerDiedError for a rank silent too long (call only with the queue drained)."""
+        now = time.monotonic()
+        for rank, last in self._last_heartbeat.items():
+            if now - last > self.heartbeat_timeout_s:
+                raise WorkerDiedError(
+                    f"worker rank {rank} sent no heartbeat for {now - last:.1f} s", rank=rank
+                )
+
+    def _heartbeat_loop(self) -> None:
+        seq = 0
+        while not self._heartbeat_stop.wait(1.0):
+            seq += 1
+            try:
+                self.channel.publish(Heartbeat(-1, seq, time.time()))
+            except Exception:  # the channel is closing
+                return
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def _recv_one(self, deadline: float | None) -> Any:
+        """Receive the next reply/result/ready message, handling heartbeats and failures."""
+        while True:
+            self.check_alive()
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("timed out waiting for the workers")
+            try:
+                msg = self.channel.recv(self.poll_interval_s)
+            except ProtocolError as exc:
+                logger.error("dropped a malformed message from a worker: %s", exc)
+                continue
+            if msg is None:
+                self._check_heartbeats()
+                continue
+            if isinstance(msg, Heartbeat):
+                self._last_heartbeat[msg.sender] = time.monotonic()
+                continue
+            if isinstance(msg, WorkerFailure):
+                raise WorkerError(
+                    f"worker rank {msg.rank} failed in step {msg.step_id}:\n{msg.error}",
+                    rank=msg.rank,
+                )
+            rank = getattr(msg, "rank", None)
+            if rank in self._last_heartbeat:
+                self._last_heartbeat[rank] = time.monotonic()
+            return msg
+
+    def _pump(self, deadline: float | None) -> None:
+        msg = self._recv_one(deadline)
+        if isinstance(msg, StepResult):
+            self._results.append(msg)
+        elif isinstance(msg, Reply):
+            if msg.call_id in self._replies:
+                self._replies[msg.call_id][msg.rank] = msg
+            else:
+                logger.warning("dropping a reply to unknown call %d", msg.call_id)
+        else:
+            logger.warning("unexpected %s from a worker", type(msg).__name__)
+
+    # -- commands and steps --------------------------------------------------------------------
+
+    def call(
+        self,
+        command: Command,
+        args: dict | None = None,
+        ranks: list[int] | None = None,
+        timeout_s: float | None = None,
+    ) -> list[Any]:
+        """Run ``command`` on ``ranks`` (default all); results in rank order.
+
+        Raises WorkerError carrying the remote traceback if any rank failed.
+        """
+        targets = sorted(ranks) if ranks is not None else list(range(self.world_size))
+        call_id = next(self._call_ids)
+        self._replies[call_id] = {}
+        self.bytes_sent += self.channel.publish(Call(call_id, int(command), args or {}, targets))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            while len(self._replies[call_id]) < len(targets):
+                self._pump(deadline)
+            replies = self._replies[call_id]
+        finally:
+            self._replies.pop(call_id, None)
+        for rank in targets:
+            if not replies[rank].ok:
+                raise WorkerError(
+                    f"{command.name} failed on rank {rank}:\n{replies[rank].error}", rank=rank
+                )
+        return [replies[rank].result for rank in targets]
+
+    def submit(self, plan: StepPlan) -> int:
+        """Broadcast a step plan; returns its size in bytes."""
+        sent = self.channel.publish(plan)
+        self.bytes_sent += sent
+        return sent
+
+    def get_result(self, timeout_s: float | None = None) -> StepResult:
+        """The next step result (results come in plan order)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self._results:
+            self._pump(deadline)
+        return self._results.popleft()
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Stop every worker and release sockets; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._heartbeat_stop.set()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join(timeout=2.0)
+        try:
+            self.channel.publish(Shutdown("driver shutdown"))
+        except Exception:
+            logger.debug("could not send shutdown", exc_info=True)
+        try:
+            self._stop_workers(timeout_s)
+        finally:
+            self.channel.close()
+            del self.store
+
+    def __enter__(self) -> "ZmqExecutor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,66 @@
+"""The default executor: one local worker process per rank.
+
+Workers are started as fresh Python interpreters (``python -m
+shoal.runtime.worker_main``), not forked: nothing of the driver's state (threads,
+sockets, CUDA context) leaks into them, and they carry no pickled arguments.
+A worker exits by itself when the driver process disappears (PR_SET_PDEATHSIG
+plus a parent-pid check), so a killed driver leaves no process behind.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+from shoal.runtime.executor import ZmqExecutor
+
+logger = logging.getLogger(__name__)
+
+
+class MpExecutor(ZmqExecutor):
+    """Workers as local child processes, connected over ipc:// sockets."""
+
+    transport = "ipc"
+
+    def __init__(self, parallel, **kwargs):
+        super().__init__(parallel, **kwargs)
+        self.procs: list[subprocess.Popen] = []
+
+    def _launch_workers(self) -> None:
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.world_size)))
+        for rank in range(self.world_size):
+            cmd = [
+                sys.executable,
+                "-m",
+                "shoal.runtime.worker_main",
+                "--driver-address",
+                self.driver_address,
+                "--rank",
+                str(rank),
+                "--local-rank",
+                str(rank),
+                "--local-world-size",
+                str(self.world_size),
+                "--parent-pid",
+                str(os.getpid()),
+            ]
+            self.procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
+        logger.info("started %d worker processes: %s", self.world_size, [p.pid for p in self.procs])
+
+    def _dead_ranks(self) -> list[int]:
+        return [rank for rank, proc in enumerate(self.procs) if proc.poll() is not None]
+
+    def _stop_workers(self, timeout_s: float) -> None:
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("worker pid %d did not exit; killing it", proc.pid)
+                proc.kill()
+                proc.wait(timeout=timeout_s)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]

@@ -1,0 +1,249 @@
+"""The worker: one process (or Ray actor) per device, holding a model shard.
+
+Life of a worker:
+
+1. ask the driver's bootstrap socket for the channel addresses and mesh;
+2. connect the ZeroMQ channel, join torch.distributed, build the ParallelContext;
+3. report WorkerReady (rank, pid, device, memory, versions);
+4. loop: receive a message, dispatch it through a handler table; step plans go
+   to the ModelRunner, commands to the command table.
+
+It exits when told to shut down, when the driver's heartbeats stop, or when the
+process that started it is gone.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from shoal.comm.bootstrap import default_backend, destroy_distributed, init_distributed
+from shoal.comm.channel import WorkerChannel, request_bootstrap
+from shoal.comm.codec import encode
+from shoal.comm.protocol import (
+    Call,
+    Command,
+    Heartbeat,
+    MsgType,
+    Reply,
+    Shutdown,
+    StepPlan,
+    WorkerFailure,
+    WorkerReady,
+)
+from shoal.errors import ProtocolError
+from shoal.parallel.context import ParallelContext
+from shoal.parallel.mesh import build_mesh
+from shoal.runtime.device import device_memory, pick_device
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """How a worker finds its driver; everything else comes from the bootstrap answer."""
+
+    driver_address: str
+    rank: int
+    local_rank: int = 0
+    local_world_size: int = 1
+    parent_pid: int | None = None  # exit when this process is gone (mp executor)
+
+
+def _versions() -> dict[str, str]:
+    import msgpack
+    import zmq
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyzmq": zmq.__version__,
+        "msgpack": ".".join(map(str, msgpack.version)),
+    }
+
+
+class Worker:
+    """One rank's command loop around a ModelRunner."""
+
+    def __init__(self, args: WorkerArgs):
+        self.args = args
+        self.rank = args.rank
+        info = request_bootstrap(args.driver_address, {"rank": args.rank, "pid": os.getpid()})
+        self.info = info
+        self.world_size = int(info["world_size"])
+        self.heartbeat_timeout_s = float(info.get("heartbeat_timeout_s", 10.0))
+        self.channel = WorkerChannel(info["broadcast_address"], info["return_address"])
+        self.device = pick_device(args.local_rank)
+        if self.device.type == "cpu":
+            threads = max(1, (os.cpu_count() or 1) // max(1, args.local_world_size))
+            torch.set_num_threads(int(info.get("threads_per_worker") or threads))
+        init_distributed(
+            args.rank,
+            self.world_size,
+            info["store_host"],
+            int(info["store_port"]),
+            default_backend(self.device),
+        )
+        mesh = build_mesh(int(info["dp_size"]), int(info["pp_size"]), int(info["tp_size"]))
+        if self.world_size == 1:
+            self.ctx = ParallelContext.single(self.device)
+        else:
+            self.ctx = ParallelContext.from_initialized(
+                mesh, args.rank, self.device, bool(info.get("enable_expert_parallel", False))
+            )
+        self.runner = None  # created by LOAD_MODEL
+        self._running = True
+        self._last_driver_contact = time.monotonic()
+        self._commands: dict[Command, Callable[[dict], Any]] = {
+            Command.PING: lambda a: {"rank": self.rank, "time": time.time()},
+            Command.ECHO: lambda a: a,
+            Command.LOAD_MODEL: self._load_model,
+            Command.MEASURE_KV_CAPACITY: self._measure_kv_capacity,
+            Command.INIT_KV_CACHE: self._init_kv_cache,
+            Command.GET_STATS: self._get_stats,
+            Command.RESET_STATS: self._reset_stats,
+        }
+        self._handlers: dict[MsgType, Callable[[Any], None]] = {
+            MsgType.CALL: self._on_call,
+            MsgType.STEP_PLAN: self._on_step,
+            MsgType.HEARTBEAT: self._on_heartbeat,
+            MsgType.SHUTDOWN: self._on_shutdown,
+        }
+        total, free = device_memory(self.device)
+        self.channel.send(
+            WorkerReady(
+                rank=self.rank,
+                pid=os.getpid(),
+                hostname=socket.gethostname(),
+                device=str(self.device),
+                total_memory=total,
+                free_memory=free,
+                versions=_versions(),
+            )
+        )
+        self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, daemon=True)
+        self._heartbeat_thread.start()
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def _load_model(self, args: dict) -> dict:
+        from shoal.runtime.model_runner import ModelRunner
+
+        self.runner = ModelRunner(self.ctx, args)
+        return self.runner.describe()
+
+    def _need_runner(self):
+        if self.runner is None:
+            raise RuntimeError("no model loaded: LOAD_MODEL must come first")
+        return self.runner
+
+    def _measure_kv_capacity(self, args: dict) -> dict:
+        return self._need_runner().measure_kv_capacity(args)
+
+    def _init_kv_cache(self, args: dict) -> dict:
+        return self._need_runner().init_kv_cache(int(args["num_pages"]), int(args["page_size"]))
+
+    def _get_stats(self, args: dict) -> dict:
+        return self.runner.stats() if self.runner is not None else {}
+
+    def _reset_stats(self, args: dict) -> dict:
+        if self.runner is not None:
+            self.runner.reset_stats()
+        return {}
+
+    # -- message handlers --------------------------------------------------------------------
+
+    def _on_call(self, call: Call) -> None:
+        if call.target_ranks and self.rank not in call.target_ranks:
+            return
+        try:
+            command = Command(call.command)
+            result = self._commands[command](call.args)
+            reply = Reply(call_id=call.call_id, rank=self.rank, ok=True, result=result)
+        except Exception:
+            logger.exception("rank %d: command %s failed", self.rank, call.command)
+            reply = Reply(call.call_id, self.rank, False, None, traceback.format_exc())
+        self.channel.send(reply)
+
+    def _on_step(self, plan: StepPlan) -> None:
+        try:
+            result = self._need_runner().execute(plan)
+        except Exception:
+            logger.exception("rank %d: step %d failed", self.rank, plan.step_id)
+            self.channel.send(WorkerFailure(self.rank, plan.step_id, traceback.format_exc()))
+            return
+        if result is not None:
+            self.channel.send(result)
+
+    def _on_heartbeat(self, msg: Heartbeat) -> None:
+        pass  # any message refreshes _last_driver_contact
+
+    def _on_shutdown(self, msg: Shutdown) -> None:
+        self._running = False
+
+    # -- loops -------------------------------------------------------------------------------
+
+    def _parent_alive(self) -> bool:
+        parent = self.args.parent_pid
+        return parent is None or os.getppid() == parent
+
+    def _heartbeat_loop(self) -> None:
+        sock = self.channel.heartbeat_socket()
+        seq = 0
+        try:
+            while self._running:
+                seq += 1
+                sock.send_multipart(encode(Heartbeat(self.rank, seq, time.time())))
+                time.sleep(HEARTBEAT_INTERVAL_S)
+        finally:
+            sock.close(linger=0)
+
+    def run(self) -> None:
+        """Serve messages until shutdown, driver silence, or parent death."""
+        try:
+            while self._running:
+                try:
+                    msg = self.channel.recv(timeout_s=0.5)
+                except ProtocolError as exc:
+                    logger.error("rank %d: dropped a malformed message: %s", self.rank, exc)
+                    continue
+                now = time.monotonic()
+                if msg is None:
+                    if not self._parent_alive():
+                        logger.warning("rank %d: parent process is gone; exiting", self.rank)
+                        break
+                    if now - self._last_driver_contact > self.heartbeat_timeout_s:
+                        logger.warning("rank %d: no word from the driver; exiting", self.rank)
+                        break
+                    continue
+                self._last_driver_contact = now
+                handler = self._handlers.get(type(msg).MSG_TYPE)
+                if handler is None:
+                    logger.error("rank %d: unexpected %s", self.rank, type(msg).__name__)
+                    continue
+                handler(msg)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._running = False
+        self._heartbeat_thread.join(timeout=2 * HEARTBEAT_INTERVAL_S)
+        self.ctx.close()
+        destroy_distributed()
+        self.channel.close()
+
+
+def run_worker(args: WorkerArgs) -> None:
+    """Entry point of a worker process."""
+    worker = Worker(args)
+    worker.run()
