@@ -76,10 +76,10 @@ class _Encoder:
             raise TypeError(f"dtype {dtype_name} cannot travel on the wire")
         array = np.ascontiguousarray(array)
         shape = list(array.shape)
-        if array.nbytes < self.inline_threshold:
+        if array.nbytes == 0 or array.nbytes < self.inline_threshold:
             body = [dtype_name, shape, is_torch, array.tobytes()]
             return msgpack.ExtType(_EXT_INLINE, msgpack.packb(body))
-        self.frames.append(memoryview(array).cast("B"))
+        self.frames.append(memoryview(array.reshape(-1).view(np.uint8)))
         body = [dtype_name, shape, is_torch, len(self.frames)]
         return msgpack.ExtType(_EXT_FRAME, msgpack.packb(body))
 

@@ -43,6 +43,7 @@ class Command(enum.IntEnum):
     GET_STATS = 5
     RESET_STATS = 6
     ECHO = 7  # returns its arguments: used by tests and the control-plane benchmark
+    COLLECTIVE_CHECK = 8  # all-reduce in the tp group, send/recv along the pp group
 
 
 # -- control -------------------------------------------------------------------------------------
@@ -128,6 +129,10 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # ids that end the request (stop_token_ids, plus EOS unless ignore_eos): the sampler
+    # masks them while fewer than min_tokens tokens have been generated
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass

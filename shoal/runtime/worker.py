@@ -112,6 +112,7 @@ class Worker:
             Command.INIT_KV_CACHE: self._init_kv_cache,
             Command.GET_STATS: self._get_stats,
             Command.RESET_STATS: self._reset_stats,
+            Command.COLLECTIVE_CHECK: self._collective_check,
         }
         self._handlers: dict[MsgType, Callable[[Any], None]] = {
             MsgType.CALL: self._on_call,
@@ -160,6 +161,19 @@ class Worker:
         if self.runner is not None:
             self.runner.reset_stats()
         return {}
+
+    def _collective_check(self, args: dict) -> dict:
+        """Exercise the tp and pp groups with known values (start-up self-test, tests)."""
+        size = int(args.get("numel", 4))
+        summed = self.ctx.tp.all_reduce(torch.full((size,), float(self.rank + 1)))
+        received = None
+        pp = self.ctx.pp
+        if pp.size > 1:
+            if not pp.is_last:
+                pp.send(torch.full((size,), float(self.rank)), pp.rank_in_group + 1)
+            if not pp.is_first:
+                received = pp.recv(torch.empty(size), pp.rank_in_group - 1)[0].item()
+        return {"tp_sum": summed.tolist(), "pp_received": received}
 
     # -- message handlers --------------------------------------------------------------------
 

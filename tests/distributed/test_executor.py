@@ -1,0 +1,99 @@
+"""The mp executor: real worker processes, real ZeroMQ sockets, real gloo groups."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from shoal.comm.protocol import Command
+from shoal.config import ParallelConfig
+from shoal.errors import WorkerDiedError
+from shoal.runtime.mp_executor import MpExecutor
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _no_children_left(timeout_s=5.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = [p for p in psutil.Process().children(recursive=True) if p.is_running()
+                 and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize(
+    "layout,expected",
+    [
+        (dict(tp_size=2), [([3.0] * 4, None), ([3.0] * 4, None)]),
+        (dict(pp_size=2), [([1.0] * 4, None), ([2.0] * 4, 0.0)]),
+        (dict(tp_size=2, pp_size=2),
+         [([3.0] * 4, None), ([3.0] * 4, None), ([7.0] * 4, 0.0), ([7.0] * 4, 1.0)]),
+    ],
+    ids=["tp2", "pp2", "pp2xtp2"],
+)
+def test_collectives_across_worker_processes(layout, expected):
+    with MpExecutor(ParallelConfig(**layout), threads_per_worker=1) as ex:
+        ex.start()
+        assert [w.rank for w in ex.workers] == list(range(len(expected)))
+        assert all(w.pid > 0 and w.versions["torch"] for w in ex.workers)
+        replies = ex.call(Command.COLLECTIVE_CHECK, {"numel": 4})
+        assert [(r["tp_sum"], r["pp_received"]) for r in replies] == expected
+        assert ex.call(Command.ECHO, {"x": [1, "two"]}) == [{"x": [1, "two"]}] * len(expected)
+    assert _no_children_left()
+
+
+def test_kill_9_of_a_worker_raises_worker_died_naming_the_rank():
+    ex = MpExecutor(ParallelConfig(tp_size=2), threads_per_worker=1)
+    try:
+        ex.start()
+        os.kill(ex.pids[1], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerDiedError) as info:
+            ex.call(Command.PING, timeout_s=30)
+        assert info.value.rank == 1 and "rank 1" in str(info.value)
+        assert time.monotonic() - start < 5.0
+    finally:
+        ex.shutdown()
+    assert _no_children_left()
+
+
+def test_malformed_broadcast_does_not_kill_workers():
+    with MpExecutor(ParallelConfig(tp_size=2), threads_per_worker=1) as ex:
+        ex.start()
+        ex.channel.broadcast.send_multipart([b"\x93\x01\x63garbage"])
+        ex.channel.broadcast.send_multipart([b"\xff" * 10, b"x"])
+        assert len(ex.call(Command.PING, timeout_s=30)) == 2
+
+
+def test_workers_exit_when_the_driver_is_killed(tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        from shoal.config import ParallelConfig
+        from shoal.runtime.mp_executor import MpExecutor
+        ex = MpExecutor(ParallelConfig(tp_size=2), threads_per_worker=1)
+        ex.start()
+        print(" ".join(map(str, ex.pids)), flush=True)
+        time.sleep(600)
+    """))
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in driver.stdout.readline().split()]
+        assert len(pids) == 2
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(psutil.pid_exists(p) and
+                psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+            time.sleep(0.1)
+        assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                       for p in pids)
+    finally:
+        driver.kill()
