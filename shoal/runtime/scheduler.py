@@ -1,0 +1,409 @@
+"""Continuous batching on the driver: which tokens of which requests run next.
+
+One rule covers prefill, chunked prefill, decode and recompute (vLLM V1's): each
+request's ``num_computed_tokens`` catches up with its ``num_tokens`` within a
+per-step token budget. A step takes running requests first (decodes and
+unfinished prefills, in admission order), then waiting ones first come, first
+served, until ``max_num_batched_tokens`` tokens or ``max_num_seqs`` requests.
+A request samples when its scheduled tokens bring it up to ``num_tokens``.
+
+When a running request cannot get a page, the newest running request is
+preempted (its pages freed, recomputed later from the front of the queue, its
+outputs kept); no new request is admitted in a step that preempted.
+
+Plans travel as deltas: a request is sent in full once (``NewRequestData``, again
+after a preemption), then as ``CachedRequestData`` carrying only tokens sampled
+since the workers last saw it and its new pages. Several plans may be in flight
+(pipeline parallelism): a request in an in-flight plan is left out of new plans
+until that plan's result is applied, and results are applied in plan order.
+Workers apply a plan's ``finished_req_ids`` before its ``new_requests``.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from shoal.comm.protocol import CachedRequestData, NewRequestData, StepPlan, StepResult
+from shoal.config import SchedulerConfig
+from shoal.errors import RequestError
+from shoal.runtime.kv_manager import KVCacheManager
+from shoal.runtime.request import FINISH_REASON_OF, FINISH_REASONS, Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerStats:
+    """Counters for the engine's metrics; a snapshot from ``Scheduler.stats``."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    prefix_cache_queries: int  # tokens
+    prefix_cache_hits: int  # tokens
+    num_preemptions: int  # since start
+    num_steps: int  # plans emitted since start
+    step_num_scheduled_tokens: int  # in the last plan
+    total_scheduled_tokens: int  # since start
+
+
+@dataclass
+class _WorkerView:
+    """What the workers know of a request: how many of its tokens and pages."""
+
+    num_tokens: int
+    num_pages: int
+
+
+class Scheduler:
+    """Builds one StepPlan per step and applies the StepResults that come back.
+
+    Args:
+        scheduler_config: per-step budgets.
+        kv: the KV cache manager (owned by this scheduler from now on).
+        max_model_len: prompt plus output tokens may not exceed this.
+    """
+
+    def __init__(self, scheduler_config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+        self.config = scheduler_config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order; the last one is the newest
+        self._requests: dict[int, Request] = {}  # every unfinished request
+        self._worker_views: dict[int, _WorkerView] = {}  # requests the workers hold
+        self._pending_finished_ids: list[int] = []  # workers must drop these next plan
+        self._in_flight: dict[int, int] = {}  # req_id -> tokens scheduled in an in-flight plan
+        self._in_flight_step_ids: deque[int] = deque()
+        self._next_step_id = 0
+        self.num_preemptions = 0
+        self.num_steps = 0
+        self.step_num_scheduled_tokens = 0
+        self.total_scheduled_tokens = 0
+
+    # -- requests in and out ---------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request, or raise RequestError if it can never be served as asked."""
+        rid = request.req_id
+        if rid in self._requests or rid in self._in_flight:
+            raise ValueError(f"request id {rid} is already in use")
+        if request.num_prompt_tokens == 0:
+            raise RequestError(f"request {rid}: the prompt is empty", request_id=str(rid))
+        needed = request.num_prompt_tokens + request.max_tokens
+        if needed > self.max_model_len:
+            raise RequestError(
+                f"request {rid}: prompt ({request.num_prompt_tokens} tokens) + max_tokens "
+                f"({request.max_tokens}) = {needed} exceeds max_model_len={self.max_model_len}",
+                request_id=str(rid),
+            )
+        # the last sampled token is never fed back, so it needs no KV slot
+        if self.kv.pages_for(needed - 1) > self.kv.num_pages:
+            raise RequestError(
+                f"request {rid} needs up to {needed - 1} tokens of KV cache, more than the "
+                f"whole cache holds ({self.kv.capacity_tokens} tokens in {self.kv.num_pages} "
+                f"pages of {self.kv.page_size})",
+                request_id=str(rid),
+            )
+        limit = self.config.max_waiting_requests
+        if limit is not None and len(self.waiting) >= limit:
+            raise RequestError(
+                f"request {rid}: the waiting queue is full ({limit} requests)", request_id=str(rid)
+            )
+        request.status = RequestStatus.WAITING
+        self._requests[rid] = request
+        self.waiting.append(request)
+
+    def abort_requests(self, req_ids: Iterable[int]) -> list[Request]:
+        """Abort requests now (their pages are freed at once); unknown ids are ignored."""
+        return self.finish_requests(req_ids, "abort")
+
+    def finish_requests(self, req_ids: Iterable[int], reason: str) -> list[Request]:
+        """End requests for a reason found outside the scheduler (stop strings, aborts).
+
+        Args:
+            req_ids: requests to end; ids of unknown or finished requests are ignored.
+            reason: "stop", "length" or "abort".
+
+        Returns:
+            The requests that were ended (their pages already freed).
+        """
+        if reason not in FINISH_REASONS:
+            raise ValueError(f"reason must be one of {sorted(FINISH_REASONS)}, got {reason!r}")
+        ended = []
+        for rid in req_ids:
+            request = self._requests.get(rid)
+            if request is not None:
+                self._finish(request, FINISH_REASONS[reason])
+                ended.append(request)
+        return ended
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_in_flight_plans(self) -> int:
+        return len(self._in_flight_step_ids)
+
+    def get_request(self, req_id: int) -> Request | None:
+        """An unfinished request by id."""
+        return self._requests.get(req_id)
+
+    @property
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_usage=self.kv.usage,
+            prefix_cache_queries=self.kv.stats.queries,
+            prefix_cache_hits=self.kv.stats.hits,
+            num_preemptions=self.num_preemptions,
+            num_steps=self.num_steps,
+            step_num_scheduled_tokens=self.step_num_scheduled_tokens,
+            total_scheduled_tokens=self.total_scheduled_tokens,
+        )
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan | None:
+        """The next plan, or None when nothing can run now.
+
+        With None, finished and preempted ids wait for the next plan.
+        """
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preempted = False  # no admissions in a step that took pages back ...
+        blocked = False  # ... or that left a running request waiting for pages
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            if request.req_id in self._in_flight:
+                i += 1
+                continue
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            assert num_new > 0, f"request {request.req_id} is running with nothing to compute"
+            while self.kv.allocate_slots(request, num_new) is None:
+                victim = self._pick_victim(request)
+                if victim is None:  # only in-flight requests are newer: wait for their pages
+                    blocked = True
+                    break
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            else:
+                scheduled.append((request, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            if request.status == RequestStatus.RUNNING:
+                i += 1  # blocked; a preempted request left the list, so i already moved on
+
+        while (
+            self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+            and not (preempted or blocked)
+        ):
+            request = self.waiting[0]
+            hit_pages, num_hit_tokens = self.kv.get_computed_pages(request)
+            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            if self.kv.allocate_slots(request, num_new, hit_pages) is None:
+                break
+            self.waiting.popleft()
+            if request.status == RequestStatus.WAITING:
+                request.num_cached_tokens = num_hit_tokens
+            request.num_computed_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append((request, num_new))
+            budget -= num_new
+
+        if not scheduled:
+            return None
+        return self._make_plan(scheduled)
+
+    def update_from_output(self, plan: StepPlan, result: StepResult) -> list[Request]:
+        """Apply one plan's result: advance, append sampled tokens, stop, free.
+
+        Results must come in plan order. Tokens of requests that ended while the
+        plan was in flight are dropped.
+
+        Returns:
+            Requests that got a new token or finished, in batch order; finished
+            ones have their pages freed already.
+        """
+        if not self._in_flight_step_ids or self._in_flight_step_ids[0] != plan.step_id:
+            expected = self._in_flight_step_ids[0] if self._in_flight_step_ids else None
+            raise ValueError(f"result for step {plan.step_id} applied, expected step {expected}")
+        if result.step_id != plan.step_id:
+            raise ValueError(f"result of step {result.step_id} given with plan {plan.step_id}")
+        self._in_flight_step_ids.popleft()
+        sampled = dict(zip(result.req_ids, (int(t) for t in result.sampled_token_ids)))
+        changed = []
+        for rid, num_scheduled in zip(plan.scheduled_req_ids, plan.num_scheduled_tokens):
+            self._in_flight.pop(rid, None)
+            request = self._requests.get(rid)
+            if request is None:  # ended while in flight
+                continue
+            assert request.status == RequestStatus.RUNNING, (rid, request.status)
+            request.num_computed_tokens += num_scheduled
+            self.kv.cache_full_pages(request)
+            if request.num_computed_tokens < request.num_tokens:
+                assert rid not in sampled, f"request {rid} sampled mid-prefill"
+                continue
+            if rid not in sampled:
+                raise ValueError(f"step {plan.step_id}: no sampled token for request {rid}")
+            request.append_output_token(sampled[rid])
+            stop = request.check_stop()
+            if stop is not None:
+                self._finish(request, stop)
+            changed.append(request)
+        return changed
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _pick_victim(self, request: Request) -> Request | None:
+        """The newest running request that can give its pages back now.
+
+        That is ``request`` itself when it is the newest. Requests in an in-flight
+        plan cannot be taken; when all newer ones are in flight, None: ``request``
+        waits a step rather than be preempted in their place.
+        """
+        passed_in_flight = False
+        for candidate in reversed(self.running):
+            if candidate is request:
+                return None if passed_in_flight else request
+            if candidate.req_id in self._in_flight:
+                passed_in_flight = True
+                continue
+            return candidate
+        raise AssertionError(f"request {request.req_id} is not running")
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        self._forget_on_workers(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        logger.debug("preempted request %d (%d tokens)", request.req_id, request.num_tokens)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        self._forget_on_workers(request)
+        request.status = status
+        request.finish_reason = FINISH_REASON_OF[status]
+        del self._requests[request.req_id]
+
+    def _forget_on_workers(self, request: Request) -> None:
+        if self._worker_views.pop(request.req_id, None) is not None:
+            self._pending_finished_ids.append(request.req_id)
+
+    def _make_plan(self, scheduled: list[tuple[Request, int]]) -> StepPlan:
+        new_requests, cached_requests = [], []
+        for request, num_new in scheduled:
+            rid = request.req_id
+            view = self._worker_views.get(rid)
+            if view is None:
+                new_requests.append(
+                    NewRequestData(
+                        req_id=rid,
+                        prompt_token_ids=np.asarray(request.prompt_token_ids, dtype=np.int32),
+                        output_token_ids=list(request.output_token_ids),
+                        page_ids=list(request.page_ids),
+                        num_computed_tokens=request.num_computed_tokens,
+                        sampling=request.sampling,
+                    )
+                )
+                self._worker_views[rid] = _WorkerView(request.num_tokens, len(request.page_ids))
+            else:
+                cached_requests.append(
+                    CachedRequestData(
+                        req_id=rid,
+                        new_token_ids=request.all_token_ids[view.num_tokens :],
+                        new_page_ids=request.page_ids[view.num_pages :],
+                        num_computed_tokens=request.num_computed_tokens,
+                    )
+                )
+                view.num_tokens, view.num_pages = request.num_tokens, len(request.page_ids)
+            self._in_flight[rid] = num_new
+        plan = StepPlan(
+            step_id=self._next_step_id,
+            new_requests=new_requests,
+            cached_requests=cached_requests,
+            scheduled_req_ids=[r.req_id for r, _ in scheduled],
+            num_scheduled_tokens=[n for _, n in scheduled],
+            finished_req_ids=self._pending_finished_ids,
+        )
+        self._pending_finished_ids = []
+        self._in_flight_step_ids.append(plan.step_id)
+        self._next_step_id += 1
+        self.num_steps += 1
+        self.step_num_scheduled_tokens = sum(plan.num_scheduled_tokens)
+        self.total_scheduled_tokens += self.step_num_scheduled_tokens
+        return plan
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if scheduler and KV bookkeeping disagree (tests, debugging)."""
+        self.kv.check_invariants()
+        running_ids = [r.req_id for r in self.running]
+        waiting_ids = [r.req_id for r in self.waiting]
+        _check(len(set(running_ids)) == len(running_ids), "a request is running twice")
+        _check(len(set(waiting_ids)) == len(waiting_ids), "a request is waiting twice")
+        _check(not set(running_ids) & set(waiting_ids), "a request is running and waiting")
+        _check(
+            set(running_ids) | set(waiting_ids) == set(self._requests),
+            "unfinished requests are not exactly the running and waiting ones",
+        )
+        _check(len(self.running) <= self.config.max_num_seqs, "more running than max_num_seqs")
+        _check(set(self.kv.holder_ids()) == set(running_ids), "page holders are not the running set")
+        _check(set(self._worker_views) <= set(running_ids), "workers hold a non-running request")
+        for request in self.running:
+            _check(request.status == RequestStatus.RUNNING, f"{request.req_id} status")
+            in_flight = self._in_flight.get(request.req_id, 0)
+            placed = request.num_computed_tokens + in_flight
+            _check(placed <= request.num_tokens, f"request {request.req_id} over-scheduled")
+            _check(
+                in_flight or request.num_computed_tokens < request.num_tokens,
+                f"request {request.req_id} is running with nothing to do",
+            )
+            _check(
+                len(request.page_ids) == self.kv.pages_for(placed),
+                f"request {request.req_id} holds {len(request.page_ids)} pages for {placed} tokens",
+            )
+        for request in self.waiting:
+            _check(
+                request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED),
+                f"waiting request {request.req_id} has status {request.status}",
+            )
+            _check(not request.page_ids, f"waiting request {request.req_id} holds pages")
+            _check(request.num_computed_tokens == 0, f"waiting {request.req_id} has computed KV")
+        _check(
+            set(self._pending_finished_ids).isdisjoint(self._worker_views),
+            "a request to drop is still held by workers",
+        )
+
+
+def _check(condition: object, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
