@@ -1,0 +1,217 @@
+"""ModelRunner: executes StepPlans on one rank.
+
+It keeps each request's state between steps (token ids, page table, how many
+tokens are cached) so that plans carry only deltas, builds the flat batch and
+its AttentionMetadata, runs this rank's model shard (receiving/sending hidden
+states between pipeline stages), and on the output rank samples the next token
+of every request whose scheduled tokens complete it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import AutoConfig
+
+from shoal.comm.protocol import NewRequestData, StepPlan, StepResult
+from shoal.models.attention import AttentionMetadata
+from shoal.models.registry import build_model
+from shoal.parallel.context import ParallelContext
+from shoal.parallel.pipeline import IntermediateTensors
+from shoal.runtime.device import resolve_dtype
+from shoal.runtime.sampler import Sampler, SamplingState
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+@dataclass
+class _RequestState:
+    """What a worker remembers of one request between steps."""
+
+    token_ids: list[int]
+    page_ids: list[int]
+    num_computed: int
+    sampling: SamplingState | None  # only on the output rank
+
+
+class ModelRunner:
+    """One rank's model shard, KV cache and per-request state."""
+
+    def __init__(self, ctx: ParallelContext, args: dict):
+        self.ctx = ctx
+        self.device = ctx.device
+        self.dtype = resolve_dtype(args.get("dtype", "auto"), self.device)
+        self.hf_config = AutoConfig.from_pretrained(args["model"])
+        started = time.perf_counter()
+        with torch.device(self.device):
+            self.model = build_model(self.hf_config, ctx, self.dtype)
+        self.model.load_weights(args["model"])
+        self.model.eval()
+        self.load_seconds = time.perf_counter() - started
+        self.page_size = 0
+        self.num_pages = 0
+        self.requests: dict[int, _RequestState] = {}
+        self.is_output_rank = ctx.is_output_rank
+        self.sampler = Sampler(seed=args.get("seed")) if self.is_output_rank else None
+        self.hidden_size = int(self.hf_config.hidden_size)
+        self.reset_stats()
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def describe(self) -> dict:
+        return {
+            "rank": self.ctx.rank,
+            "num_params": sum(p.numel() for p in self.model.parameters()),
+            "loaded_bytes": int(getattr(self.model, "loaded_bytes", 0)),
+            "load_seconds": self.load_seconds,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    def measure_kv_capacity(self, args: dict) -> dict:
+        """How many pages this rank's budget holds (the driver takes the minimum)."""
+        page_size = int(args["page_size"])
+        per_page = self.model.kv_cache_spec.bytes_per_page(page_size)
+        if self.device.type == "cuda":
+            budget = self._cuda_kv_budget(float(args.get("gpu_memory_utilization", 0.9)))
+        else:
+            budget = int(args.get("kv_cache_memory") or DEFAULT_CPU_KV_BYTES)
+        return {"bytes_per_page": per_page, "num_pages": max(0, budget // max(1, per_page))}
+
+    def _cuda_kv_budget(self, utilization: float) -> int:
+        """Memory left for the KV cache after weights and a profiling forward pass."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        tokens = 512
+        meta = AttentionMetadata.build([tokens], [0], [[0]], tokens, self.device)
+        ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            self._forward(ids, meta.positions, meta, profile=True)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        _, total = torch.cuda.mem_get_info(self.device)
+        return max(0, int(total * utilization) - peak)
+
+    def init_kv_cache(self, num_pages: int, page_size: int) -> dict:
+        """Allocate this rank's pages once, for the life of the worker."""
+        if self.num_pages:
+            raise RuntimeError("the KV cache is allocated once and never re-allocated")
+        caches = self.model.kv_cache_spec.allocate(num_pages, page_size, self.device)
+        self.model.bind_kv_cache(caches)
+        self.page_size, self.num_pages = page_size, num_pages
+        return {"bytes": sum(c.numel() * c.element_size() for c in caches)}
+
+    # -- stats -------------------------------------------------------------------------------
+
+    def reset_stats(self) -> None:
+        self._stats = {"steps": 0, "tokens": 0, "forward_s": 0.0, "idle_s": 0.0}
+        self._last_step_end: float | None = None
+
+    def stats(self) -> dict:
+        return dict(self._stats, num_requests=len(self.requests))
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _apply_plan(self, plan: StepPlan) -> None:
+        for req_id in plan.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in plan.new_requests:
+            self.requests[new.req_id] = self._new_state(new)
+        for delta in plan.cached_requests:
+            state = self.requests[delta.req_id]
+            state.token_ids.extend(delta.new_token_ids)
+            state.page_ids.extend(delta.new_page_ids)
+            if state.sampling is not None:
+                state.sampling.append_output(delta.new_token_ids)
+            if state.num_computed != delta.num_computed_tokens:
+                raise RuntimeError(
+                    f"request {delta.req_id}: worker has {state.num_computed} computed tokens, "
+                    f"driver believes {delta.num_computed_tokens}"
+                )
+
+    def _new_state(self, new: NewRequestData) -> _RequestState:
+        prompt = new.prompt_token_ids.tolist()
+        sampling = None
+        if self.is_output_rank:
+            sampling = SamplingState(new.sampling, new.prompt_token_ids, list(new.output_token_ids))
+        return _RequestState(
+            token_ids=prompt + list(new.output_token_ids),
+            page_ids=list(new.page_ids),
+            num_computed=new.num_computed_tokens,
+            sampling=sampling,
+        )
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult | None:
+        """Run one step; the output rank returns the sampled tokens, others None."""
+        began = time.perf_counter()
+        if self._last_step_end is not None:
+            self._stats["idle_s"] += began - self._last_step_end
+        self._apply_plan(plan)
+        input_ids: list[int] = []
+        query_lens, computed, tables = [], [], []
+        sample_rows, sample_ids = [], []
+        for req_id, n in zip(plan.scheduled_req_ids, plan.num_scheduled_tokens):
+            state = self.requests[req_id]
+            start = state.num_computed
+            input_ids.extend(state.token_ids[start : start + n])
+            query_lens.append(n)
+            computed.append(start)
+            tables.append(state.page_ids)
+            state.num_computed = start + n
+            if state.num_computed == len(state.token_ids):
+                sample_rows.append(len(input_ids) - 1)
+                sample_ids.append(req_id)
+        result = None
+        if input_ids:
+            meta = AttentionMetadata.build(query_lens, computed, tables, self.page_size, self.device)
+            ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+            hidden = self._forward(ids, meta.positions, meta)
+            if hidden is not None and sample_ids:
+                rows = torch.tensor(sample_rows, device=self.device)
+                logits = self.model.compute_logits(hidden[rows])  # [N, vocab]
+                if self.is_output_rank:
+                    states = [self.requests[r].sampling for r in sample_ids]
+                    result = self._sample(plan.step_id, sample_ids, logits, states)
+        if self.is_output_rank and result is None:
+            result = StepResult(plan.step_id, [], np.zeros(0, np.int32))
+        now = time.perf_counter()
+        self._stats["steps"] += 1
+        self._stats["tokens"] += len(input_ids)
+        self._stats["forward_s"] += now - began
+        self._last_step_end = now
+        return result
+
+    def _forward(self, ids, positions, meta, profile: bool = False) -> torch.Tensor | None:
+        """This stage's part of the forward pass; the hidden states on the last stage."""
+        pp = self.ctx.pp
+        intermediate = None
+        if not pp.is_first:
+            shape = (ids.shape[0], self.hidden_size)
+            hidden = pp.recv(torch.empty(shape, dtype=self.dtype, device=self.device), pp.rank_in_group - 1)
+            residual = pp.recv(torch.empty(shape, dtype=self.dtype, device=self.device), pp.rank_in_group - 1)
+            intermediate = IntermediateTensors(hidden, residual)
+        out = self.model(ids if pp.is_first else None, positions, meta, intermediate)
+        if pp.is_last:
+            return out
+        if not profile:
+            pp.send(out.hidden_states, pp.rank_in_group + 1)
+            pp.send(out.residual, pp.rank_in_group + 1)
+        return None
+
+    def _sample(self, step_id: int, req_ids: list[int], logits: torch.Tensor,
+                states: list[SamplingState]) -> StepResult:
+        out = self.sampler.sample(logits, states)
+        to_np = lambda t, dt: None if t is None else t.to("cpu", dt).numpy()  # noqa: E731
+        return StepResult(
+            step_id=step_id,
+            req_ids=req_ids,
+            sampled_token_ids=to_np(out.token_ids, torch.int32),
+            logprobs=to_np(out.logprobs, torch.float32),
+            top_token_ids=to_np(out.top_token_ids, torch.int32),
+            top_logprobs=to_np(out.top_logprobs, torch.float32),
+        )

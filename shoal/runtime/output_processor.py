@@ -1,0 +1,179 @@
+"""OutputProcessor: token deltas in, text outputs out (detokenization and stop strings).
+
+Runs wherever the tokenizer lives: in the user's process for the offline
+``LLM``, in the API-server process for HTTP. A user's request with ``n > 1``
+becomes ``n`` child requests in the core; this class folds them back into one
+RequestOutput. Stop strings are found here (they need text); the caller tells
+the core to finish the requests listed in ``ProcessedOutputs.stopped``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from shoal.runtime.detokenizer import IncrementalDetokenizer
+from shoal.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenDelta
+from shoal.runtime.sampling_params import SamplingParams
+
+
+@dataclass
+class _Child:
+    index: int
+    detokenizer: IncrementalDetokenizer | None
+    completion: CompletionOutput
+    full_text: str = ""  # all decoded text (before stop-string truncation)
+    emitted: int = 0  # characters of completion.text already handed out
+    emitted_tokens: int = 0
+
+
+@dataclass
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    children: dict[int, _Child]
+    metrics: RequestMetrics
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class ProcessedOutputs:
+    outputs: list[RequestOutput] = field(default_factory=list)
+    stopped: list[int] = field(default_factory=list)  # child ids a stop string ended
+
+
+class OutputProcessor:
+    """Turns the core's token deltas into cumulative and incremental text outputs."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._parents: dict[str, _Parent] = {}
+        self._child_parent: dict[int, str] = {}
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams, child_ids: list[int],
+                    arrival_time: float | None = None) -> None:
+        if request_id in self._parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        children = {}
+        for index, child_id in enumerate(child_ids):
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(
+                    self.tokenizer, prompt_token_ids, params.skip_special_tokens
+                )
+            children[child_id] = _Child(index, detok, CompletionOutput(index=index))
+            self._child_parent[child_id] = request_id
+        self._parents[request_id] = _Parent(
+            request_id, prompt, list(prompt_token_ids), params, children,
+            RequestMetrics(arrival_time if arrival_time is not None else time.monotonic()),
+        )
+
+    def child_ids(self, request_id: str) -> list[int]:
+        parent = self._parents.get(request_id)
+        return list(parent.children) if parent else []
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._parents
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._parents)
+
+    def process(self, deltas: list[TokenDelta]) -> ProcessedOutputs:
+        """Apply deltas; one RequestOutput per touched request, in first-touch order."""
+        result = ProcessedOutputs()
+        touched: dict[str, None] = {}
+        now = time.monotonic()
+        for delta in deltas:
+            request_id = self._child_parent.get(delta.req_id)
+            if request_id is None:
+                continue
+            parent = self._parents[request_id]
+            child = parent.children[delta.req_id]
+            parent.num_cached_tokens = max(parent.num_cached_tokens, delta.num_cached_tokens)
+            if delta.new_token_ids:
+                if parent.metrics.first_token_time is None:
+                    parent.metrics.first_token_time = now
+                parent.metrics.last_token_time = now
+            if self._apply(parent.params, child, delta):
+                result.stopped.append(delta.req_id)
+            touched[request_id] = None
+        for request_id in touched:
+            result.outputs.append(self._make_output(self._parents[request_id], now))
+        return result
+
+    def _apply(self, params: SamplingParams, child: _Child, delta: TokenDelta) -> bool:
+        """Add one delta to a completion; True when a stop string ended it here."""
+        out = child.completion
+        if out.finished:
+            return False
+        out.token_ids.extend(delta.new_token_ids)
+        if delta.logprobs is not None:
+            out.logprobs = (out.logprobs or []) + delta.logprobs
+        if child.detokenizer is not None and delta.new_token_ids:
+            child.full_text += child.detokenizer.step(delta.new_token_ids)
+        stop_at = self._find_stop(params, child.full_text, len(out.text))
+        if stop_at is not None:
+            end, stop = stop_at
+            out.text = child.full_text[:end]
+            out.finish_reason, out.stop_reason = "stop", stop
+            return True
+        out.text = child.full_text
+        if delta.finish_reason is not None:
+            out.finish_reason, out.stop_reason = delta.finish_reason, delta.stop_reason
+        return False
+
+    @staticmethod
+    def _find_stop(params: SamplingParams, text: str, checked: int) -> tuple[int, str] | None:
+        """Earliest stop string overlapping the new text: (end of kept text, the stop)."""
+        best: tuple[int, str] | None = None
+        for stop in params.stop or ():
+            index = text.find(stop, max(0, checked - len(stop) + 1))
+            if index >= 0 and (best is None or index < best[0]):
+                best = (index, stop)
+        if best is None:
+            return None
+        index, stop = best
+        return (index + len(stop) if params.include_stop_str_in_output else index), stop
+
+    def _make_output(self, parent: _Parent, now: float) -> RequestOutput:
+        hold = max((len(s) for s in parent.params.stop or ()), default=1) - 1
+        deltas_text, deltas_ids = [], []
+        for child in parent.children.values():
+            out = child.completion
+            # while running, hold back text that may be the start of a stop string
+            visible = len(out.text) if out.finished else max(child.emitted, len(out.text) - hold)
+            deltas_text.append(out.text[child.emitted:visible])
+            child.emitted = visible
+            deltas_ids.append(out.token_ids[child.emitted_tokens:])
+            child.emitted_tokens = len(out.token_ids)
+        finished = all(c.completion.finished for c in parent.children.values())
+        if finished:
+            parent.metrics.finished_time = now
+            self._forget(parent)
+        return RequestOutput(
+            request_id=parent.request_id,
+            prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids,
+            outputs=[c.completion for c in parent.children.values()],
+            finished=finished,
+            metrics=parent.metrics,
+            num_cached_tokens=parent.num_cached_tokens,
+            delta_text=deltas_text,
+            delta_token_ids=deltas_ids,
+        )
+
+    def abort(self, request_id: str) -> list[int]:
+        """Forget a request; returns its child ids for the core to abort."""
+        parent = self._parents.get(request_id)
+        if parent is None:
+            return []
+        self._forget(parent)
+        return list(parent.children)
+
+    def _forget(self, parent: _Parent) -> None:
+        self._parents.pop(parent.request_id, None)
+        for child_id in parent.children:
+            self._child_parent.pop(child_id, None)
