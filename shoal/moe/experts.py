@@ -23,25 +23,17 @@ intermediate size held here.
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shoal.parallel.linear import copy_checked
+from shoal.parallel.partition import split_range
+
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 PROJECTIONS = ("gate", "up", "down")
-
-
-def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
-    """(start, size) of part ``index`` when ``total`` is cut into ``parts`` near-equal pieces.
-
-    The first ``total % parts`` pieces are one longer, so uneven sizes still work.
-    """
-    base, extra = divmod(total, parts)
-    size = base + (1 if index < extra else 0)
-    start = index * base + min(index, extra)
-    return start, size
 
 
 @runtime_checkable
@@ -57,7 +49,7 @@ class Experts(Protocol):
         """Run ``hidden`` ([N, H], sorted by local expert) with ``tokens_per_expert`` ([L]); -> [N, H]."""
         ...
 
-    def load_expert_weight(self, expert_id: int, proj: str, loaded: torch.Tensor) -> bool:
+    def load_expert_weight(self, expert_id: int, proj: str, loaded: Any) -> bool:
         """Copy one on-disk expert tensor in (sliced for this shard); False if not local."""
         ...
 
@@ -91,7 +83,8 @@ class FusedExpertWeights(nn.Module):
         self.expert_ids = tuple(expert_ids)
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
-        self.shard_start, self.shard_len = split_range(intermediate_size, shard_size, shard_rank)
+        start, end = split_range(intermediate_size, shard_size, shard_rank)
+        self.shard_start, self.shard_len = start, end - start
         self.act = ACTIVATIONS[activation]
         self._local_index = {e: i for i, e in enumerate(self.expert_ids)}
         num_local, inter = len(self.expert_ids), self.shard_len
@@ -101,6 +94,8 @@ class FusedExpertWeights(nn.Module):
         self.w2 = nn.Parameter(
             torch.zeros(num_local, hidden_size, inter, dtype=dtype, device=device), requires_grad=False
         )  # [L, H, I_local]
+        self.w13.weight_loader = self._param_loader  # type: ignore[attr-defined]
+        self.w2.weight_loader = self._param_loader  # type: ignore[attr-defined]
 
     @property
     def num_local_experts(self) -> int:
@@ -109,7 +104,13 @@ class FusedExpertWeights(nn.Module):
     def is_local(self, expert_id: int) -> bool:
         return expert_id in self._local_index
 
-    def load_expert_weight(self, expert_id: int, proj: str, loaded: torch.Tensor) -> bool:
+    def _param_loader(self, param: nn.Parameter, loaded: Any, shard_id: tuple[int, str]) -> None:
+        """The ``weight_loader`` of ``w13``/``w2``: ``shard_id`` is (global expert id, projection)."""
+        expert_id, proj = shard_id
+        if not self.load_expert_weight(expert_id, proj, loaded):
+            raise ValueError(f"expert {expert_id} is not held on this rank (holds {list(self.expert_ids)})")
+
+    def load_expert_weight(self, expert_id: int, proj: str, loaded: Any) -> bool:
         """Copy ``loaded`` (the full on-disk tensor of one expert projection) into place.
 
         ``proj`` is ``gate`` ([I, H]), ``up`` ([I, H]) or ``down`` ([H, I]). Only this
@@ -129,13 +130,7 @@ class FusedExpertWeights(nn.Module):
             src = loaded[start : start + size]  # [I_local, H]
             offset = 0 if proj == "gate" else size
             dst = self.w13.data[local, offset : offset + size]
-        if not isinstance(src, torch.Tensor):  # a safetensors slice was read: it is a tensor now
-            src = torch.as_tensor(src)
-        if tuple(src.shape) != tuple(dst.shape):
-            raise ValueError(
-                f"expert {expert_id} {proj} slice has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
-            )
-        dst.copy_(src)
+        copy_checked(dst, src, f"expert {expert_id} {proj}")
         return True
 
     def extra_repr(self) -> str:

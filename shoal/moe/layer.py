@@ -20,21 +20,24 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoal.parallel.context import ParallelContext
 from shoal.moe.dispatcher import (
     AllToAllEPDispatcher,
     Dispatcher,
     ReplicatedEPDispatcher,
     TPExpertsDispatcher,
 )
-from shoal.moe.experts import ACTIVATIONS, EXPERT_IMPLS, split_range
+from shoal.moe.experts import ACTIVATIONS, EXPERT_IMPLS
 from shoal.moe.placement import ExpertPlacement
 from shoal.moe.router import RouterConfig, TopKRouter
+from shoal.parallel.context import ParallelContext
+from shoal.parallel.linear import copy_checked, default_weight_loader
+from shoal.parallel.partition import split_range
 
 # On-disk names of one expert's projections, per family.
 _PROJ_ALIASES = {"w1": "gate", "w3": "up", "w2": "down",
@@ -85,31 +88,35 @@ def make_dispatcher(ctx: ParallelContext, num_experts: int, placement: str = "li
 
 
 class SharedExpertMLP(nn.Module):
-    """A gated MLP whose intermediate dim may be split; returns a partial sum when split."""
+    """A gated MLP whose intermediate dim may be split; returns a partial sum when split.
+
+    Parameters: ``gate_up`` ([2 * I_local, H], shard ids ``gate``/``up``) and ``down``
+    ([H, I_local]); their ``weight_loader`` reads only this rank's slice.
+    """
 
     def __init__(self, hidden_size: int, intermediate_size: int, shard: tuple[int, int],
                  activation: str = "silu", dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None):
         super().__init__()
-        self.shard_start, self.shard_len = split_range(intermediate_size, *shard)
+        start, end = split_range(intermediate_size, *shard)
+        self.shard_start, self.shard_len = start, end - start
         self.act = ACTIVATIONS[activation]
         inter = self.shard_len
         self.gate_up = nn.Parameter(torch.zeros(2 * inter, hidden_size, dtype=dtype, device=device),
                                     requires_grad=False)  # [2 * I_local, H]
         self.down = nn.Parameter(torch.zeros(hidden_size, inter, dtype=dtype, device=device),
                                  requires_grad=False)  # [H, I_local]
+        self.gate_up.weight_loader = self._load  # type: ignore[attr-defined]
+        self.down.weight_loader = self._load  # type: ignore[attr-defined]
 
-    def load_projection(self, proj: str, loaded: torch.Tensor) -> None:
+    def _load(self, param: nn.Parameter, loaded: Any, shard_id: str | None = None) -> None:
         start, size = self.shard_start, self.shard_len
-        if proj == "down":
-            src, dst = loaded[:, start : start + size], self.down.data
-        else:
-            offset = 0 if proj == "gate" else size
-            src, dst = loaded[start : start + size], self.gate_up.data[offset : offset + size]
-        src = torch.as_tensor(src)
-        if tuple(src.shape) != tuple(dst.shape):
-            raise ValueError(f"shared expert {proj} slice has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
-        dst.copy_(src)
+        if param is self.down:
+            copy_checked(self.down.data, loaded[:, start : start + size], "shared expert down")
+            return
+        offset = 0 if shard_id == "gate" else size
+        dst = self.gate_up.data[offset : offset + size]
+        copy_checked(dst, loaded[start : start + size], f"shared expert {shard_id}")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(hidden, self.gate_up).chunk(2, dim=-1)  # [T, I_local] each
@@ -177,39 +184,38 @@ class MoELayer(nn.Module):
 
     # -- weights --------------------------------------------------------------------------------
 
-    def wants_weight(self, name: str) -> bool:
-        """Whether this rank needs the checkpoint tensor ``name`` (relative to the block).
+    def resolve(self, name: str) -> tuple[str, Any] | None:
+        """Map a checkpoint name relative to the block (``experts.3.w1.weight``) to
+        (parameter name relative to the block, shard id), or None when another rank
+        holds that expert, so the loader never reads it.
 
-        Lets a loader skip reading other ranks' experts altogether.
-        """
-        m = _EXPERT_KEY.match(name)
-        if m:
-            return self.experts.is_local(int(m.group(1)))
-        return name in ("gate.weight", "gate.e_score_correction_bias", "shared_expert_gate.weight") or bool(
-            _SHARED_KEY.match(name)
-        )
-
-    def load_weight(self, name: str, loaded: torch.Tensor) -> bool:
-        """Load one checkpoint tensor, ``name`` relative to the block (e.g. ``experts.3.w1.weight``).
-
-        Returns False when the tensor is not this rank's to hold (another rank's expert).
         Raises ValueError for a name the block does not know.
         """
         m = _EXPERT_KEY.match(name)
         if m:
-            return self.experts.load_expert_weight(int(m.group(1)), _PROJ_ALIASES[m.group(2)], loaded)
+            expert_id, proj = int(m.group(1)), _PROJ_ALIASES[m.group(2)]
+            if not self.experts.is_local(expert_id):
+                return None
+            return ("experts.w2" if proj == "down" else "experts.w13"), (expert_id, proj)
         m = _SHARED_KEY.match(name)
         if m and self.shared_expert is not None:
-            self.shared_expert.load_projection(_PROJ_ALIASES[m.group(1)], loaded)
-            return True
+            proj = _PROJ_ALIASES[m.group(1)]
+            return ("shared_expert.down", None) if proj == "down" else ("shared_expert.gate_up", proj)
         if name == "gate.weight":
-            self.gate.weight.weight_loader(self.gate.weight, torch.as_tensor(loaded[:]))
-            return True
+            return "gate.weight", None
         if name == "gate.e_score_correction_bias" and self.gate.e_score_correction_bias is not None:
-            bias = self.gate.e_score_correction_bias
-            bias.weight_loader(bias, torch.as_tensor(loaded[:]))
-            return True
+            return "gate.e_score_correction_bias", None
         if name == "shared_expert_gate.weight" and self.shared_expert_gate is not None:
-            self.shared_expert_gate.data.copy_(torch.as_tensor(loaded[:]))
-            return True
+            return "shared_expert_gate", None
         raise ValueError(f"MoE block has no weight named {name!r}")
+
+    def load_weight(self, name: str, loaded: Any) -> bool:
+        """Load one checkpoint tensor (``name`` relative to the block) through its
+        parameter's ``weight_loader``; False when another rank holds it."""
+        target = self.resolve(name)
+        if target is None:
+            return False
+        param_name, shard_id = target
+        param = self.get_parameter(param_name)
+        getattr(param, "weight_loader", default_weight_loader)(param, loaded, shard_id)
+        return True

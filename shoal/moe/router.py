@@ -123,7 +123,8 @@ class TopKRouter(nn.Module):
     """The gate of one MoE layer: a [E, H] linear map and a top-k rule.
 
     Parameter names follow the checkpoints: ``weight`` (``...mlp.gate.weight``) and,
-    for DeepSeek-V3, ``e_score_correction_bias``. Both are replicated on every rank.
+    for DeepSeek-V3, ``e_score_correction_bias``. Both are replicated on every rank and
+    load whole (the default weight loader).
     """
 
     def __init__(self, config: RouterConfig, hidden_size: int, dtype: torch.dtype | None = None):
@@ -133,10 +134,8 @@ class TopKRouter(nn.Module):
         weight_dtype = torch.float32 if config.scoring == "sigmoid" else dtype
         self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size, dtype=weight_dtype),
                                    requires_grad=False)
-        self.weight.weight_loader = _copy_loader
         if config.correction_bias:
             bias = nn.Parameter(torch.zeros(config.num_experts, dtype=torch.float32), requires_grad=False)
-            bias.weight_loader = _copy_loader
             self.e_score_correction_bias = bias
         else:
             self.e_score_correction_bias = None
@@ -160,8 +159,3 @@ class TopKRouter(nn.Module):
             )
         return Routing(ids, weights, logits)
 
-
-def _copy_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
-    if tuple(loaded.shape) != tuple(param.shape):
-        raise ValueError(f"router weight has shape {tuple(loaded.shape)}, expected {tuple(param.shape)}")
-    param.data.copy_(loaded)

@@ -143,7 +143,7 @@ def _check_layers(rank: int, world: int, shared_tokens: ParallelContext, own_tok
         )
         layer.load_weight("gate.weight", w["gate"])
         for e in range(E):
-            if layer.wants_weight(f"experts.{e}.w1.weight"):
+            if layer.resolve(f"experts.{e}.w1.weight") is not None:
                 for proj in ("w1", "w2", "w3"):
                     assert layer.load_weight(f"experts.{e}.{proj}.weight", w[proj][e])
         for proj, key in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):

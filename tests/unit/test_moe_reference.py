@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shoal.moe.experts import GroupedExperts, LoopedExperts, split_range
+from shoal.moe.experts import GroupedExperts, LoopedExperts
 from shoal.moe.layer import MoEConfig, MoELayer
 from shoal.moe.placement import ExpertPlacement
 from shoal.moe.router import RouterConfig, TopKRouter
@@ -115,10 +115,6 @@ def test_placement_uneven_linear_and_round_robin() -> None:
     assert ExpertPlacement(3, 4).counts == (1, 1, 1, 0)
     with pytest.raises(ValueError, match="strategy"):
         ExpertPlacement(4, 2, "random")
-
-
-def test_split_range_uneven() -> None:
-    assert [split_range(10, 4, i) for i in range(4)] == [(0, 3), (3, 3), (6, 2), (8, 2)]
 
 
 # --- experts ------------------------------------------------------------------------------------
@@ -233,6 +229,7 @@ def test_layer_matches_transformers_deepseek_v3_block() -> None:
 def test_layer_rejects_unknown_weight_and_skips_foreign_experts() -> None:
     cfg = MoEConfig(8, 4, RouterConfig(4, 2))
     layer = MoELayer(cfg, ParallelContext.single())
-    assert layer.wants_weight("experts.3.w2.weight") and layer.wants_weight("gate.weight")
+    assert layer.resolve("experts.3.w2.weight") == ("experts.w2", (3, "down"))
+    assert layer.resolve("experts.1.gate_proj.weight") == ("experts.w13", (1, "gate"))
     with pytest.raises(ValueError, match="no weight"):
         layer.load_weight("experts.0.w9.weight", torch.zeros(1))
