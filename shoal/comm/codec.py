@@ -84,8 +84,16 @@ class _Encoder:
         return msgpack.ExtType(_EXT_FRAME, msgpack.packb(body))
 
     def to_wire(self, obj: Any) -> Any:
-        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            return [self.to_wire(getattr(obj, f.name)) for f in _fields(type(obj))]
+        kind = type(obj)
+        if kind in _PLAIN:
+            return obj
+        if kind is list:
+            if all(type(x) in _PLAIN for x in obj):
+                return obj
+            return [self.to_wire(x) for x in obj]
+        names = _field_names(kind)
+        if names is not None:
+            return [self.to_wire(getattr(obj, n)) for n in names]
         if isinstance(obj, np.ndarray):
             return self.array_ext(obj, obj.dtype.name, False)
         if torch is not None and isinstance(obj, torch.Tensor):
@@ -100,9 +108,15 @@ class _Encoder:
         return obj
 
 
+_PLAIN = (int, float, str, bool, bytes, type(None))
+
+
 @functools.lru_cache(maxsize=None)
-def _fields(cls: type) -> tuple[dataclasses.Field, ...]:
-    return dataclasses.fields(cls)
+def _field_names(cls: type) -> tuple[str, ...] | None:
+    """Field names of a dataclass type in order; None for anything else."""
+    if dataclasses.is_dataclass(cls):
+        return tuple(f.name for f in dataclasses.fields(cls))
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,54 +191,109 @@ def _is_optional(hint: Any) -> tuple[bool, Any]:
     return False, hint
 
 
-def _expect(ok: bool, what: str, value: Any) -> None:
-    if not ok:
-        raise ProtocolError(f"expected {what}, got {type(value).__name__}")
+def _fail(what: str, value: Any) -> None:
+    raise ProtocolError(f"expected {what}, got {type(value).__name__}")
+
+
+def _scalar(kind: type) -> Any:
+    if kind is float:
+        def check(v):
+            if type(v) is float:
+                return v
+            if type(v) is int:
+                return float(v)
+            _fail("a float", v)
+    elif kind is int:
+        def check(v):
+            if type(v) is not int:
+                _fail("an int", v)
+            return v
+    else:
+        def check(v):
+            if type(v) is not kind:
+                _fail(kind.__name__, v)
+            return v
+    return check
+
+
+@functools.lru_cache(maxsize=None)
+def _decoder(hint: Any) -> Any:
+    """A function checking and rebuilding one wire value of type ``hint`` (built once per type)."""
+    optional, hint = _is_optional(hint)
+    inner = _decoder_required(hint)
+    if not optional:
+        def required(v):
+            if v is None and hint is not Any:
+                _fail(f"a {getattr(hint, '__name__', hint)}", v)
+            return inner(v)
+        return required
+    return lambda v: None if v is None else inner(v)
+
+
+def _decoder_required(hint: Any) -> Any:
+    if hint is Any:
+        return lambda v: v
+    if dataclasses.is_dataclass(hint):
+        names_hints = _hints(hint)
+        decoders = [_decoder(h) for _, h in names_hints]
+        count = len(decoders)
+
+        def record(v):
+            if type(v) is not list:
+                _fail(f"a {hint.__name__} record", v)
+            if len(v) != count:
+                raise ProtocolError(f"{hint.__name__} has {count} fields, got {len(v)}")
+            return hint(*[d(x) for d, x in zip(decoders, v)])
+        return record
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if item in (int, float, str, bool):
+            def scalar_list(v):
+                if type(v) is not list:
+                    _fail("a list", v)
+                if item is float:
+                    return [_scalar(float)(x) for x in v]
+                for x in v:
+                    if type(x) is not item:
+                        _fail(f"a list of {item.__name__}", x)
+                return v
+            return scalar_list
+        item_decoder = _decoder(item)
+
+        def any_list(v):
+            if type(v) is not list:
+                _fail("a list", v)
+            return [item_decoder(x) for x in v]
+        return any_list
+    if origin is dict:
+        key_decoder, value_decoder = (_decoder(a) for a in typing.get_args(hint))
+
+        def mapping(v):
+            if type(v) is not dict:
+                _fail("a map", v)
+            return {key_decoder(k): value_decoder(x) for k, x in v.items()}
+        return mapping
+    if hint is np.ndarray:
+        def array(v):
+            if not isinstance(v, np.ndarray):
+                _fail("an array", v)
+            return v
+        return array
+    if hint in (int, float, str, bool):
+        return _scalar(hint)
+    if torch is not None and hint is torch.Tensor:
+        def tensor(v):
+            if not isinstance(v, torch.Tensor):
+                _fail("a tensor", v)
+            return v
+        return tensor
+    raise TypeError(f"no wire decoding for type {hint!r}")
 
 
 def from_wire(value: Any, hint: Any) -> Any:
     """Rebuild ``value`` as type ``hint``, checking it; raises ProtocolError on mismatch."""
-    optional, hint = _is_optional(hint)
-    if value is None:
-        _expect(optional or hint is Any, f"a {hint}", value)
-        return None
-    if hint is Any:
-        return value
-    if dataclasses.is_dataclass(hint):
-        _expect(isinstance(value, list), f"a {hint.__name__} record", value)
-        hints = _hints(hint)
-        if len(value) != len(hints):
-            raise ProtocolError(f"{hint.__name__} has {len(hints)} fields, got {len(value)}")
-        return hint(*(from_wire(v, h) for v, (_, h) in zip(value, hints)))
-    origin = typing.get_origin(hint)
-    if origin is list:
-        _expect(isinstance(value, list), "a list", value)
-        (item,) = typing.get_args(hint)
-        if item in (int, str, float, bool, Any):
-            for x in value:
-                from_wire(x, item)
-            return value
-        return [from_wire(x, item) for x in value]
-    if origin is dict:
-        _expect(isinstance(value, dict), "a map", value)
-        key_t, val_t = typing.get_args(hint)
-        return {from_wire(k, key_t): from_wire(v, val_t) for k, v in value.items()}
-    if hint is np.ndarray:
-        _expect(isinstance(value, np.ndarray), "an array", value)
-        return value
-    if hint is float:
-        _expect(isinstance(value, (int, float)) and not isinstance(value, bool), "a float", value)
-        return float(value)
-    if hint is int:
-        _expect(isinstance(value, int) and not isinstance(value, bool), "an int", value)
-        return value
-    if hint in (str, bool):
-        _expect(isinstance(value, hint), hint.__name__, value)
-        return value
-    if torch is not None and hint is torch.Tensor:
-        _expect(isinstance(value, torch.Tensor), "a tensor", value)
-        return value
-    raise ProtocolError(f"no wire decoding for type {hint!r}")
+    return _decoder(hint)(value)
 
 
 def decode(frames: Sequence[Any], max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:

@@ -43,6 +43,8 @@ from shoal.errors import ProtocolError
 from shoal.parallel.context import ParallelContext
 from shoal.parallel.mesh import build_mesh
 from shoal.runtime.device import device_memory, pick_device
+from shoal.runtime.model_runner import ModelRunner
+from shoal.runtime.null_runner import NullRunner
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +140,8 @@ class Worker:
     # -- commands ----------------------------------------------------------------------------
 
     def _load_model(self, args: dict) -> dict:
-        from shoal.runtime.model_runner import ModelRunner
-
-        self.runner = ModelRunner(self.ctx, args)
+        runner_class = NullRunner if args.get("null_runner") else ModelRunner
+        self.runner = runner_class(self.ctx, args)
         return self.runner.describe()
 
     def _need_runner(self):

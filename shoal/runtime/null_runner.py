@@ -1,0 +1,53 @@
+"""NullRunner: the step protocol without a model, for measuring the control plane.
+
+It keeps request state exactly as ModelRunner does (the same delta handling)
+and returns a deterministic "sampled" token per completed request, so the
+driver's scheduler, the codec and the ZeroMQ channels are exercised for real
+while the forward pass costs nothing. Used by benchmarks/control_plane.py and
+protocol tests; never by serving.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from shoal.comm.protocol import StepPlan, StepResult
+from shoal.parallel.context import ParallelContext
+from shoal.runtime.model_runner import ModelRunner
+
+
+class NullRunner(ModelRunner):
+    """Applies plans to per-request state; the output rank answers token = (last + 1) % vocab."""
+
+    def __init__(self, ctx: ParallelContext, args: dict):  # no model: skip ModelRunner.__init__
+        self.ctx = ctx
+        self.requests = {}
+        self.is_output_rank = ctx.is_output_rank
+        self.vocab_size = int(args.get("vocab_size", 32000))
+        self.page_size = 0
+        self.num_pages = 0
+        self.sampler = None
+        self.reset_stats()
+
+    def describe(self) -> dict:
+        return {"rank": self.ctx.rank, "num_params": 0, "loaded_bytes": 0, "null": True}
+
+    def measure_kv_capacity(self, args: dict) -> dict:
+        return {"bytes_per_page": 1, "num_pages": int(args.get("kv_cache_memory") or 1 << 20)}
+
+    def init_kv_cache(self, num_pages: int, page_size: int) -> dict:
+        self.page_size, self.num_pages = page_size, num_pages
+        return {"bytes": 0}
+
+    def execute(self, plan: StepPlan) -> StepResult | None:
+        self._apply_plan(plan)
+        req_ids, tokens = [], []
+        for req_id, n in zip(plan.scheduled_req_ids, plan.num_scheduled_tokens):
+            state = self.requests[req_id]
+            state.num_computed += n
+            if state.num_computed == len(state.token_ids):
+                req_ids.append(req_id)
+                tokens.append((state.token_ids[-1] + 1) % self.vocab_size)
+        self._stats["steps"] += 1
+        if not self.is_output_rank:
+            return None
+        return StepResult(plan.step_id, req_ids, np.asarray(tokens, dtype=np.int32))
