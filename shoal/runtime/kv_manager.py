@@ -108,13 +108,14 @@ class KVCacheManager:
         """The longest run of cached full pages that starts the request's tokens.
 
         Never the whole sequence: at least one token is left to compute, so the
-        step that schedules it produces logits to sample from.
+        step that schedules it produces logits to sample from. Requests that ask
+        for prompt logprobs get no hits (they need logits at every prompt position).
 
         Returns:
             (page ids, number of tokens they hold). Nothing is reserved: pass the
             pages to ``allocate_slots`` in the same scheduling pass.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.sampling.prompt_logprobs is not None:
             return [], 0
         max_pages = (request.num_tokens - 1) // self.page_size
         hashes = self._page_hashes(request, max_pages)

@@ -16,6 +16,8 @@ after a preemption), then as ``CachedRequestData`` carrying only tokens sampled
 since the workers last saw it and its new pages. Several plans may be in flight
 (pipeline parallelism): a request in an in-flight plan is left out of new plans
 until that plan's result is applied, and results are applied in plan order.
+In-flight requests are never preempted; a request that needs pages while only
+in-flight requests are newer waits for them instead of preempting itself.
 Workers apply a plan's ``finished_req_ids`` before its ``new_requests``.
 """
 from __future__ import annotations
@@ -252,7 +254,9 @@ class Scheduler:
         if result.step_id != plan.step_id:
             raise ValueError(f"result of step {result.step_id} given with plan {plan.step_id}")
         self._in_flight_step_ids.popleft()
-        sampled = dict(zip(result.req_ids, (int(t) for t in result.sampled_token_ids)))
+        tokens = result.sampled_token_ids
+        tokens = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
+        sampled = dict(zip(result.req_ids, tokens))
         changed = []
         for rid, num_scheduled in zip(plan.scheduled_req_ids, plan.num_scheduled_tokens):
             self._in_flight.pop(rid, None)
@@ -376,7 +380,7 @@ class Scheduler:
             "unfinished requests are not exactly the running and waiting ones",
         )
         _check(len(self.running) <= self.config.max_num_seqs, "more running than max_num_seqs")
-        _check(set(self.kv.holder_ids()) == set(running_ids), "page holders are not the running set")
+        _check(set(self.kv.holder_ids()) == set(running_ids), "page holders are not the running")
         _check(set(self._worker_views) <= set(running_ids), "workers hold a non-running request")
         for request in self.running:
             _check(request.status == RequestStatus.RUNNING, f"{request.req_id} status")

@@ -159,6 +159,14 @@ def test_hash_collisions_are_misses(monkeypatch):
     assert kv.get_computed_pages(b) == ([], 0)
 
 
+def test_prompt_logprobs_requests_get_no_hits():
+    kv = KVCacheManager(num_pages=8, page_size=2)
+    a = make_request(0, [1, 2, 3, 4, 5])
+    compute(kv, a, 5)
+    wants_logprobs = Request(1, [1, 2, 3, 4, 5], SamplingOptions(prompt_logprobs=1), 4)
+    assert kv.get_computed_pages(wants_logprobs) == ([], 0)
+
+
 def test_prefix_caching_off():
     kv = KVCacheManager(num_pages=8, page_size=2, enable_prefix_caching=False)
     a = make_request(0, [1, 2, 3, 4, 5])

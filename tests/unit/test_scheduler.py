@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from shoal.comm.protocol import SamplingOptions, StepResult
@@ -32,7 +32,9 @@ def make_scheduler(
     max_model_len: int = 256,
     enable_prefix_caching: bool = True,
 ) -> tuple[Scheduler, WorkerStateMirror]:
-    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+    config = SchedulerConfig(
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+    )
     kv = KVCacheManager(num_pages, page_size, enable_prefix_caching)
     return Scheduler(config, kv, max_model_len), WorkerStateMirror(page_size)
 
@@ -165,10 +167,18 @@ def test_the_newest_request_preempts_itself():
     scheduler.add_request(new)
     step(scheduler, mirror)  # both prefilled: 2 pages each, the cache is full
     plan, _ = step(scheduler, mirror)  # both decode into their second page
+    queued = make_request(2, 2, max_tokens=2)
+    scheduler.add_request(queued)  # no room for it yet
     plan, _ = step(scheduler, mirror)  # old needs a third page: new (the newest) goes
     assert plan.scheduled_req_ids == [0] and plan.finished_req_ids == [1]
     assert new.status == RequestStatus.PREEMPTED and new.num_computed_tokens == 0
-    assert scheduler.waiting[0] is new and new.output_token_ids
+    assert list(scheduler.waiting) == [new, queued]  # back at the front of the queue
+    assert new.output_token_ids and new.num_preemptions == 1
+    plans = drive(scheduler, mirror)
+    resent = next(n for p in plans for n in p.new_requests if n.req_id == 1)
+    assert resent.num_computed_tokens == 2  # its first page was still in the prefix cache
+    assert new.num_cached_tokens == 0  # hits counted at first schedule only
+    assert_reference_outputs([old, new, queued])
 
 
 def test_prefix_hit_computes_only_the_suffix():
@@ -244,6 +254,33 @@ def test_in_flight_plans_never_share_a_request():
         scheduler.update_from_output(second, r2)
     scheduler.update_from_output(first, r1)
     scheduler.update_from_output(second, r2)
+    scheduler.check_invariants()
+
+
+def test_in_flight_newer_request_is_waited_for_not_overtaken():
+    # a (old) and b (new) alternate between two in-flight plans and fill the cache; when a
+    # needs a page while b is in flight, a waits for b's plan rather than preempt itself
+    scheduler, mirror = make_scheduler(
+        num_pages=4, page_size=2, max_num_batched_tokens=3, enable_prefix_caching=False
+    )
+    a, b = make_request(0, 3, max_tokens=6), make_request(1, 3, max_tokens=6)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    in_flight = []
+    for expected in ([0], [1], [0], [1]):  # prefill a, prefill b, decode a, decode b
+        plan = scheduler.schedule()
+        assert plan is not None and plan.scheduled_req_ids == expected
+        in_flight.append((plan, mirror.execute(plan)))
+        if len(in_flight) == 2:
+            scheduler.update_from_output(*in_flight.pop(0))
+        scheduler.check_invariants()
+    assert scheduler.kv.num_free_pages == 0
+    assert scheduler.schedule() is None  # a needs a third page; b is in flight
+    assert a.status == RequestStatus.RUNNING and scheduler.num_preemptions == 0
+    scheduler.update_from_output(*in_flight.pop(0))
+    plan = scheduler.schedule()  # now b is the newest one that can give pages back
+    assert plan.scheduled_req_ids == [0] and plan.finished_req_ids == [1]
+    assert b.status == RequestStatus.PREEMPTED
     scheduler.check_invariants()
 
 
@@ -342,11 +379,11 @@ def test_nothing_to_run_gives_none():
 @st.composite
 def workloads(draw):
     page_size = draw(st.integers(1, 4))
-    prefixes = [draw(st.lists(st.integers(0, 100), max_size=8)) for _ in range(2)]
+    prefixes = [draw(st.lists(st.integers(0, 100), min_size=2, max_size=10)) for _ in range(2)]
     specs = []
-    for req_id in range(draw(st.integers(1, 8))):
-        prompt = draw(st.sampled_from(prefixes)) + draw(st.lists(st.integers(0, 100), max_size=6))
-        max_tokens = draw(st.integers(1, 8))
+    for req_id in range(draw(st.integers(2, 8))):
+        prompt = draw(st.sampled_from(prefixes)) + draw(st.lists(st.integers(0, 100), max_size=4))
+        max_tokens = draw(st.integers(1, 10))
         specs.append(
             dict(
                 req_id=req_id,
@@ -354,16 +391,18 @@ def workloads(draw):
                 max_tokens=max_tokens,
                 eos=draw(st.sets(st.integers(0, 100), max_size=3)),
                 min_tokens=draw(st.integers(0, max_tokens)),
-                arrival=draw(st.integers(0, 15)),
+                arrival=draw(st.integers(0, 8)),
                 abort=draw(st.none() | st.integers(0, 40)),
             )
         )
+    # a tight cache: just room for the largest request, a few pages more, or one page too few
+    largest = max(-(-(len(s["prompt"]) + s["max_tokens"] - 1) // page_size) for s in specs)
     return dict(
         page_size=page_size,
-        num_pages=draw(st.integers(1, 12)),
+        num_pages=max(1, largest + draw(st.integers(-1, 6))),
         max_num_seqs=draw(st.integers(1, 5)),
         max_num_batched_tokens=draw(st.integers(1, 12)),
-        enable_prefix_caching=draw(st.booleans()),
+        enable_prefix_caching=draw(st.sampled_from([True, True, False])),
         depth=draw(st.integers(1, 3)),
         specs=specs,
     )
@@ -397,6 +436,9 @@ def test_random_workloads_keep_invariants_and_finish(workload):
         return step_index < 15
 
     drive(scheduler, mirror, depth=depth, before_step=before_step)
+    event(f"preempted: {scheduler.num_preemptions > 0}")
+    event(f"prefix hits: {scheduler.kv.stats.hits > 0}")
+    event(f"aborted: {bool(aborted_ids)}")
     assert all(r.is_finished for r in accepted)
     assert scheduler.kv.usage == 0.0 and scheduler.num_running == scheduler.num_waiting == 0
     scheduler.check_invariants()
