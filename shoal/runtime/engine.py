@@ -7,6 +7,7 @@ what is new since the last step) come out of ``step()``.
 from __future__ import annotations
 
 import itertools
+import os
 import logging
 import time
 
@@ -38,6 +39,15 @@ def eos_token_ids(model_path: str, tokenizer) -> set[int]:
     return ids
 
 
+def load_tokenizer(model_path: str):
+    """The checkpoint's tokenizer, or None when it ships none (token-id prompts only)."""
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any(os.path.exists(os.path.join(model_path, f)) for f in files):
+        logger.warning("%s has no tokenizer files: only token-id prompts can be served", model_path)
+        return None
+    return AutoTokenizer.from_pretrained(model_path)
+
+
 def model_max_len(hf_config, requested: int | None) -> int:
     """The context length served: the requested one, capped by the model's."""
     limit = getattr(hf_config, "max_position_embeddings", None) or 2048
@@ -54,7 +64,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, executor_kwargs: dict | None = None):
         self.config = config
         self.model_path = resolve_model(config.model.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.tokenizer = load_tokenizer(self.model_path)
         self.hf_config = AutoConfig.from_pretrained(self.model_path)
         self.max_model_len = model_max_len(self.hf_config, config.model.max_model_len)
         self.eos_token_ids = eos_token_ids(self.model_path, self.tokenizer)
@@ -67,6 +77,8 @@ class LLMEngine:
 
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer: send prompt token ids")
             return prompt, self.tokenizer.encode(prompt)
         if not all(isinstance(t, int) and 0 <= t < self.hf_config.vocab_size for t in prompt):
             raise RequestError(

@@ -105,6 +105,7 @@ class Worker:
             )
         self.runner = None  # created by LOAD_MODEL
         self._running = True
+        self._stopped = threading.Event()
         self._last_driver_contact = time.monotonic()
         self._commands: dict[Command, Callable[[dict], Any]] = {
             Command.PING: lambda a: {"rank": self.rank, "time": time.time()},
@@ -216,10 +217,10 @@ class Worker:
         sock = self.channel.heartbeat_socket()
         seq = 0
         try:
-            while self._running:
+            while not self._stopped.is_set():
                 seq += 1
                 sock.send_multipart(encode(Heartbeat(self.rank, seq, time.time())))
-                time.sleep(HEARTBEAT_INTERVAL_S)
+                self._stopped.wait(HEARTBEAT_INTERVAL_S)
         finally:
             sock.close(linger=0)
 
@@ -252,6 +253,7 @@ class Worker:
 
     def close(self) -> None:
         self._running = False
+        self._stopped.set()
         self._heartbeat_thread.join(timeout=2 * HEARTBEAT_INTERVAL_S)
         self.ctx.close()
         destroy_distributed()
