@@ -10,13 +10,14 @@ left to gloo: :meth:`ShmAllReducer.supports` says which.
 Segment layout (every offset is a multiple of 64 bytes, one cache line)::
 
     [header line: magic, world, slot_bytes]
-    [one line per rank: seq, meta, pid]              written only by that rank
+    [one line per rank: seq, pid, meta of parity 0, meta of parity 1]   (written by that rank only)
     [data: parity 0: slot of rank 0 .. rank w-1 | parity 1: the same]
 
 One call, number ``seq`` (1, 2, ...), on every rank:
 
     1. copy the tensor into this rank's slot of buffer ``seq % 2``;
-    2. publish ``meta`` (numel and dtype, to catch mismatched calls), then ``seq``;
+    2. publish ``meta`` for that parity (numel and dtype, to catch mismatched
+       calls), then ``seq``;
     3. wait until every rank's ``seq`` flag is >= seq;
     4. sum the slots of buffer ``seq % 2`` in rank order into the tensor.
 
@@ -24,7 +25,9 @@ Why two buffers and one flag per rank are enough: a rank reaches step 1 of call
 seq+1 only after it saw every flag >= seq, and a rank publishes seq only after it
 finished reading buffer (seq-1) % 2 in call seq-1. So when a rank overwrites
 buffer (seq+1) % 2 == (seq-1) % 2, nobody reads it any more; and no rank can be
-more than one call ahead of another, so flags never skip a parity.
+more than one call ahead of another, so flags never skip a parity. The meta word
+is kept per parity for the same reason: a peer that has seen every flag may
+already publish its next call's meta while we still check this call's.
 
 Every rank sums the same bytes in the same order (slot 0, 1, 2, ... in the
 tensor's dtype), so all ranks get bitwise-identical results: what tensor
@@ -59,7 +62,7 @@ import torch
 import torch.distributed as dist
 
 from shoal.comm.group import RankGroup
-from shoal.errors import WorkerDiedError
+from shoal.errors import ShoalError, WorkerDiedError
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ _LINE = 64
 _LINE_Q = _LINE // 8  # int64 fields per cache line
 _MAGIC = 0x5348_4F41_4C41_5231  # "SHOALAR1"
 _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
-_SPIN_CHECKS = 64  # tight-loop flag reads (about 5 µs) before yielding the core
+_SPIN_CHECKS = 64  # tight-loop flag polls (about 10 µs) before yielding the core
 _LIVENESS_PERIOD_S = 0.5
 _MAX_CACHED_SHAPES = 256
 _NAME_BYTES = 64
@@ -93,6 +96,7 @@ class ShmAllReducer:
         yield_s: after the tight spin, how long to spin with ``sched_yield``
             before polling with short sleeps instead.
         sleep_s: the poll interval after ``yield_s``.
+        create: create the segment at ``path`` (group rank 0) instead of attaching to it.
     """
 
     def __init__(
@@ -123,7 +127,8 @@ class ShmAllReducer:
         size = self._data_offset + 2 * self.world * self._slot_bytes
 
         self._mm = _map_segment(path, size, create)
-        # int64 fields through a memoryview: an aligned 8-byte load/store each, ~0.1 µs.
+        # int64 fields through a memoryview: one aligned (so untorn) 8-byte load or store
+        # each, about 0.1 µs.
         self._q = memoryview(self._mm)[: self._data_offset].cast("q")
         if create:
             self._q[1], self._q[2] = self.world, self._slot_bytes
@@ -134,7 +139,7 @@ class ShmAllReducer:
         self._seq_idx = [(1 + r) * _LINE_Q for r in range(self.world)]
         self._my_seq = self._seq_idx[rank_in_group]
         self._peer_seq = [i for r, i in enumerate(self._seq_idx) if r != rank_in_group]
-        self._q[self._my_seq + 2] = os.getpid()
+        self._q[self._my_seq + 1] = os.getpid()
         self._data = torch.frombuffer(
             self._mm, dtype=torch.uint8, count=2 * self.world * self._slot_bytes, offset=self._data_offset
         )  # [2 * world * slot_bytes]
@@ -172,15 +177,16 @@ class ShmAllReducer:
         slots = views[seq & 1]  # one view per rank, shaped like tensor
         slots[self.rank_in_group].copy_(tensor)
         meta = numel * 8 + _DTYPE_CODES[tensor.dtype]
-        q[self._my_seq + 1] = meta
+        meta_at = 2 + (seq & 1)  # per parity: a peer may already be writing the next call's
+        q[self._my_seq + meta_at] = meta
         q[self._my_seq] = seq  # publish: the data stores above are visible first (TSO)
         for idx in self._peer_seq:
             if q[idx] < seq:
                 self._wait(seq)
                 break
         for idx in self._peer_seq:
-            if q[idx + 1] != meta:
-                self._mismatch(idx, meta)
+            if q[idx + meta_at] != meta:
+                self._mismatch(idx, meta, q[idx + meta_at])
         torch.add(slots[0], slots[1], out=tensor)
         for slot in slots[2:]:
             tensor.add_(slot)
@@ -196,7 +202,7 @@ class ShmAllReducer:
         if getattr(self, "_mm", None) is not None:
             self._mm.close()
             self._mm = None
-        self._broken = self._broken or f"shared-memory all-reduce of group {self.group_ranks} is closed"
+        self._broken = getattr(self, "_broken", None) or f"shared-memory all-reduce of group {self.group_ranks} is closed"
 
     def __repr__(self) -> str:
         return (
@@ -267,30 +273,32 @@ class ShmAllReducer:
         """
         for r, idx in enumerate(self._seq_idx):
             if r != self.rank_in_group:
-                started = _proc_start_time(self._q[idx + 2])
+                started = _proc_start_time(self._q[idx + 1])
                 if started is not None:
                     self._peer_start[idx] = started
 
     def _check_alive(self, idx: int, seq: int) -> None:
         started = self._peer_start.get(idx)
-        pid = self._q[idx + 2]
+        pid = self._q[idx + 1]
         if started is not None and _proc_start_time(pid) != started:
             peer = self._seq_idx.index(idx)
             self._fail(
                 f"group rank {peer} (global rank {self.group_ranks[peer]}, pid {pid}) died (call {seq})"
             )
 
-    def _mismatch(self, idx: int, meta: int) -> None:
+    def _mismatch(self, idx: int, meta: int, theirs: int) -> None:
         peer = self._seq_idx.index(idx)
-        theirs = self._q[idx + 1]
         self._fail(
             f"call {self._seq}: this rank reduces {meta // 8} elements (dtype code {meta % 8}) but "
-            f"group rank {peer} reduces {theirs // 8} (dtype code {theirs % 8})"
+            f"group rank {peer} reduces {theirs // 8} (dtype code {theirs % 8})",
+            died=False,
         )
 
-    def _fail(self, what: str) -> None:
+    def _fail(self, what: str, died: bool = True) -> None:
+        """Raise, and refuse every later call: the ranks are no longer in step."""
         self._broken = f"shared-memory all-reduce of group {self.group_ranks}: {what}"
-        raise WorkerDiedError(self._broken, rank=self.group_ranks[self.rank_in_group])
+        error = WorkerDiedError if died else ShoalError
+        raise error(self._broken, rank=self.group_ranks[self.rank_in_group])
 
 
 def _map_segment(path: str, size: int, create: bool) -> mmap.mmap:

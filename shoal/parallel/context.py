@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from shoal.comm.group import RankGroup
+from shoal.comm.shm_allreduce import create_shm_all_reducer
 from shoal.parallel.mesh import Mesh, build_mesh
 
 
@@ -41,11 +42,14 @@ class ParallelContext:
         rank: int,
         device: torch.device | str,
         enable_expert_parallel: bool = False,
+        shm_all_reduce: bool = True,
     ) -> "ParallelContext":
         """Create every group of ``mesh``; all ranks must call this together.
 
         torch.distributed.new_group must be called by every rank for every group,
-        in the same order, even for groups the rank is not in.
+        in the same order, even for groups the rank is not in. With ``shm_all_reduce``
+        (same value on every rank) and a CPU device, a tp group whose ranks share this
+        host all-reduces small tensors through shared memory instead of gloo.
         """
         groups: dict[str, RankGroup] = {}
         for kind, all_groups in (
@@ -58,6 +62,8 @@ class ParallelContext:
                 pg = dist.new_group(list(ranks)) if len(ranks) > 1 else None
                 if rank in ranks:
                     groups[kind] = RankGroup(ranks=ranks, rank=rank, pg=pg)
+        if shm_all_reduce and torch.device(device).type == "cpu" and groups["tp"].size > 1:
+            groups["tp"].fast_all_reducer = create_shm_all_reducer(groups["tp"])
         return cls(
             mesh,
             rank,
