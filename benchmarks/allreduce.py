@@ -160,7 +160,8 @@ def main() -> None:
                 if "done" in row:
                     done += 1
                 else:
-                    print(json.dumps({**common, **row}), flush=True)
+                    load = round(os.getloadavg()[0], 2)  # the host is shared: say how busy it was
+                    print(json.dumps({**common, **row, "loadavg_1m": load}), flush=True)
         finally:
             for p in procs:
                 p.join(timeout=30)

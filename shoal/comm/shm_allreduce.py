@@ -10,7 +10,8 @@ left to gloo: :meth:`ShmAllReducer.supports` says which.
 Segment layout (every offset is a multiple of 64 bytes, one cache line)::
 
     [header line: magic, world, slot_bytes]
-    [one line per rank: seq, pid, meta of parity 0, meta of parity 1]   (written by that rank only)
+    [one line per rank: seq, pid, meta of parity 0, meta of parity 1, start time]
+                                                     (each written by its rank only)
     [data: parity 0: slot of rank 0 .. rank w-1 | parity 1: the same]
 
 One call, number ``seq`` (1, 2, ...), on every rank:
@@ -140,6 +141,7 @@ class ShmAllReducer:
         self._my_seq = self._seq_idx[rank_in_group]
         self._peer_seq = [i for r, i in enumerate(self._seq_idx) if r != rank_in_group]
         self._q[self._my_seq + 1] = os.getpid()
+        self._q[self._my_seq + 4] = _proc_start_time(os.getpid()) or 0
         self._data = torch.frombuffer(
             self._mm, dtype=torch.uint8, count=2 * self.world * self._slot_bytes, offset=self._data_offset
         )  # [2 * world * slot_bytes]
@@ -268,14 +270,13 @@ class ShmAllReducer:
     def _learn_peers(self) -> None:
         """Remember each peer's pid and start time (call once every rank has mapped the segment).
 
-        A peer whose pid is not visible here (another pid namespace) is watched by the
-        timeout alone.
+        A peer whose pid shows a different process here (another pid namespace) is
+        watched by the timeout alone.
         """
-        for r, idx in enumerate(self._seq_idx):
-            if r != self.rank_in_group:
-                started = _proc_start_time(self._q[idx + 1])
-                if started is not None:
-                    self._peer_start[idx] = started
+        for idx in self._peer_seq:
+            published = self._q[idx + 4]
+            if published and _proc_start_time(self._q[idx + 1]) == published:
+                self._peer_start[idx] = published
 
     def _check_alive(self, idx: int, seq: int) -> None:
         started = self._peer_start.get(idx)
