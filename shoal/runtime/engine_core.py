@@ -74,7 +74,12 @@ class EngineCore:
             self.executor.start()
             self.load_info = self.executor.call(
                 Command.LOAD_MODEL,
-                {"model": model_path, "dtype": config.model.dtype, "seed": config.model.seed},
+                {
+                    "model": model_path,
+                    "dtype": config.model.dtype,
+                    "seed": config.model.seed,
+                    "pp_layer_partition": list(config.parallel.pp_layer_partition or []),
+                },
             )
             self.num_pages = self._agree_on_pages()
             page_size = config.cache.block_size
@@ -85,8 +90,9 @@ class EngineCore:
             self.executor.shutdown()
             raise
         self.kv = KVCacheManager(self.num_pages, page_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, max_model_len)
         self.max_in_flight = config.parallel.pp_size
+        per_plan = -(-config.scheduler.max_num_seqs // self.max_in_flight)  # one micro-batch a stage
+        self.scheduler = Scheduler(config.scheduler, self.kv, max_model_len, per_plan)
         self.in_flight: collections.deque[StepPlan] = collections.deque()
         self.max_plans_in_flight_seen = 0
         self.plan_bytes = 0

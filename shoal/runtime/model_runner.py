@@ -48,8 +48,9 @@ class ModelRunner:
         self.dtype = resolve_dtype(args.get("dtype", "auto"), self.device)
         self.hf_config = AutoConfig.from_pretrained(args["model"])
         started = time.perf_counter()
+        partition = tuple(args.get("pp_layer_partition") or ()) or None
         with torch.device(self.device):
-            self.model = build_model(self.hf_config, ctx, self.dtype)
+            self.model = build_model(self.hf_config, ctx, self.dtype, pp_layer_partition=partition)
         self.model.load_weights(args["model"])
         self.model.eval()
         self.load_seconds = time.perf_counter() - started

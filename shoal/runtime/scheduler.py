@@ -68,10 +68,15 @@ class Scheduler:
         scheduler_config: per-step budgets.
         kv: the KV cache manager (owned by this scheduler from now on).
         max_model_len: prompt plus output tokens may not exceed this.
+        max_seqs_per_plan: at most this many requests in one plan (default: max_num_seqs).
+            With pipeline parallelism the engine sets max_num_seqs / pp so that the
+            running requests split into one micro-batch per stage.
     """
 
-    def __init__(self, scheduler_config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+    def __init__(self, scheduler_config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 max_seqs_per_plan: int | None = None):
         self.config = scheduler_config
+        self.max_seqs_per_plan = max_seqs_per_plan or scheduler_config.max_num_seqs
         self.kv = kv
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
@@ -189,8 +194,9 @@ class Scheduler:
         preempted = False  # no admissions in a step that took pages back ...
         blocked = False  # ... or that left a running request waiting for pages
 
+        room = self.max_seqs_per_plan
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(scheduled) < room:
             request = self.running[i]
             if request.req_id in self._in_flight:
                 i += 1
@@ -218,6 +224,7 @@ class Scheduler:
             self.waiting
             and budget > 0
             and len(self.running) < self.config.max_num_seqs
+            and len(scheduled) < room
             and not (preempted or blocked)
         ):
             request = self.waiting[0]
