@@ -22,6 +22,7 @@ so one collective finishes both.
 Shape legend: T tokens on this rank, K experts per token, H hidden, M = T*K
 token-expert pairs, N rows computed here, L local experts, E routed experts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -126,11 +127,17 @@ class _AllReduceDispatcher:
         self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> DispatchedTokens:
         return _sort_local_rows(
-            hidden, topk_ids, topk_weights, self._map_on(topk_ids.device), len(self.local_expert_ids)
+            hidden,
+            topk_ids,
+            topk_weights,
+            self._map_on(topk_ids.device),
+            len(self.local_expert_ids),
         )
 
     def combine(self, expert_out: torch.Tensor, dispatched: DispatchedTokens) -> torch.Tensor:
-        return _weighted_sum(expert_out, dispatched.token_index, dispatched.row_weights, dispatched.num_tokens)
+        return _weighted_sum(
+            expert_out, dispatched.token_index, dispatched.row_weights, dispatched.num_tokens
+        )
 
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:
         return self.group.all_reduce(partial)
@@ -149,7 +156,9 @@ class ReplicatedEPDispatcher(_AllReduceDispatcher):
 
     def __init__(self, ep_group: RankGroup, placement: ExpertPlacement):
         if placement.ep_size != ep_group.size:
-            raise ValueError(f"placement is for {placement.ep_size} ranks, ep group has {ep_group.size}")
+            raise ValueError(
+                f"placement is for {placement.ep_size} ranks, ep group has {ep_group.size}"
+            )
         super().__init__(
             ep_group, placement.num_experts, placement.local_expert_ids(ep_group.rank_in_group)
         )
@@ -162,7 +171,9 @@ class AllToAllEPDispatcher:
 
     def __init__(self, ep_group: RankGroup, placement: ExpertPlacement):
         if placement.ep_size != ep_group.size:
-            raise ValueError(f"placement is for {placement.ep_size} ranks, ep group has {ep_group.size}")
+            raise ValueError(
+                f"placement is for {placement.ep_size} ranks, ep group has {ep_group.size}"
+            )
         self.group = ep_group
         self.placement = placement
         self.local_expert_ids = placement.local_expert_ids(ep_group.rank_in_group)
@@ -197,12 +208,16 @@ class AllToAllEPDispatcher:
         recv_splits = recv_counts.sum(dim=1).tolist()
 
         # 2. the rows themselves, uneven splits
-        recv = send.new_empty(sum(recv_splits), hidden.shape[-1])  # [N, H] by source, then local expert
+        recv = send.new_empty(
+            sum(recv_splits), hidden.shape[-1]
+        )  # [N, H] by source, then local expert
         self.group.all_to_all_single(recv, send.contiguous(), recv_splits, send_splits)
 
         # 3. regroup received rows by local expert (stable: keeps source order within an expert)
-        local_of_row = torch.arange(max_local, device=recv.device).repeat(ep).repeat_interleave(
-            recv_counts.reshape(-1)
+        local_of_row = (
+            torch.arange(max_local, device=recv.device)
+            .repeat(ep)
+            .repeat_interleave(recv_counts.reshape(-1))
         )  # [N]
         recv_order = torch.sort(local_of_row, stable=True)[1]  # [N]
         num_local = len(self.local_expert_ids)
@@ -223,7 +238,9 @@ class AllToAllEPDispatcher:
         back[dispatched.recv_order] = expert_out
         rows = expert_out.new_empty(sum(dispatched.send_splits), expert_out.shape[-1])  # [M, H]
         self.group.all_to_all_single(rows, back, dispatched.send_splits, dispatched.recv_splits)
-        return _weighted_sum(rows, dispatched.token_index, dispatched.row_weights, dispatched.num_tokens)
+        return _weighted_sum(
+            rows, dispatched.token_index, dispatched.row_weights, dispatched.num_tokens
+        )
 
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:
         return partial  # every token came home whole

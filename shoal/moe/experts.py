@@ -21,6 +21,7 @@ Two implementations of the same contract:
 Shape legend: N rows (token-expert pairs), H hidden, L local experts, I_local the
 intermediate size held here.
 """
+
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
@@ -32,7 +33,11 @@ from torch import nn
 from shoal.parallel.linear import copy_checked
 from shoal.parallel.partition import split_range
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
 PROJECTIONS = ("gate", "up", "down")
 
 
@@ -46,7 +51,7 @@ class Experts(Protocol):
     def num_local_experts(self) -> int: ...
 
     def __call__(self, hidden: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """Run ``hidden`` ([N, H], sorted by local expert) with ``tokens_per_expert`` ([L]); -> [N, H]."""
+        """``hidden`` [N, H] sorted by local expert, ``tokens_per_expert`` [L] -> [N, H]."""
         ...
 
     def load_expert_weight(self, expert_id: int, proj: str, loaded: Any) -> bool:
@@ -79,7 +84,9 @@ class FusedExpertWeights(nn.Module):
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"expert activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+            raise ValueError(
+                f"expert activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}"
+            )
         self.expert_ids = tuple(expert_ids)
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -89,10 +96,12 @@ class FusedExpertWeights(nn.Module):
         self._local_index = {e: i for i, e in enumerate(self.expert_ids)}
         num_local, inter = len(self.expert_ids), self.shard_len
         self.w13 = nn.Parameter(
-            torch.zeros(num_local, 2 * inter, hidden_size, dtype=dtype, device=device), requires_grad=False
+            torch.zeros(num_local, 2 * inter, hidden_size, dtype=dtype, device=device),
+            requires_grad=False,
         )  # [L, 2 * I_local, H]
         self.w2 = nn.Parameter(
-            torch.zeros(num_local, hidden_size, inter, dtype=dtype, device=device), requires_grad=False
+            torch.zeros(num_local, hidden_size, inter, dtype=dtype, device=device),
+            requires_grad=False,
         )  # [L, H, I_local]
         self.w13.weight_loader = self._param_loader  # type: ignore[attr-defined]
         self.w2.weight_loader = self._param_loader  # type: ignore[attr-defined]
@@ -105,10 +114,12 @@ class FusedExpertWeights(nn.Module):
         return expert_id in self._local_index
 
     def _param_loader(self, param: nn.Parameter, loaded: Any, shard_id: tuple[int, str]) -> None:
-        """The ``weight_loader`` of ``w13``/``w2``: ``shard_id`` is (global expert id, projection)."""
+        """``weight_loader`` of ``w13``/``w2``; ``shard_id`` = (global expert id, projection)."""
         expert_id, proj = shard_id
         if not self.load_expert_weight(expert_id, proj, loaded):
-            raise ValueError(f"expert {expert_id} is not held on this rank (holds {list(self.expert_ids)})")
+            raise ValueError(
+                f"expert {expert_id} is not held on this rank (holds {list(self.expert_ids)})"
+            )
 
     def load_expert_weight(self, expert_id: int, proj: str, loaded: Any) -> bool:
         """Copy ``loaded`` (the full on-disk tensor of one expert projection) into place.
@@ -180,7 +191,9 @@ def grouped_mm_supported(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm") or hidden.dtype != weight.dtype:
         return False
     if hidden.device.type == "cuda":
-        return hidden.dtype == torch.bfloat16 and torch.cuda.get_device_capability(hidden.device) >= (8, 0)
+        return hidden.dtype == torch.bfloat16 and torch.cuda.get_device_capability(
+            hidden.device
+        ) >= (8, 0)
     if hidden.device.type != "cpu":
         return False
     size = hidden.element_size()
@@ -190,4 +203,7 @@ def grouped_mm_supported(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     return True
 
 
-EXPERT_IMPLS: dict[str, type[FusedExpertWeights]] = {"looped": LoopedExperts, "grouped": GroupedExperts}
+EXPERT_IMPLS: dict[str, type[FusedExpertWeights]] = {
+    "looped": LoopedExperts,
+    "grouped": GroupedExperts,
+}

@@ -16,6 +16,7 @@ Shared experts (Qwen2-MoE's single sigmoid-gated ``shared_expert``, DeepSeek's
 ``expert_counts`` ([E] int64) accumulates how many of this rank's token-expert
 pairs went to each expert; the runner reads it and calls ``reset_expert_counts``.
 """
+
 from __future__ import annotations
 
 import re
@@ -40,8 +41,14 @@ from shoal.parallel.linear import copy_checked, default_weight_loader
 from shoal.parallel.partition import split_range
 
 # On-disk names of one expert's projections, per family.
-_PROJ_ALIASES = {"w1": "gate", "w3": "up", "w2": "down",
-                 "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+_PROJ_ALIASES = {
+    "w1": "gate",
+    "w3": "up",
+    "w2": "down",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+}
 _EXPERT_KEY = re.compile(r"^experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
 _SHARED_KEY = re.compile(r"^shared_experts?\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -72,12 +79,16 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         if self.expert_impl not in EXPERT_IMPLS:
-            raise ValueError(f"expert_impl must be one of {sorted(EXPERT_IMPLS)}, got {self.expert_impl!r}")
+            raise ValueError(
+                f"expert_impl must be one of {sorted(EXPERT_IMPLS)}, got {self.expert_impl!r}"
+            )
         if self.shared_expert_gate and not self.shared_intermediate_size:
             raise ValueError("shared_expert_gate needs shared_intermediate_size > 0")
 
 
-def make_dispatcher(ctx: ParallelContext, num_experts: int, placement: str = "linear") -> Dispatcher:
+def make_dispatcher(
+    ctx: ParallelContext, num_experts: int, placement: str = "linear"
+) -> Dispatcher:
     """Pick the dispatcher the rank mesh calls for (see the module docstring)."""
     if ctx.enable_expert_parallel and ctx.ep.size > 1:
         layout = ExpertPlacement(num_experts, ctx.ep.size, placement)
@@ -94,18 +105,26 @@ class SharedExpertMLP(nn.Module):
     ([H, I_local]); their ``weight_loader`` reads only this rank's slice.
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, shard: tuple[int, int],
-                 activation: str = "silu", dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        shard: tuple[int, int],
+        activation: str = "silu",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         start, end = split_range(intermediate_size, *shard)
         self.shard_start, self.shard_len = start, end - start
         self.act = ACTIVATIONS[activation]
         inter = self.shard_len
-        self.gate_up = nn.Parameter(torch.zeros(2 * inter, hidden_size, dtype=dtype, device=device),
-                                    requires_grad=False)  # [2 * I_local, H]
-        self.down = nn.Parameter(torch.zeros(hidden_size, inter, dtype=dtype, device=device),
-                                 requires_grad=False)  # [H, I_local]
+        self.gate_up = nn.Parameter(
+            torch.zeros(2 * inter, hidden_size, dtype=dtype, device=device), requires_grad=False
+        )  # [2 * I_local, H]
+        self.down = nn.Parameter(
+            torch.zeros(hidden_size, inter, dtype=dtype, device=device), requires_grad=False
+        )  # [H, I_local]
         self.gate_up.weight_loader = self._load  # type: ignore[attr-defined]
         self.down.weight_loader = self._load  # type: ignore[attr-defined]
 
@@ -126,8 +145,13 @@ class SharedExpertMLP(nn.Module):
 class MoELayer(nn.Module):
     """A sparse MoE block over this rank's tokens: [T, H] -> [T, H]."""
 
-    def __init__(self, config: MoEConfig, ctx: ParallelContext, dtype: torch.dtype | None = None,
-                 dispatcher: Dispatcher | None = None):
+    def __init__(
+        self,
+        config: MoEConfig,
+        ctx: ParallelContext,
+        dtype: torch.dtype | None = None,
+        dispatcher: Dispatcher | None = None,
+    ):
         super().__init__()
         self.config = config
         device = ctx.device
@@ -144,19 +168,29 @@ class MoELayer(nn.Module):
             device=device,
         )
         self.shared_expert = (
-            SharedExpertMLP(config.hidden_size, config.shared_intermediate_size,
-                            self.dispatcher.shared_shard, config.activation, dtype, device)
+            SharedExpertMLP(
+                config.hidden_size,
+                config.shared_intermediate_size,
+                self.dispatcher.shared_shard,
+                config.activation,
+                dtype,
+                device,
+            )
             if config.shared_intermediate_size
             else None
         )
         gate_weight = (
-            nn.Parameter(torch.zeros(1, config.hidden_size, dtype=dtype, device=device), requires_grad=False)
+            nn.Parameter(
+                torch.zeros(1, config.hidden_size, dtype=dtype, device=device), requires_grad=False
+            )
             if config.shared_expert_gate
             else None
         )  # [1, H]
         self.register_parameter("shared_expert_gate", gate_weight)
         self.register_buffer(
-            "expert_counts", torch.zeros(num_experts, dtype=torch.int64, device=device), persistent=False
+            "expert_counts",
+            torch.zeros(num_experts, dtype=torch.int64, device=device),
+            persistent=False,
         )  # [E]
 
     # -- forward: the named parts --------------------------------------------------------------
@@ -168,7 +202,9 @@ class MoELayer(nn.Module):
         )
         dispatched = self.dispatcher.dispatch(hidden, routing.topk_ids, routing.topk_weights)
         expert_out = self.experts(dispatched.hidden, dispatched.tokens_per_expert)  # [N, H]
-        out = self.dispatcher.combine(expert_out, dispatched)  # [T, H], partial under tp/ep sharding
+        out = self.dispatcher.combine(
+            expert_out, dispatched
+        )  # [T, H], partial under tp/ep sharding
         if self.shared_expert is not None:
             shared = self.shared_expert(hidden)  # [T, H], partial like `out`
             if self.shared_expert_gate is not None:
@@ -200,7 +236,9 @@ class MoELayer(nn.Module):
         m = _SHARED_KEY.match(name)
         if m and self.shared_expert is not None:
             proj = _PROJ_ALIASES[m.group(1)]
-            return ("shared_expert.down", None) if proj == "down" else ("shared_expert.gate_up", proj)
+            return (
+                ("shared_expert.down", None) if proj == "down" else ("shared_expert.gate_up", proj)
+            )
         if name == "gate.weight":
             return "gate.weight", None
         if name == "gate.e_score_correction_bias" and self.gate.e_score_correction_bias is not None:

@@ -11,6 +11,7 @@ strategies:
 A rank's *local* expert index is the position of the expert in the rank's sorted
 list of owned experts; the local index orders its weight tensors.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ class ExpertPlacement:
             raise ValueError(f"ep_size must be positive, got {self.ep_size}")
         if self.strategy not in PLACEMENT_STRATEGIES:
             raise ValueError(
-                f"expert placement strategy must be one of {PLACEMENT_STRATEGIES}, got {self.strategy!r}"
+                f"expert placement strategy must be one of {PLACEMENT_STRATEGIES}, "
+                f"got {self.strategy!r}"
             )
 
     # -- per expert ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ The router weight is small ([num_experts, hidden]) and replicated on every rank.
 
 Shape legend: T tokens, H hidden, E experts, K experts per token (top-k).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -61,11 +62,11 @@ class RouterConfig:
         if self.scoring not in SCORING_FUNCS:
             raise ValueError(f"scoring must be one of {SCORING_FUNCS}, got {self.scoring!r}")
         if self.num_experts % self.n_group:
-            raise ValueError(
-                f"n_group={self.n_group} must divide num_experts={self.num_experts}"
-            )
+            raise ValueError(f"n_group={self.n_group} must divide num_experts={self.num_experts}")
         if not 1 <= self.topk_group <= self.n_group:
-            raise ValueError(f"topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
+            raise ValueError(
+                f"topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}"
+            )
 
 
 class Routing(NamedTuple):
@@ -76,7 +77,9 @@ class Routing(NamedTuple):
     logits: torch.Tensor  # [T, E] raw router logits
 
 
-def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_topk(
+    logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax (in float32) over experts, then top-k; returns (weights, ids), each [T, K]."""
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
     weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, K]
@@ -94,7 +97,7 @@ def grouped_sigmoid_topk(
     routed_scaling_factor: float,
     correction_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3 routing: sigmoid scores, group-limited top-k; returns (weights, ids), each [T, K].
+    """DeepSeek-V3 routing: sigmoid, group-limited top-k; returns (weights, ids), each [T, K].
 
     ``correction_bias`` ([E]) shifts the scores used to *select* experts and groups;
     the returned weights are gathered from the unshifted sigmoid scores.
@@ -105,11 +108,17 @@ def grouped_sigmoid_topk(
     if n_group > 1:
         per_group = num_experts // n_group
         group_scores = (
-            choice.view(num_tokens, n_group, per_group).topk(min(2, per_group), dim=-1)[0].sum(dim=-1)
+            choice.view(num_tokens, n_group, per_group)
+            .topk(min(2, per_group), dim=-1)[0]
+            .sum(dim=-1)
         )  # [T, n_group]
-        group_ids = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
+        group_ids = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[
+            1
+        ]  # [T, topk_group]
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_ids, 1.0)  # [T, n_group]
-        expert_mask = group_mask.unsqueeze(-1).expand(-1, n_group, per_group).reshape(num_tokens, -1)
+        expert_mask = (
+            group_mask.unsqueeze(-1).expand(-1, n_group, per_group).reshape(num_tokens, -1)
+        )
         choice = choice.masked_fill(~expert_mask.bool(), float("-inf"))  # [T, E]
     ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]  # [T, K]
     weights = scores.gather(1, ids)  # [T, K]
@@ -132,10 +141,13 @@ class TopKRouter(nn.Module):
         self.config = config
         # DeepSeek-V3 keeps its gate in float32 whatever the model dtype (transformers does too).
         weight_dtype = torch.float32 if config.scoring == "sigmoid" else dtype
-        self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size, dtype=weight_dtype),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(config.num_experts, hidden_size, dtype=weight_dtype), requires_grad=False
+        )
         if config.correction_bias:
-            bias = nn.Parameter(torch.zeros(config.num_experts, dtype=torch.float32), requires_grad=False)
+            bias = nn.Parameter(
+                torch.zeros(config.num_experts, dtype=torch.float32), requires_grad=False
+            )
             self.e_score_correction_bias = bias
         else:
             self.e_score_correction_bias = None
@@ -158,4 +170,3 @@ class TopKRouter(nn.Module):
                 self.e_score_correction_bias,
             )
         return Routing(ids, weights, logits)
-

@@ -2,6 +2,7 @@
 layer's parts, and transformers' own routers and sparse blocks are the oracle for the
 arithmetic of each family.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -40,12 +41,20 @@ def reference_moe(
     return torch.einsum("tah,ta->th", expert_outs, weights)  # [T, H]
 
 
-def random_weights(num_experts: int, hidden: int, inter: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_weights(
+    num_experts: int, hidden: int, inter: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
+
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * 0.2
-    return {"gate": rnd(num_experts, hidden), "w1": rnd(num_experts, inter, hidden),
-            "w3": rnd(num_experts, inter, hidden), "w2": rnd(num_experts, hidden, inter)}
+
+    return {
+        "gate": rnd(num_experts, hidden),
+        "w1": rnd(num_experts, inter, hidden),
+        "w3": rnd(num_experts, inter, hidden),
+        "w2": rnd(num_experts, hidden, inter),
+    }
 
 
 def load_layer(layer: MoELayer, w: dict[str, torch.Tensor]) -> None:
@@ -56,6 +65,7 @@ def load_layer(layer: MoELayer, w: dict[str, torch.Tensor]) -> None:
 
 
 # --- router against transformers ------------------------------------------------------------------
+
 
 def _same_routing(ids_a, w_a, ids_b, w_b) -> None:
     order_a, order_b = ids_a.sort(dim=-1)[1], ids_b.sort(dim=-1)[1]
@@ -68,8 +78,9 @@ def test_softmax_router_matches_qwen2_moe(norm: bool) -> None:
     from transformers import Qwen2MoeConfig
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
 
-    hf = Qwen2MoeTopKRouter(Qwen2MoeConfig(hidden_size=16, num_experts=6, num_experts_per_tok=2,
-                                           norm_topk_prob=norm))
+    hf = Qwen2MoeTopKRouter(
+        Qwen2MoeConfig(hidden_size=16, num_experts=6, num_experts_per_tok=2, norm_topk_prob=norm)
+    )
     torch.nn.init.normal_(hf.weight)
     ours = TopKRouter(RouterConfig(6, 2, renormalize=norm), 16)
     ours.weight.data.copy_(hf.weight)
@@ -83,13 +94,22 @@ def test_sigmoid_grouped_router_matches_deepseek_v3() -> None:
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
-    cfg = DeepseekV3Config(hidden_size=16, n_routed_experts=8, num_experts_per_tok=3, n_group=4,
-                           topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True)
+    cfg = DeepseekV3Config(
+        hidden_size=16,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+    )
     hf = DeepseekV3TopkRouter(cfg)
     torch.nn.init.normal_(hf.weight)
     hf.e_score_correction_bias.copy_(torch.randn(8) * 0.5)  # large enough to change choices
     ours = TopKRouter(RouterConfig(8, 3, "sigmoid", True, 4, 2, 2.5, correction_bias=True), 16)
-    ours.load_state_dict({"weight": hf.weight, "e_score_correction_bias": hf.e_score_correction_bias})
+    ours.load_state_dict(
+        {"weight": hf.weight, "e_score_correction_bias": hf.e_score_correction_bias}
+    )
     x = torch.randn(40, 16)
     _, w_ref, ids_ref = hf(x)
     r = ours(x)
@@ -101,6 +121,7 @@ def test_sigmoid_grouped_router_matches_deepseek_v3() -> None:
 
 
 # --- placement ---------------------------------------------------------------------------------
+
 
 def test_placement_uneven_linear_and_round_robin() -> None:
     lin = ExpertPlacement(6, 4, "linear")
@@ -119,6 +140,7 @@ def test_placement_uneven_linear_and_round_robin() -> None:
 
 # --- experts ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("impl", [LoopedExperts, GroupedExperts])
 def test_experts_sharded_sum_to_whole(impl) -> None:
     E, H, inter = 4, 16, 12
@@ -126,8 +148,9 @@ def test_experts_sharded_sum_to_whole(impl) -> None:
     counts = torch.tensor([3, 0, 5, 1])
     x = torch.randn(int(counts.sum()), H)
     ids = torch.repeat_interleave(torch.arange(E), counts)
-    expected = reference_moe(x, w["gate"], w["w1"], w["w3"], w["w2"], 1,
-                             routing=(ids[:, None], torch.ones(len(ids), 1)))
+    expected = reference_moe(
+        x, w["gate"], w["w1"], w["w3"], w["w2"], 1, routing=(ids[:, None], torch.ones(len(ids), 1))
+    )
     total = torch.zeros_like(x)
     for rank in range(3):  # 12 / 3, and shards of 4 floats keep grouped_mm's 16-byte strides
         ex = impl(range(E), H, inter, shard_size=3, shard_rank=rank)
@@ -148,6 +171,7 @@ def test_grouped_falls_back_on_unaligned_strides() -> None:
 
 # --- the whole layer ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("impl", ["looped", "grouped"])
 @pytest.mark.parametrize("top_k,renorm", [(2, True), (1, False), (3, False)])
 def test_layer_matches_reference(impl: str, top_k: int, renorm: bool) -> None:
@@ -160,7 +184,9 @@ def test_layer_matches_reference(impl: str, top_k: int, renorm: bool) -> None:
     expected = reference_moe(x, w["gate"], w["w1"], w["w3"], w["w2"], top_k, renorm)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
     assert int(layer.expert_counts.sum()) == 9 * top_k
-    assert int(layer.reset_expert_counts().sum()) == 9 * top_k and int(layer.expert_counts.sum()) == 0
+    assert (
+        int(layer.reset_expert_counts().sum()) == 9 * top_k and int(layer.expert_counts.sum()) == 0
+    )
     assert layer(x[:0]).shape == (0, H)  # no tokens at all
 
 
@@ -179,7 +205,9 @@ def _load_from_hf_block(layer: MoELayer, hf_block, shared_name: str | None) -> N
             layer.load_weight(f"experts.{e}.{proj}_proj.weight", t)
     if shared_name:
         for proj in ("gate", "up", "down"):
-            layer.load_weight(f"{shared_name}.{proj}_proj.weight", sd[f"{shared_name}.{proj}_proj.weight"])
+            layer.load_weight(
+                f"{shared_name}.{proj}_proj.weight", sd[f"{shared_name}.{proj}_proj.weight"]
+            )
     if "shared_expert_gate.weight" in sd:
         layer.load_weight("shared_expert_gate.weight", sd["shared_expert_gate.weight"])
 
@@ -194,13 +222,24 @@ def test_layer_matches_transformers_qwen2_moe_block() -> None:
     from transformers import Qwen2MoeConfig
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
-    hcfg = Qwen2MoeConfig(hidden_size=16, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=8,
-                          shared_expert_intermediate_size=12, norm_topk_prob=False)
+    hcfg = Qwen2MoeConfig(
+        hidden_size=16,
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=8,
+        shared_expert_intermediate_size=12,
+        norm_topk_prob=False,
+    )
     hcfg._experts_implementation = "eager"
     hf = Qwen2MoeSparseMoeBlock(hcfg)
     _init_hf(hf)
-    cfg = MoEConfig(16, 8, RouterConfig(6, 2, renormalize=False), shared_intermediate_size=12,
-                    shared_expert_gate=True)
+    cfg = MoEConfig(
+        16,
+        8,
+        RouterConfig(6, 2, renormalize=False),
+        shared_intermediate_size=12,
+        shared_expert_gate=True,
+    )
     layer = MoELayer(cfg, ParallelContext.single())
     _load_from_hf_block(layer, hf, "shared_expert")
     x = torch.randn(1, 7, 16)
@@ -211,15 +250,26 @@ def test_layer_matches_transformers_deepseek_v3_block() -> None:
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
-    hcfg = DeepseekV3Config(hidden_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
-                            topk_group=1, moe_intermediate_size=8, n_shared_experts=2,
-                            routed_scaling_factor=2.5)
+    hcfg = DeepseekV3Config(
+        hidden_size=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        moe_intermediate_size=8,
+        n_shared_experts=2,
+        routed_scaling_factor=2.5,
+    )
     hcfg._experts_implementation = "eager"
     hf = DeepseekV3MoE(hcfg)
     _init_hf(hf)
     hf.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.3)
-    cfg = MoEConfig(16, 8, RouterConfig(8, 2, "sigmoid", True, 2, 1, 2.5, correction_bias=True),
-                    shared_intermediate_size=16)
+    cfg = MoEConfig(
+        16,
+        8,
+        RouterConfig(8, 2, "sigmoid", True, 2, 1, 2.5, correction_bias=True),
+        shared_intermediate_size=16,
+    )
     layer = MoELayer(cfg, ParallelContext.single())
     _load_from_hf_block(layer, hf, "shared_experts")
     x = torch.randn(1, 7, 16)
