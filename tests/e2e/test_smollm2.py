@@ -1,0 +1,97 @@
+"""The default model (SmolLM2-135M-Instruct) writes exactly transformers' greedy text.
+
+Covers tp=1, the uneven tp=2 split (9 heads / 3 KV heads: rank 0 takes KV heads
+0-1, rank 1 KV head 2), pp=2 over its 30 layers, and the same model turned into
+an 8-expert MoE by copying its MLP into every expert, served with expert
+parallelism — which must not change a single token.
+"""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from shoal import LLM, SamplingParams
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "List three prime numbers.",
+]
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2_dir):
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    return [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                    add_generation_prompt=True) for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir, prompts):
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    texts = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts
+
+
+def shoal_texts(model_dir, prompts, **layout):
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS)
+    with LLM(model_dir, kv_cache_memory=64 << 20, executor_kwargs={"threads_per_worker": 1},
+             **layout) as llm:
+        return [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("layout", [{}, {"tensor_parallel_size": 2},
+                                    {"pipeline_parallel_size": 2}], ids=["tp1", "tp2", "pp2"])
+def test_smollm2_greedy_text_equals_transformers(smollm2_dir, prompts, reference, layout):
+    assert shoal_texts(str(smollm2_dir), prompts, **layout) == reference
+
+
+def make_moe_copy(dense_dir, out_dir, num_experts=8):
+    """SmolLM2 as a Mixtral checkpoint: every expert is the dense MLP, router random."""
+    out_dir.mkdir()
+    config = json.loads((dense_dir / "config.json").read_text())
+    config.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
+                  num_local_experts=num_experts, num_experts_per_tok=2,
+                  router_aux_loss_coef=0.0, output_router_logits=False, sliding_window=None)
+    (out_dir / "config.json").write_text(json.dumps(config))
+    for name in dense_dir.iterdir():
+        if name.name.startswith("tokenizer") or name.name in ("generation_config.json",
+                                                              "special_tokens_map.json",
+                                                              "chat_template.jinja"):
+            shutil.copy(name, out_dir / name.name)
+    dense = load_file(dense_dir / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    moe = {}
+    for key, value in dense.items():
+        if ".mlp." not in key:
+            moe[key] = value
+            continue
+        prefix, proj = key.split(".mlp.")
+        w = {"gate_proj.weight": "w1", "down_proj.weight": "w2", "up_proj.weight": "w3"}[proj]
+        for e in range(num_experts):
+            moe[f"{prefix}.block_sparse_moe.experts.{e}.{w}.weight"] = value.clone()
+        if proj == "gate_proj.weight":
+            moe[f"{prefix}.block_sparse_moe.gate.weight"] = torch.randn(
+                num_experts, value.shape[1], generator=gen) * 0.02
+    save_file(moe, out_dir / "model.safetensors", metadata={"format": "pt"})
+    return out_dir
+
+
+def test_smollm2_as_moe_with_expert_parallelism_writes_the_dense_text(
+        smollm2_dir, prompts, reference, tmp_path):
+    moe_dir = make_moe_copy(smollm2_dir, tmp_path / "smollm2-moe")
+    texts = shoal_texts(str(moe_dir), prompts, tensor_parallel_size=2,
+                        enable_expert_parallel=True)
+    assert texts == reference
