@@ -1,0 +1,163 @@
+"""Offline throughput: shoal layouts vs transformers (and DeepSpeed AutoTP), one run.
+
+Standard workload: 128 requests, prompt lengths uniform 64-512, output lengths
+uniform 32-256, ignore_eos, fixed seed. Peers: transformers ``generate`` in
+left-padded batches of 16, and (with the ``deepspeed`` extra) transformers
+sharded by DeepSpeed AutoTP at tp=2. A shared-prefix workload (1,000-token
+common prefix) reports time to first token with and without prefix caching.
+One JSON line per case.
+
+    python benchmarks/offline_throughput.py [--layouts tp1 tp2 pp2] [--num-requests 128]
+        [--peers transformers deepspeed] [--shared-prefix]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from common import emit
+
+from shoal import LLM, SamplingParams
+from shoal.comm.protocol import Command
+from shoal.models.default_model import resolve_model
+
+LAYOUTS = {
+    "tp1": {},
+    "tp2": {"tensor_parallel_size": 2},
+    "pp2": {"pipeline_parallel_size": 2},
+}
+
+
+def workload(num_requests: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num_requests):
+        prompt = [rng.randrange(100, 40000) for _ in range(rng.randint(64, 512))]
+        out.append((prompt, rng.randint(32, 256)))
+    return out
+
+
+def run_shoal(model: str, name: str, requests, kv_bytes: int) -> dict:
+    layout = LAYOUTS[name]
+    with LLM(model, kv_cache_memory=kv_bytes, max_num_seqs=64, max_num_batched_tokens=2048,
+             **layout) as llm:
+        prompts = [p for p, _ in requests]
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in requests]
+        llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+        llm.engine.core.executor.call(Command.RESET_STATS)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - t0
+        stats = llm.engine.core.worker_stats()
+        core = llm.stats()
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    in_tokens = sum(len(p) for p in prompts)
+    record = {
+        "system": f"shoal-{name}",
+        "elapsed_s": round(elapsed, 2),
+        "output_tokens_per_s": round(out_tokens / elapsed, 1),
+        "total_tokens_per_s": round((out_tokens + in_tokens) / elapsed, 1),
+        "preemptions": core.num_preemptions,
+        "max_plans_in_flight": core.max_plans_in_flight,
+    }
+    if name.startswith("pp"):
+        # idle fraction per stage: time between steps / wall time, from tp-rank-0 of each stage
+        record["stage_idle_fraction"] = [
+            round(s["idle_s"] / max(1e-9, s["idle_s"] + s["forward_s"]), 3) for s in stats
+        ]
+    return record
+
+
+def run_transformers(model: str, requests, batch_size: int = 16) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    pad = hf.generation_config.pad_token_id or 0
+    t0 = time.perf_counter()
+    out_tokens = 0
+    for start in range(0, len(requests), batch_size):
+        batch = requests[start:start + batch_size]
+        width = max(len(p) for p, _ in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
+        new = max(n for _, n in batch)
+        with torch.inference_mode():
+            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                        min_new_tokens=new, do_sample=False, pad_token_id=pad)
+        out_tokens += sum(n for _, n in batch)  # only what each request asked for counts
+    elapsed = time.perf_counter() - t0
+    in_tokens = sum(len(p) for p, _ in requests)
+    return {"system": f"transformers-batch{batch_size}", "elapsed_s": round(elapsed, 2),
+            "output_tokens_per_s": round(out_tokens / elapsed, 1),
+            "total_tokens_per_s": round((out_tokens + in_tokens) / elapsed, 1)}
+
+
+def run_deepspeed(model: str, num_requests: int) -> dict | None:
+    """transformers + DeepSpeed AutoTP at tp=2, launched with the deepspeed launcher."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return None
+    script = os.path.join(os.path.dirname(__file__), "ds_autotp_worker.py")
+    cmd = ["deepspeed", "--num_gpus", "2", script, "--model", model,
+           "--num-requests", str(num_requests)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
+    for line in proc.stdout.splitlines():
+        if line.startswith("{") and '"system"' in line:
+            return json.loads(line)
+    print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+    return {"system": "deepspeed-autotp-tp2", "error": f"exit {proc.returncode}"}
+
+
+def shared_prefix_ttft(model: str, prefix_caching: bool, num_requests: int = 16) -> dict:
+    rng = random.Random(1)
+    prefix = [rng.randrange(100, 40000) for _ in range(1000)]
+    prompts = [prefix + [rng.randrange(100, 40000) for _ in range(32)] for _ in range(num_requests)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    with LLM(model, kv_cache_memory=1 << 30, enable_prefix_caching=prefix_caching) as llm:
+        llm.generate([prefix + [5, 6]], params, use_tqdm=False)  # the prefix is now cached
+        ttfts = []
+        for prompt in prompts:  # one at a time: TTFT is the prefill of one request
+            out = llm.generate([prompt], params, use_tqdm=False)[0]
+            ttfts.append(out.metrics.time_to_first_token)
+    return {"system": f"shoal-tp1-prefix-caching-{'on' if prefix_caching else 'off'}",
+            "workload": "shared-prefix-1000", "requests": num_requests,
+            "ttft_p50_ms": round(statistics.median(ttfts) * 1e3, 1),
+            "ttft_mean_ms": round(statistics.fmean(ttfts) * 1e3, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--layouts", nargs="+", default=["tp1", "tp2"], choices=list(LAYOUTS))
+    parser.add_argument("--peers", nargs="*", default=["transformers", "deepspeed"])
+    parser.add_argument("--num-requests", type=int, default=128)
+    parser.add_argument("--kv-cache-memory", type=int, default=2 << 30)
+    parser.add_argument("--shared-prefix", action="store_true")
+    args = parser.parse_args()
+    model = resolve_model(args.model)
+    requests = workload(args.num_requests)
+    base = {"bench": "offline_throughput", "model": os.path.basename(model),
+            "num_requests": args.num_requests, "workload": "prompt U(64,512), output U(32,256)"}
+    for name in args.layouts:
+        emit({**base, **run_shoal(model, name, requests, args.kv_cache_memory)})
+    if "transformers" in args.peers:
+        emit({**base, **run_transformers(model, requests)})
+    if "deepspeed" in args.peers:
+        record = run_deepspeed(model, args.num_requests)
+        if record is not None:
+            emit({**base, **record})
+    if args.shared_prefix:
+        for on in (False, True):
+            emit({"bench": "offline_throughput", **shared_prefix_ttft(model, on)})
+
+
+if __name__ == "__main__":
+    main()
