@@ -58,6 +58,34 @@ def model_max_len(hf_config, requested: int | None) -> int:
     return requested
 
 
+def make_requests(req_ids: list[int], prompt_token_ids: list[int], params: SamplingParams,
+                  max_model_len: int, eos_ids: set[int], arrival_time: float) -> list[Request]:
+    """The core requests of one user request: ``params.n`` children sharing the prompt.
+
+    Child ``i`` gets ``req_ids[i]`` and, when seeded, seed ``params.seed + i``;
+    ``max_tokens=None`` means up to the end of the context.
+    """
+    max_tokens = params.max_tokens
+    if max_tokens is None:
+        max_tokens = max(1, max_model_len - len(prompt_token_ids))
+    requests = []
+    for index, req_id in enumerate(req_ids):
+        child_params = params
+        if index and params.seed is not None:
+            child_params = params.replace(seed=params.seed + index)
+        requests.append(Request(
+            req_id=req_id,
+            prompt_token_ids=prompt_token_ids,
+            sampling=child_params.to_options(eos_ids),
+            max_tokens=max_tokens,
+            eos_token_ids=set() if params.ignore_eos else eos_ids,
+            stop_token_ids=set(params.stop_token_ids or ()),
+            min_tokens=params.min_tokens,
+            arrival_time=arrival_time,
+        ))
+    return requests
+
+
 class LLMEngine:
     """Tokenize, schedule, execute, detokenize — one step at a time."""
 
@@ -89,25 +117,9 @@ class LLMEngine:
     def make_requests(self, prompt_token_ids: list[int], params: SamplingParams,
                       arrival_time: float) -> list[Request]:
         """The core requests of one user request (``n`` of them, sharing the prompt)."""
-        max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = max(1, self.max_model_len - len(prompt_token_ids))
-        requests = []
-        for index in range(params.n):
-            child_params = params
-            if index and params.seed is not None:
-                child_params = params.replace(seed=params.seed + index)
-            requests.append(Request(
-                req_id=next(self._ids),
-                prompt_token_ids=prompt_token_ids,
-                sampling=child_params.to_options(self.eos_token_ids),
-                max_tokens=max_tokens,
-                eos_token_ids=set() if params.ignore_eos else self.eos_token_ids,
-                stop_token_ids=set(params.stop_token_ids or ()),
-                min_tokens=params.min_tokens,
-                arrival_time=arrival_time,
-            ))
-        return requests
+        req_ids = [next(self._ids) for _ in range(params.n)]
+        return make_requests(req_ids, prompt_token_ids, params, self.max_model_len,
+                             self.eos_token_ids, arrival_time)
 
     def add_request(self, request_id: str, prompt: str | list[int],
                     params: SamplingParams | None = None, arrival_time: float | None = None) -> None:
@@ -118,15 +130,9 @@ class LLMEngine:
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         text, token_ids = self.tokenize(prompt)
         requests = self.make_requests(token_ids, params, arrival_time)
-        added = []
-        try:
-            for request in requests:
-                self.core.add_request(request)
-                added.append(request.req_id)
-        except Exception:
-            self.core.abort(added)
-            raise
-        self.processor.add_request(request_id, text, token_ids, params, added, arrival_time)
+        self.core.add_request_group(requests)
+        child_ids = [r.req_id for r in requests]
+        self.processor.add_request(request_id, text, token_ids, params, child_ids, arrival_time)
 
     def abort_request(self, request_id: str) -> None:
         self.core.abort(self.processor.abort(request_id))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from shoal.comm.protocol import Command, StepPlan, StepResult
 from shoal.config import EngineConfig, ParallelConfig
-from shoal.errors import ShoalError
+from shoal.errors import RequestError, ShoalError
 from shoal.runtime.executor import Executor
 from shoal.runtime.kv_manager import KVCacheManager
 from shoal.runtime.outputs import TokenDelta, TokenLogprob
@@ -96,6 +96,8 @@ class EngineCore:
         self.in_flight: collections.deque[StepPlan] = collections.deque()
         self.max_plans_in_flight_seen = 0
         self.plan_bytes = 0
+        # n > 1: followers wait until their leader's prompt is in the cache, then share its pages
+        self._followers: dict[int, list[Request]] = {}
         logger.info("engine ready: %d KV pages of %d tokens", self.num_pages, page_size)
 
     def _agree_on_pages(self) -> int:
@@ -124,22 +126,59 @@ class EngineCore:
         """Queue a request (raises RequestError when it can never be served)."""
         self.scheduler.add_request(request)
 
+    def add_request_group(self, requests: list[Request]) -> None:
+        """Queue the ``n`` samples of one prompt so that they share its KV pages.
+
+        The first runs at once; the others are admitted when its prompt is in the
+        cache, so their prefill hits every full page of it instead of recomputing.
+        """
+        self.scheduler.add_request(requests[0])
+        if len(requests) > 1 and self.config.cache.enable_prefix_caching:
+            self._followers[requests[0].req_id] = list(requests[1:])
+        else:
+            for request in requests[1:]:
+                self.scheduler.add_request(request)
+
+    def _release_followers(self) -> list[TokenDelta]:
+        deltas = []
+        for leader_id in list(self._followers):
+            leader = self.scheduler.get_request(leader_id)
+            if leader is not None and leader.num_computed_tokens < leader.num_prompt_tokens:
+                continue
+            for request in self._followers.pop(leader_id):
+                try:
+                    self.scheduler.add_request(request)
+                except RequestError:
+                    request.finish_reason = "abort"
+                    deltas.append(self._delta(request, []))
+        return deltas
+
     def abort(self, req_ids: list[int]) -> list[TokenDelta]:
         """Abort requests now; their pages are free at once."""
+        ids = set(req_ids)
+        deltas = []
+        for leader_id, followers in list(self._followers.items()):
+            for request in [r for r in followers if r.req_id in ids]:
+                followers.remove(request)
+                request.finish_reason = "abort"
+                deltas.append(self._delta(request, []))
+            if not followers:
+                del self._followers[leader_id]
         ended = self.scheduler.abort_requests(req_ids)
-        return [self._delta(r, []) for r in ended]
+        return deltas + [self._delta(r, []) for r in ended]
 
     def finish(self, req_ids: list[int], reason: str) -> None:
         """End requests for a reason found in their text (stop strings)."""
         self.scheduler.finish_requests(req_ids, reason)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.in_flight)
+        return self.scheduler.has_unfinished() or bool(self.in_flight) or bool(self._followers)
 
     # -- stepping -------------------------------------------------------------------------
 
     def step(self) -> list[TokenDelta]:
         """Fill the pipeline with plans, then apply the oldest result."""
+        deltas = self._release_followers() if self._followers else []
         while len(self.in_flight) < self.max_in_flight:
             plan = self.scheduler.schedule()
             if plan is None:
@@ -148,12 +187,11 @@ class EngineCore:
             self.in_flight.append(plan)
         self.max_plans_in_flight_seen = max(self.max_plans_in_flight_seen, len(self.in_flight))
         if not self.in_flight:
-            return []
+            return deltas
         result = self.executor.get_result()
         plan = self.in_flight.popleft()
         changed = self.scheduler.update_from_output(plan, result)
         rows = {rid: i for i, rid in enumerate(result.req_ids)}
-        deltas = []
         for request in changed:
             row = rows.get(request.req_id)
             new_ids = [request.output_token_ids[-1]] if row is not None else []

@@ -123,7 +123,10 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(tp2_engine, promp
 
 def test_n_greater_than_one_and_abort(tp2_engine, prompts):
     params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=8, ignore_eos=True)
-    out = run_staggered(tp2_engine, [prompts[0]], params)[0]
+    prompt = [(i * 13) % 200 + 3 for i in range(3 * PAGE + 2)]
+    out = run_staggered(tp2_engine, [prompt], params)[0]
+    # the 2nd and 3rd samples share the first's prompt pages instead of recomputing them
+    assert out.num_cached_tokens == 3 * PAGE
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert all(len(c.token_ids) == 8 for c in out.outputs)
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # different seeds per child
