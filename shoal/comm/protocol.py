@@ -31,6 +31,12 @@ class MsgType(enum.IntEnum):
     HEARTBEAT = 6
     SHUTDOWN = 7
     WORKER_FAILURE = 8
+    # API server <-> engine-core process (shoal.runtime.core_server)
+    ENGINE_READY = 20
+    ADD_REQUEST = 21
+    ABORT_REQUESTS = 22
+    CORE_OUTPUTS = 23
+    ENGINE_FAILURE = 24
 
 
 class Command(enum.IntEnum):
@@ -185,9 +191,121 @@ class StepResult:
     logprobs: np.ndarray | None = None  # float32 [num_sampled]
     top_token_ids: np.ndarray | None = None  # int32 [num_sampled, k]
     top_logprobs: np.ndarray | None = None  # float32 [num_sampled, k]
-    prompt_logprobs: dict[int, list[np.ndarray]] | None = None  # req_id -> [ids, logprobs, top ids, top lps]
+    # req_id -> [first position [1], next token ids, logprobs, top ids [m, k], top logprobs [m, k]]
+    prompt_logprobs: dict[int, list[np.ndarray]] | None = None
     # per-layer per-expert routed token counts since the last step (MoE models), [layers, experts]
     expert_counts: np.ndarray | None = None
+
+
+# -- API server <-> engine core -------------------------------------------------------------------
+# The API server tokenizes and detokenizes; the engine-core process (its own
+# interpreter) runs the scheduler loop. Requests go in as token ids, token deltas
+# come out. One user request with ``n`` completions is one AddRequest of n children.
+
+
+@dataclass
+class EngineReady:
+    """The engine core has started its workers and allocated the KV cache."""
+
+    MSG_TYPE = MsgType.ENGINE_READY
+    pid: int
+    num_pages: int
+    page_size: int
+    max_model_len: int
+    world_size: int
+
+
+@dataclass
+class AddRequest:
+    """One user request: ``len(req_ids)`` children sharing a prompt (all admitted or none)."""
+
+    MSG_TYPE = MsgType.ADD_REQUEST
+    request_id: str  # the API server's id, echoed in accepted/rejected
+    req_ids: list[int]  # one per child
+    prompt_token_ids: np.ndarray  # int32 [num_prompt_tokens]
+    sampling: list[SamplingOptions]  # one per child (seeds differ)
+    max_tokens: int
+    eos_token_ids: list[int]  # empty when ignore_eos
+    stop_token_ids: list[int]
+    min_tokens: int
+    arrival_time: float  # time.monotonic() in the API server (the clock is system-wide)
+
+
+@dataclass
+class AbortRequests:
+    """End child requests now: "abort" (client gone) or "stop" (a stop string matched)."""
+
+    MSG_TYPE = MsgType.ABORT_REQUESTS
+    req_ids: list[int]
+    reason: str = "abort"
+
+
+@dataclass
+class CoreLogprob:
+    """A sampled token's logprob and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class CoreTokenDelta:
+    """New tokens of one child request after one step (a wire TokenDelta)."""
+
+    req_id: int
+    new_token_ids: list[int]
+    logprobs: list[CoreLogprob] | None
+    finish_reason: str | None  # "stop" | "length" | "abort" | None
+    stop_token_id: int | None  # the stop token that ended it (None for EOS)
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+@dataclass
+class RequestRejection:
+    """A request the core refused: kind "invalid" (can never run) or "overloaded" (queue full)."""
+
+    request_id: str
+    kind: str
+    message: str
+
+
+@dataclass
+class CoreStats:
+    """The core's gauges and counters (totals since start)."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_pages: int
+    prefix_cache_queries: int  # tokens
+    prefix_cache_hits: int  # tokens
+    num_preemptions: int
+    num_steps: int
+    expert_counts: np.ndarray | None = None  # int64 [moe_layers, experts], totals; None if unchanged
+
+
+@dataclass
+class CoreOutputs:
+    """What the core says after reading its inputs or running a step."""
+
+    MSG_TYPE = MsgType.CORE_OUTPUTS
+    deltas: list[CoreTokenDelta]
+    accepted: list[str]  # request ids admitted since the last message
+    rejected: list[RequestRejection]
+    scheduled_req_ids: list[int]  # children scheduled for the first time ...
+    scheduled_time: float  # ... at this time.monotonic()
+    stats: CoreStats
+
+
+@dataclass
+class EngineFailure:
+    """The engine core hit an error it cannot recover from and is exiting."""
+
+    MSG_TYPE = MsgType.ENGINE_FAILURE
+    error: str
 
 
 MESSAGE_TYPES: dict[MsgType, type] = {
@@ -201,5 +319,10 @@ MESSAGE_TYPES: dict[MsgType, type] = {
         WorkerFailure,
         StepPlan,
         StepResult,
+        EngineReady,
+        AddRequest,
+        AbortRequests,
+        CoreOutputs,
+        EngineFailure,
     )
 }

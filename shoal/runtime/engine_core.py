@@ -96,6 +96,7 @@ class EngineCore:
         self.in_flight: collections.deque[StepPlan] = collections.deque()
         self.max_plans_in_flight_seen = 0
         self.plan_bytes = 0
+        self._prompt_logprobs: dict[int, dict[int, TokenLogprob]] = {}  # req -> position -> lp
         # n > 1: followers wait until their leader's prompt is in the cache, then share its pages
         self._followers: dict[int, list[Request]] = {}
         logger.info("engine ready: %d KV pages of %d tokens", self.num_pages, page_size)
@@ -165,6 +166,8 @@ class EngineCore:
             if not followers:
                 del self._followers[leader_id]
         ended = self.scheduler.abort_requests(req_ids)
+        for req_id in ids:
+            self._prompt_logprobs.pop(req_id, None)
         return deltas + [self._delta(r, []) for r in ended]
 
     def finish(self, req_ids: list[int], reason: str) -> None:
@@ -191,13 +194,33 @@ class EngineCore:
         result = self.executor.get_result()
         plan = self.in_flight.popleft()
         changed = self.scheduler.update_from_output(plan, result)
+        if result.prompt_logprobs:
+            self._collect_prompt_logprobs(result.prompt_logprobs)
         rows = {rid: i for i, rid in enumerate(result.req_ids)}
         for request in changed:
             row = rows.get(request.req_id)
             new_ids = [request.output_token_ids[-1]] if row is not None else []
             logprobs = self._logprobs(result, row, request) if row is not None else None
-            deltas.append(self._delta(request, new_ids, logprobs))
+            delta = self._delta(request, new_ids, logprobs)
+            if request.req_id in self._prompt_logprobs and request.num_output_tokens == 1:
+                by_pos = self._prompt_logprobs.pop(request.req_id)
+                delta.prompt_logprobs = [None] + [
+                    by_pos.get(p) for p in range(request.num_prompt_tokens - 1)
+                ]
+            deltas.append(delta)
+        for request in changed:
+            if request.is_finished:
+                self._prompt_logprobs.pop(request.req_id, None)
         return deltas
+
+    def _collect_prompt_logprobs(self, chunks: dict) -> None:
+        """Keep prompt logprobs by position (a recomputed prompt overwrites, never duplicates)."""
+        for req_id, (first, ids, lps, top_ids, top_lps) in chunks.items():
+            by_pos = self._prompt_logprobs.setdefault(req_id, {})
+            pos0 = int(first[0])
+            for i, (token, lp) in enumerate(zip(ids.tolist(), lps.tolist())):
+                top = dict(zip(top_ids[i].tolist(), top_lps[i].tolist()))
+                by_pos[pos0 + i] = TokenLogprob(token, lp, top)
 
     @staticmethod
     def _delta(request: Request, new_ids: list[int],

@@ -22,7 +22,7 @@ from shoal.models.registry import build_model
 from shoal.parallel.context import ParallelContext
 from shoal.parallel.pipeline import IntermediateTensors
 from shoal.runtime.device import resolve_dtype
-from shoal.runtime.sampler import Sampler, SamplingState
+from shoal.runtime.sampler import Sampler, SamplingState, gather_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ class _RequestState:
     token_ids: list[int]
     page_ids: list[int]
     num_computed: int
+    num_prompt_tokens: int
+    prompt_logprobs: int | None  # top-N prompt logprobs asked for (every rank needs to know)
     sampling: SamplingState | None  # only on the output rank
 
 
@@ -143,6 +145,8 @@ class ModelRunner:
             token_ids=prompt + list(new.output_token_ids),
             page_ids=list(new.page_ids),
             num_computed=new.num_computed_tokens,
+            num_prompt_tokens=len(prompt),
+            prompt_logprobs=new.sampling.prompt_logprobs,
             sampling=sampling,
         )
 
@@ -156,14 +160,21 @@ class ModelRunner:
         input_ids: list[int] = []
         query_lens, computed, tables = [], [], []
         sample_rows, sample_ids = [], []
+        prompt_rows: list[tuple[int, int, int, int]] = []  # (req_id, first row, first pos, count)
         for req_id, n in zip(plan.scheduled_req_ids, plan.num_scheduled_tokens):
             state = self.requests[req_id]
             start = state.num_computed
+            first_row = len(input_ids)
             input_ids.extend(state.token_ids[start : start + n])
             query_lens.append(n)
             computed.append(start)
             tables.append(state.page_ids)
             state.num_computed = start + n
+            if state.prompt_logprobs is not None:
+                # position p predicts prompt token p + 1
+                count = min(start + n, state.num_prompt_tokens - 1) - start
+                if count > 0:
+                    prompt_rows.append((req_id, first_row, start, count))
             if state.num_computed == len(state.token_ids):
                 sample_rows.append(len(input_ids) - 1)
                 sample_ids.append(req_id)
@@ -178,6 +189,12 @@ class ModelRunner:
                 if self.is_output_rank:
                     states = [self.requests[r].sampling for r in sample_ids]
                     result = self._sample(plan.step_id, sample_ids, logits, states)
+            if hidden is not None and prompt_rows:
+                prompt_lps = self._prompt_logprobs(hidden, prompt_rows)
+                if self.is_output_rank:
+                    if result is None:
+                        result = StepResult(plan.step_id, [], np.zeros(0, np.int32))
+                    result.prompt_logprobs = prompt_lps
         if self.is_output_rank and result is None:
             result = StepResult(plan.step_id, [], np.zeros(0, np.int32))
         now = time.perf_counter()
@@ -203,6 +220,30 @@ class ModelRunner:
             pp.send(out.hidden_states, pp.rank_in_group + 1)
             pp.send(out.residual, pp.rank_in_group + 1)
         return None
+
+    def _prompt_logprobs(self, hidden: torch.Tensor,
+                         prompt_rows: list[tuple[int, int, int, int]]) -> dict[int, list]:
+        """Logprobs of each next prompt token (and the top N) for the rows of this chunk.
+
+        Returns req_id -> [first position, next token ids, logprobs, top ids, top logprobs].
+        """
+        out = {}
+        for req_id, first_row, first_pos, count in prompt_rows:
+            state = self.requests[req_id]
+            logprobs = self.model.compute_logits(hidden[first_row : first_row + count])
+            logprobs = logprobs.float().log_softmax(-1)  # [count, vocab]
+            targets = torch.tensor(state.token_ids[first_pos + 1 : first_pos + 1 + count],
+                                   device=logprobs.device)
+            chosen, top_ids, top_lps = gather_logprobs(logprobs, targets, state.prompt_logprobs)
+            k = state.prompt_logprobs
+            out[req_id] = [
+                np.asarray([first_pos], np.int32),
+                targets.to("cpu", torch.int32).numpy(),
+                chosen.to("cpu", torch.float32).numpy(),
+                (top_ids if k else torch.zeros(count, 0)).to("cpu", torch.int32).numpy(),
+                (top_lps if k else torch.zeros(count, 0)).to("cpu", torch.float32).numpy(),
+            ]
+        return out
 
     def _sample(self, step_id: int, req_ids: list[int], logits: torch.Tensor,
                 states: list[SamplingState]) -> StepResult:

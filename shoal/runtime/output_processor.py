@@ -35,6 +35,7 @@ class _Parent:
     children: dict[int, _Child]
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    prompt_logprobs: list | None = None
 
 
 @dataclass
@@ -93,6 +94,8 @@ class OutputProcessor:
             parent = self._parents[request_id]
             child = parent.children[delta.req_id]
             parent.num_cached_tokens = max(parent.num_cached_tokens, delta.num_cached_tokens)
+            if delta.prompt_logprobs is not None and parent.prompt_logprobs is None:
+                parent.prompt_logprobs = delta.prompt_logprobs
             if delta.new_token_ids:
                 if parent.metrics.first_token_time is None:
                     parent.metrics.first_token_time = now
@@ -161,6 +164,7 @@ class OutputProcessor:
             finished=finished,
             metrics=parent.metrics,
             num_cached_tokens=parent.num_cached_tokens,
+            prompt_logprobs=parent.prompt_logprobs,
             delta_text=deltas_text,
             delta_token_ids=deltas_ids,
         )

@@ -24,6 +24,8 @@ class TokenDelta:
     stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    # with the first token: one entry per prompt position (None for the first token)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -84,5 +86,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     delta_text: list[str] = field(default_factory=list)
     delta_token_ids: list[list[int]] = field(default_factory=list)

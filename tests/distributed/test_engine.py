@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from factories import hf_greedy, tiny_checkpoint
+from factories import hf_greedy, hf_logits, tiny_checkpoint
 from shoal.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from shoal.runtime.engine import LLMEngine
 from shoal.runtime.sampling_params import SamplingParams
@@ -136,3 +136,25 @@ def test_n_greater_than_one_and_abort(tp2_engine, prompts):
     while tp2_engine.has_unfinished_requests():
         tp2_engine.step()
     assert tp2_engine.core.kv.num_free_pages == tp2_engine.core.num_pages
+
+
+def test_sample_and_prompt_logprobs_match_transformers(small_engine, checkpoint):
+    """Logprobs of the raw distribution; the 45-token prompt is prefilled in two chunks."""
+    prompt = [(i * 17) % 200 + 1 for i in range(45)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3,
+                            prompt_logprobs=2)
+    out = run_staggered(small_engine, [prompt], params)[0]
+    completion = out.outputs[0]
+    logits = hf_logits(checkpoint, [prompt + completion.token_ids[:-1]])[0].log_softmax(-1)
+    for i, (token, lp) in enumerate(zip(completion.token_ids, completion.logprobs)):
+        row = logits[len(prompt) - 1 + i]
+        assert lp.token_id == token
+        assert abs(lp.logprob - row[token].item()) < 1e-4
+        best = row.topk(3)
+        assert list(lp.top) == best.indices.tolist()
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for pos in range(1, len(prompt)):
+        entry = out.prompt_logprobs[pos]
+        assert entry.token_id == prompt[pos]
+        assert abs(entry.logprob - logits[pos - 1, prompt[pos]].item()) < 1e-4
+        assert list(entry.top) == logits[pos - 1].topk(2).indices.tolist()
