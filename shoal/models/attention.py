@@ -1,0 +1,305 @@
+"""Paged attention over a per-layer KV cache, in plain torch (CPU and CUDA alike).
+
+Cache layout per layer: ``[2, num_pages, page_size, num_local_kv_heads, head_dim]``
+(index 0 keys, 1 values). Page ``p`` of a sequence's page table holds its positions
+``p_index * page_size ...``; a token's *slot* is ``page * page_size + offset``.
+
+One forward pass carries a flat batch of tokens from several sequences, described by
+:class:`AttentionMetadata`. Each attention layer first writes the new keys/values into
+the cache through ``slot_mapping``, then:
+
+- decodes (query length 1) are batched: one gather of their pages (padded to the
+  longest context) and one ``scaled_dot_product_attention`` with a padding mask;
+- prefill chunks (query length > 1, possibly after cached tokens) run one SDPA each,
+  causal within the chunk, over the cached context plus the chunk.
+
+Grouped-query attention never copies KV heads: the query heads of one KV head are
+folded into the query-length axis (``[kv_heads, group * q_len, head_dim]``), so every
+KV head is read once. Sliding-window layers (Mistral, Qwen with ``layer_types``) mask
+keys at or before ``q_pos - window``, as Hugging Face does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class PrefillSeq:
+    """One sequence of the batch with more than one new token."""
+
+    token_start: int  # first of its tokens in the flat batch
+    token_end: int
+    num_computed: int  # tokens already in the cache before this step
+    page_ids: torch.Tensor  # [ceil(context_len / page_size)] pages covering the context
+
+    @property
+    def query_len(self) -> int:
+        return self.token_end - self.token_start
+
+    @property
+    def context_len(self) -> int:
+        return self.num_computed + self.query_len
+
+
+@dataclass
+class AttentionMetadata:
+    """Where the tokens of one flat batch sit in the paged KV cache.
+
+    Build it with :meth:`build`; one object is shared by every layer of a forward pass
+    (masks and RoPE tables are computed once and kept in ``cache``).
+    """
+
+    num_tokens: int
+    page_size: int
+    slot_mapping: torch.Tensor  # [T] cache slot of every new token
+    positions: torch.Tensor  # [T] position of every token in its sequence
+    token_context_lens: torch.Tensor  # [T] context length of each token's sequence
+    max_context_len: int  # longest context in the batch (cached + new)
+    prefills: list[PrefillSeq]
+    decode_index: slice | torch.Tensor | None  # decode tokens in the flat batch
+    decode_page_table: torch.Tensor | None  # [D, max_pages] (padded with page 0)
+    decode_context_lens: torch.Tensor | None  # [D]
+    num_decodes: int = 0
+    max_decode_context: int = 0
+    # per-forward values shared by all layers (masks, RoPE cos/sin), filled on first use
+    cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        num_computed: list[int],
+        page_tables: list[list[int]],
+        page_size: int,
+        device: torch.device | str,
+    ) -> AttentionMetadata:
+        """Describe a batch: sequence i has ``query_lens[i]`` consecutive tokens at
+        positions ``num_computed[i] ...``, and its pages are ``page_tables[i]``."""
+        if not len(query_lens) == len(num_computed) == len(page_tables):
+            raise ValueError(
+                f"query_lens, num_computed and page_tables must have one entry per sequence; "
+                f"got {len(query_lens)}, {len(num_computed)}, {len(page_tables)}"
+            )
+        device = torch.device(device)
+        context_lens = [n + q for n, q in zip(num_computed, query_lens)]
+        pages_needed = [-(-c // page_size) for c in context_lens]
+        for i, (table, need) in enumerate(zip(page_tables, pages_needed)):
+            if len(table) < need:
+                raise ValueError(
+                    f"sequence {i} needs {need} pages of {page_size} tokens for "
+                    f"{context_lens[i]} tokens but its page table has {len(table)}"
+                )
+        max_pages = max(pages_needed, default=0)
+        padded = torch.tensor(
+            [t[:max_pages] + [0] * (max_pages - min(len(t), max_pages)) for t in page_tables],
+            dtype=torch.long,
+        )
+        padded = padded.reshape(len(page_tables), max_pages)  # [B, max_pages]
+        q_lens = torch.tensor(query_lens, dtype=torch.long)
+        num_tokens = int(sum(query_lens))
+        seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)  # [T]
+        starts = torch.cumsum(q_lens, 0) - q_lens  # [B] first token of each sequence
+        positions = (
+            torch.tensor(num_computed, dtype=torch.long)[seq_of_token]
+            + torch.arange(num_tokens)
+            - starts[seq_of_token]
+        )  # [T]
+        pages = padded[seq_of_token, positions // page_size]  # [T]
+        slot_mapping = pages * page_size + positions % page_size
+        token_context_lens = torch.tensor(context_lens, dtype=torch.long)[seq_of_token]
+
+        padded = padded.to(device)
+        decodes = [i for i, q in enumerate(query_lens) if q == 1]
+        token_starts = starts.tolist()
+        prefills = [
+            PrefillSeq(
+                token_starts[i], token_starts[i] + q, num_computed[i], padded[i, : pages_needed[i]]
+            )
+            for i, q in enumerate(query_lens)
+            if q > 1
+        ]
+        decode_index = decode_table = decode_ctx = None
+        max_decode_context = 0
+        if decodes:
+            first = token_starts[decodes[0]]
+            contiguous = [token_starts[i] for i in decodes] == list(
+                range(first, first + len(decodes))
+            )
+            decode_index = (
+                slice(first, first + len(decodes))
+                if contiguous
+                else torch.tensor([token_starts[i] for i in decodes], device=device)
+            )
+            max_decode_context = max(context_lens[i] for i in decodes)
+            dec = torch.tensor(decodes, device=device)
+            decode_table = padded[dec, : -(-max_decode_context // page_size)]
+            decode_ctx = torch.tensor([context_lens[i] for i in decodes], device=device)
+        return cls(
+            num_tokens=num_tokens,
+            page_size=page_size,
+            slot_mapping=slot_mapping.to(device),
+            positions=positions.to(device),
+            token_context_lens=token_context_lens.to(device),
+            max_context_len=max(context_lens, default=0),
+            prefills=prefills,
+            decode_index=decode_index,
+            decode_page_table=decode_table,
+            decode_context_lens=decode_ctx,
+            num_decodes=len(decodes),
+            max_decode_context=max_decode_context,
+        )
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """[D, 1, 1, max_pages * page_size] True where a decode may attend."""
+        key = ("decode", window)
+        if key not in self.cache:
+            assert self.decode_page_table is not None and self.decode_context_lens is not None
+            span = self.decode_page_table.shape[1] * self.page_size
+            kv_pos = torch.arange(span, device=self.decode_context_lens.device)  # [S]
+            ctx = self.decode_context_lens[:, None]  # [D, 1]
+            mask = kv_pos < ctx
+            if window is not None:
+                mask &= kv_pos > ctx - 1 - window
+            self.cache[key] = mask[:, None, None, :]
+        return self.cache[key]
+
+    def prefill_mask(self, index: int, window: int | None, group: int) -> torch.Tensor:
+        """[group * query_len, context_len] causal (and windowed) mask of prefill ``index``."""
+        key = ("prefill", index, window, group)
+        if key not in self.cache:
+            seq = self.prefills[index]
+            device = self.slot_mapping.device
+            q_pos = torch.arange(seq.num_computed, seq.context_len, device=device)[:, None]
+            kv_pos = torch.arange(seq.context_len, device=device)[None, :]
+            mask = kv_pos <= q_pos  # [L, C]
+            if window is not None:
+                mask &= kv_pos > q_pos - window
+            self.cache[key] = mask.repeat(group, 1)
+        return self.cache[key]
+
+
+class AttentionBackend(Protocol):
+    """Attention over new q/k/v and the paged cache; see :class:`PagedAttention`."""
+
+    kv_cache: torch.Tensor | None
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor: ...
+
+
+class PagedAttention(nn.Module):
+    """Paged attention for one layer's local heads (torch SDPA; runs on CPU and CUDA).
+
+    ``kv_cache`` is bound after allocation (``[2, pages, page_size, kv_heads, head_dim]``).
+    Without a cache (e.g. a profiling run) every sequence must start at position 0.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(
+                f"local query heads ({num_heads}) must be a multiple of local "
+                f"KV heads ({num_kv_heads})"
+            )
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.group = num_heads // num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+        self.sliding_window = sliding_window
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """q: [T, heads * head_dim]; k, v: [T, kv_heads * head_dim] -> [T, heads * head_dim]."""
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        cache = self.kv_cache
+        if cache is not None and num_tokens:
+            flat = cache.view(2, -1, self.num_kv_heads, self.head_dim)  # [2, slots, Hkv, D]
+            flat[0].index_copy_(0, meta.slot_mapping, k)
+            flat[1].index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D]
+        if meta.num_decodes:
+            idx = meta.decode_index
+            out[idx] = self._decode(q[idx], v[idx], meta)
+        for i, seq in enumerate(meta.prefills):
+            s, e = seq.token_start, seq.token_end
+            out[s:e] = self._prefill(i, seq, q[s:e], k[s:e], v[s:e], meta)
+        return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def _decode(
+        self, q: torch.Tensor, v_new: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """q: [D, H, Dh] -> [D, H, Dh], every decode in one gather and one SDPA."""
+        cache = self.kv_cache
+        if cache is None:  # no cache: only a first token (context 1) can decode
+            if meta.max_decode_context > 1:
+                raise RuntimeError("decode with cached context but no KV cache bound")
+            return v_new.repeat_interleave(self.group, dim=1)  # softmax over one key is 1
+        num = q.shape[0]
+        table = meta.decode_page_table  # [D, P]
+        span = table.shape[1] * meta.page_size
+        k = cache[0][table].view(num, span, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = cache[1][table].view(num, span, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(num, self.num_kv_heads, self.group, self.head_dim)  # [D, Hkv, g, Dh]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=meta.decode_mask(self.sliding_window), scale=self.scale
+        )
+        return out.reshape(num, self.num_heads, self.head_dim)
+
+    def _prefill(
+        self,
+        index: int,
+        seq: PrefillSeq,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """q: [L, H, Dh], k/v: [L, Hkv, Dh] (this chunk) -> [L, H, Dh]."""
+        length, ctx = seq.query_len, seq.context_len
+        if seq.num_computed == 0:
+            k_ctx, v_ctx = k, v  # [L, Hkv, Dh]: the chunk is the whole context
+        elif self.kv_cache is None:
+            raise RuntimeError("prefill after cached tokens but no KV cache bound")
+        else:
+            pages = self.kv_cache[:, seq.page_ids]  # [2, n, page_size, Hkv, Dh]
+            flat = pages.view(2, -1, self.num_kv_heads, self.head_dim)[:, :ctx]
+            k_ctx, v_ctx = flat[0], flat[1]  # [C, Hkv, Dh]
+        qf = (
+            q.view(length, self.num_kv_heads, self.group, self.head_dim)
+            .permute(1, 2, 0, 3)
+            .reshape(self.num_kv_heads, self.group * length, self.head_dim)
+        )
+        out = F.scaled_dot_product_attention(  # 4-D so fused CUDA kernels apply
+            qf[None],
+            k_ctx.transpose(0, 1)[None],
+            v_ctx.transpose(0, 1)[None],
+            attn_mask=meta.prefill_mask(index, self.sliding_window, self.group),
+            scale=self.scale,
+        )  # [1, Hkv, g * L, Dh]
+        return (
+            out.view(self.num_kv_heads, self.group, length, self.head_dim)
+            .permute(2, 0, 1, 3)
+            .reshape(length, self.num_heads, self.head_dim)
+        )
