@@ -6,8 +6,8 @@ as separate zero-copy frames. Nothing here is pickled, and every message on the
 wire carries ``PROTOCOL_VERSION``.
 
 The step protocol sends a request in full once (``NewRequestData``), then only
-deltas (``CachedRequestData``): tokens appended since it last ran and new page
-ids. Workers keep the rest of each request's state between steps.
+deltas (``CachedRequests``, one column-wise record for all of them): tokens
+appended since each last ran and new page ids. Workers keep the rest of each request's state between steps.
 """
 from __future__ import annotations
 
@@ -155,12 +155,63 @@ class NewRequestData:
 
 @dataclass
 class CachedRequestData:
-    """A request the workers already know: only what changed since it last ran."""
+    """One row of CachedRequests: what changed for a request the workers already know."""
 
     req_id: int
     new_token_ids: list[int]  # sampled since it last ran
     new_page_ids: list[int]
     num_computed_tokens: int  # for checking: what the driver believes is cached
+
+
+_I32 = np.int32
+_I64 = np.int64
+
+
+@dataclass
+class CachedRequests:
+    """Deltas of every known request in a plan, as columns.
+
+    Columns keep a 256-request decode plan to six small arrays instead of 256
+    records, so building, encoding and decoding it costs a few array operations.
+    Row ``i`` owns ``new_token_counts[i]`` consecutive entries of ``new_token_ids``
+    (likewise pages). Iterating yields CachedRequestData rows.
+    """
+
+    req_ids: np.ndarray  # int64 [M]
+    num_computed_tokens: np.ndarray  # int64 [M]
+    new_token_counts: np.ndarray  # int32 [M]
+    new_token_ids: np.ndarray  # int32 [sum of new_token_counts]
+    new_page_counts: np.ndarray  # int32 [M]
+    new_page_ids: np.ndarray  # int32 [sum of new_page_counts]
+
+    @classmethod
+    def from_rows(cls, rows: list[CachedRequestData]) -> "CachedRequests":
+        tokens = [t for r in rows for t in r.new_token_ids]
+        pages = [p for r in rows for p in r.new_page_ids]
+        return cls(
+            req_ids=np.fromiter((r.req_id for r in rows), _I64, len(rows)),
+            num_computed_tokens=np.fromiter((r.num_computed_tokens for r in rows), _I64, len(rows)),
+            new_token_counts=np.fromiter((len(r.new_token_ids) for r in rows), _I32, len(rows)),
+            new_token_ids=np.asarray(tokens, dtype=_I32),
+            new_page_counts=np.fromiter((len(r.new_page_ids) for r in rows), _I32, len(rows)),
+            new_page_ids=np.asarray(pages, dtype=_I32),
+        )
+
+    def __len__(self) -> int:
+        return len(self.req_ids)
+
+    def __iter__(self):
+        token_ids, page_ids = self.new_token_ids.tolist(), self.new_page_ids.tolist()
+        t = p = 0
+        for rid, computed, nt, np_ in zip(self.req_ids.tolist(), self.num_computed_tokens.tolist(),
+                                          self.new_token_counts.tolist(),
+                                          self.new_page_counts.tolist()):
+            yield CachedRequestData(rid, token_ids[t : t + nt], page_ids[p : p + np_], computed)
+            t += nt
+            p += np_
+
+    def __getitem__(self, index: int) -> CachedRequestData:
+        return list(self)[index]
 
 
 @dataclass
@@ -174,7 +225,7 @@ class StepPlan:
     MSG_TYPE = MsgType.STEP_PLAN
     step_id: int
     new_requests: list[NewRequestData]
-    cached_requests: list[CachedRequestData]
+    cached_requests: CachedRequests
     scheduled_req_ids: list[int]
     num_scheduled_tokens: list[int]
     finished_req_ids: list[int]  # finished, aborted or preempted: drop their state

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from shoal.runtime.detokenizer import IncrementalDetokenizer
+from shoal.runtime.detokenizer import IncrementalDetokenizer, StopStringChecker
 from shoal.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenDelta
 from shoal.runtime.sampling_params import SamplingParams
 
@@ -32,6 +32,7 @@ class _Parent:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
+    stops: StopStringChecker
     children: dict[int, _Child]
     metrics: RequestMetrics
     num_cached_tokens: int = 0
@@ -66,8 +67,9 @@ class OutputProcessor:
                 )
             children[child_id] = _Child(index, detok, CompletionOutput(index=index))
             self._child_parent[child_id] = request_id
+        stops = StopStringChecker(params.stop or [], params.include_stop_str_in_output)
         self._parents[request_id] = _Parent(
-            request_id, prompt, list(prompt_token_ids), params, children,
+            request_id, prompt, list(prompt_token_ids), params, stops, children,
             RequestMetrics(arrival_time if arrival_time is not None else time.monotonic()),
         )
 
@@ -100,14 +102,15 @@ class OutputProcessor:
                 if parent.metrics.first_token_time is None:
                     parent.metrics.first_token_time = now
                 parent.metrics.last_token_time = now
-            if self._apply(parent.params, child, delta):
+            if self._apply(parent.stops, child, delta):
                 result.stopped.append(delta.req_id)
             touched[request_id] = None
         for request_id in touched:
             result.outputs.append(self._make_output(self._parents[request_id], now))
         return result
 
-    def _apply(self, params: SamplingParams, child: _Child, delta: TokenDelta) -> bool:
+    @staticmethod
+    def _apply(stops: StopStringChecker, child: _Child, delta: TokenDelta) -> bool:
         """Add one delta to a completion; True when a stop string ended it here."""
         out = child.completion
         if out.finished:
@@ -115,39 +118,29 @@ class OutputProcessor:
         out.token_ids.extend(delta.new_token_ids)
         if delta.logprobs is not None:
             out.logprobs = (out.logprobs or []) + delta.logprobs
-        if child.detokenizer is not None and delta.new_token_ids:
-            child.full_text += child.detokenizer.step(delta.new_token_ids)
-        stop_at = self._find_stop(params, child.full_text, len(out.text))
-        if stop_at is not None:
-            end, stop = stop_at
-            out.text = child.full_text[:end]
-            out.finish_reason, out.stop_reason = "stop", stop
+        before = len(child.full_text)
+        if child.detokenizer is not None:
+            if delta.new_token_ids:
+                child.full_text += child.detokenizer.step(delta.new_token_ids)
+            if delta.finish_reason is not None:  # a last incomplete character, if any
+                child.full_text += child.detokenizer.flush()
+        match = stops.check(child.full_text, len(child.full_text) - before)
+        if match is not None:
+            out.text = child.full_text[: match.stop_index]
+            out.finish_reason, out.stop_reason = "stop", match.stop_str
             return True
         out.text = child.full_text
         if delta.finish_reason is not None:
             out.finish_reason, out.stop_reason = delta.finish_reason, delta.stop_reason
         return False
 
-    @staticmethod
-    def _find_stop(params: SamplingParams, text: str, checked: int) -> tuple[int, str] | None:
-        """Earliest stop string overlapping the new text: (end of kept text, the stop)."""
-        best: tuple[int, str] | None = None
-        for stop in params.stop or ():
-            index = text.find(stop, max(0, checked - len(stop) + 1))
-            if index >= 0 and (best is None or index < best[0]):
-                best = (index, stop)
-        if best is None:
-            return None
-        index, stop = best
-        return (index + len(stop) if params.include_stop_str_in_output else index), stop
-
     def _make_output(self, parent: _Parent, now: float) -> RequestOutput:
-        hold = max((len(s) for s in parent.params.stop or ()), default=1) - 1
         deltas_text, deltas_ids = [], []
         for child in parent.children.values():
             out = child.completion
-            # while running, hold back text that may be the start of a stop string
-            visible = len(out.text) if out.finished else max(child.emitted, len(out.text) - hold)
+            # while running, hold back a tail that may be the start of a stop string
+            hold = 0 if out.finished else parent.stops.held_back_len(out.text)
+            visible = max(child.emitted, len(out.text) - hold)
             deltas_text.append(out.text[child.emitted:visible])
             child.emitted = visible
             deltas_ids.append(out.token_ids[child.emitted_tokens:])

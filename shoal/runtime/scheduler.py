@@ -29,7 +29,13 @@ from typing import Iterable
 
 import numpy as np
 
-from shoal.comm.protocol import CachedRequestData, NewRequestData, StepPlan, StepResult
+from shoal.comm.protocol import (
+    CachedRequestData,
+    CachedRequests,
+    NewRequestData,
+    StepPlan,
+    StepResult,
+)
 from shoal.config import SchedulerConfig
 from shoal.errors import RequestError
 from shoal.runtime.kv_manager import KVCacheManager
@@ -361,7 +367,7 @@ class Scheduler:
         plan = StepPlan(
             step_id=self._next_step_id,
             new_requests=new_requests,
-            cached_requests=cached_requests,
+            cached_requests=CachedRequests.from_rows(cached_requests),
             scheduled_req_ids=[r.req_id for r, _ in scheduled],
             num_scheduled_tokens=[n for _, n in scheduled],
             finished_req_ids=self._pending_finished_ids,

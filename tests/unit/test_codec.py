@@ -12,6 +12,7 @@ from shoal.comm.protocol import (
     PROTOCOL_VERSION,
     Call,
     CachedRequestData,
+    CachedRequests,
     MsgType,
     NewRequestData,
     Reply,
@@ -53,7 +54,7 @@ plans = st.builds(
     StepPlan,
     step_id=ids,
     new_requests=st.lists(new_requests, max_size=4),
-    cached_requests=st.lists(cached, max_size=8),
+    cached_requests=st.lists(cached, max_size=8).map(CachedRequests.from_rows),
     scheduled_req_ids=st.lists(ids, max_size=8),
     num_scheduled_tokens=small_ints,
     finished_req_ids=st.lists(ids, max_size=4),
@@ -91,6 +92,12 @@ def test_step_plan_roundtrip(plan, threshold):
     assert_equal(plan, roundtrip(plan, threshold))
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(cached, max_size=10))
+def test_cached_request_columns_iterate_back_to_rows(rows):
+    assert list(CachedRequests.from_rows(rows)) == rows
+
+
 @settings(max_examples=60, deadline=None)
 @given(arrays, st.sampled_from([0, codec.INLINE_THRESHOLD, 1 << 30]))
 def test_arrays_of_every_dtype_roundtrip(array, threshold):
@@ -119,7 +126,8 @@ def test_torch_tensors_roundtrip(dtype, numel):
 
 
 def valid_frames():
-    plan = StepPlan(1, [], [CachedRequestData(1, [2], [3], 4)], [1], [1], [])
+    plan = StepPlan(1, [], CachedRequests.from_rows([CachedRequestData(1, [2], [3], 4)]),
+                    [1], [1], [])
     return codec.encode(StepResult(1, [1], np.arange(600, dtype=np.int32))), plan
 
 
