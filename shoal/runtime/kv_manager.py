@@ -149,6 +149,10 @@ class KVCacheManager:
             The freshly allocated page ids (maybe empty), or None when there are not
             enough free pages; then nothing has changed.
         """
+        if not new_computed_pages and request.page_ids:
+            # the common decode step: the new tokens fit in the pages the request holds
+            if request.num_computed_tokens + num_new_tokens <= len(request.page_ids) * self.page_size:
+                return []
         hits = new_computed_pages or []
         num_tokens = request.num_computed_tokens + len(hits) * self.page_size + num_new_tokens
         num_fresh = self.pages_for(num_tokens) - len(request.page_ids) - len(hits)
