@@ -86,7 +86,11 @@ def checkpoint_files(checkpoint_dir: str) -> dict[str, list[str]]:
         for name, file in weight_map.items():
             files.setdefault(file, []).append(name)
         return {os.path.join(checkpoint_dir, k): v for k, v in sorted(files.items())}
-    paths = sorted(p for p in os.listdir(checkpoint_dir) if p.endswith(".safetensors"))
+    if os.path.exists(os.path.join(checkpoint_dir, SINGLE_FILE)):
+        # a lone model.safetensors wins over other files (e.g. Mistral's consolidated.*)
+        paths = [SINGLE_FILE]
+    else:
+        paths = sorted(p for p in os.listdir(checkpoint_dir) if p.endswith(".safetensors"))
     if not paths:
         raise FileNotFoundError(
             f"no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors file in {checkpoint_dir}"

@@ -8,8 +8,10 @@ multiprocessing), has each join through ``shoal.comm.bootstrap``, build its
 Processes start with the ``forkserver`` method by default: like ``spawn`` they share
 nothing with the test process (they fork from a clean server that has only imported
 torch and shoal), but after the first run they start in a fraction of a second instead
-of re-importing torch each time, which matters on two cores. ``start_method="spawn"``
-gives plain spawn.
+of re-importing torch each time, which matters on two cores. Each child takes the
+test process's environment variables and working directory at call time, as spawn
+would. ``start_method="spawn"`` gives plain spawn.
+
 If any rank raises, the others are killed and the test fails with that rank's
 traceback; a run that outlives ``timeout_s`` is killed too, so nothing hangs.
 ``fn`` must be a module-level function (spawn pickles it by name).
@@ -45,7 +47,13 @@ def _child(
     fn: Callable[..., Any],
     args: tuple,
     out_dir: str,
+    env: dict[str, str],
+    cwd: str,
 ) -> None:
+    # A forkserver child starts from the server's environment: take the test's instead.
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
     torch.set_num_threads(1)
     logging.basicConfig(
         level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s"
@@ -96,7 +104,17 @@ def run_distributed(
         context.Process(
             target=_child,
             daemon=True,
-            args=(r, world_size, store.port, (dp, pp, tp), fn, args, out_dir),
+            args=(
+                r,
+                world_size,
+                store.port,
+                (dp, pp, tp),
+                fn,
+                args,
+                out_dir,
+                dict(os.environ),
+                os.getcwd(),
+            ),
         )
         for r in range(world_size)
     ]
