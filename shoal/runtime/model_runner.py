@@ -62,6 +62,8 @@ class ModelRunner:
         self.is_output_rank = ctx.is_output_rank
         self.sampler = Sampler(seed=args.get("seed")) if self.is_output_rank else None
         self.hidden_size = int(self.hf_config.hidden_size)
+        # MoE layers of this stage, whose routed-token counts travel in each StepResult
+        self.moe_layers = [m for m in self.model.modules() if hasattr(m, "reset_expert_counts")]
         self.reset_stats()
 
     # -- set-up ------------------------------------------------------------------------------
@@ -197,6 +199,10 @@ class ModelRunner:
                     result.prompt_logprobs = prompt_lps
         if self.is_output_rank and result is None:
             result = StepResult(plan.step_id, [], np.zeros(0, np.int32))
+        if self.moe_layers:
+            counts = torch.stack([m.reset_expert_counts() for m in self.moe_layers])
+            if result is not None:
+                result.expert_counts = counts.to("cpu", torch.int64).numpy()  # [layers, experts]
         now = time.perf_counter()
         self._stats["steps"] += 1
         self._stats["tokens"] += len(input_ids)
