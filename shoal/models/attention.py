@@ -98,7 +98,7 @@ class AttentionMetadata:
                 )
         max_pages = max(pages_needed, default=0)
         padded = torch.tensor(
-            [t[:max_pages] + [0] * (max_pages - min(len(t), max_pages)) for t in page_tables],
+            [list(t[:max_pages]) + [0] * (max_pages - min(len(t), max_pages)) for t in page_tables],
             dtype=torch.long,
         )
         padded = padded.reshape(len(page_tables), max_pages)  # [B, max_pages]
