@@ -65,8 +65,10 @@ class EngineCore:
     """Owns the executor and the scheduler; turns plans and results into token deltas."""
 
     def __init__(self, config: EngineConfig, model_path: str, max_model_len: int,
-                 executor: Executor | None = None, executor_kwargs: dict | None = None):
+                 executor: Executor | None = None, executor_kwargs: dict | None = None,
+                 step_timeout_s: float = 600.0):
         self.config = config
+        self.step_timeout_s = step_timeout_s
         self.max_model_len = max_model_len
         self.executor = executor or create_executor(config.parallel, **(executor_kwargs or {}))
         self._closed = False
@@ -191,7 +193,10 @@ class EngineCore:
         self.max_plans_in_flight_seen = max(self.max_plans_in_flight_seen, len(self.in_flight))
         if not self.in_flight:
             return deltas
-        result = self.executor.get_result()
+        try:
+            result = self.executor.get_result(timeout_s=self.step_timeout_s)
+        except TimeoutError:
+            raise ShoalError(self._stuck_report()) from None
         plan = self.in_flight.popleft()
         changed = self.scheduler.update_from_output(plan, result)
         if result.prompt_logprobs:
@@ -247,6 +252,16 @@ class EngineCore:
             top = dict(zip(ids, lps))
         token = int(result.sampled_token_ids[row])
         return [TokenLogprob(token, float(result.logprobs[row]), top)]
+
+    def _stuck_report(self) -> str:
+        """Why a step got no result although every worker is alive (a protocol bug)."""
+        plan = self.in_flight[0]
+        try:
+            steps = [s.get("steps") for s in self.executor.call(Command.GET_STATS, timeout_s=10)]
+        except Exception as exc:  # the report must not hide the original problem
+            steps = f"unavailable ({exc})"
+        return (f"no result for step {plan.step_id} within {self.step_timeout_s:.0f} s although "
+                f"every worker is alive; steps executed per rank: {steps}")
 
     # -- info -----------------------------------------------------------------------------
 
