@@ -207,10 +207,8 @@ class AllToAllEPDispatcher:
         send_splits = send_counts.sum(dim=1).tolist()
         recv_splits = recv_counts.sum(dim=1).tolist()
 
-        # 2. the rows themselves, uneven splits
-        recv = send.new_empty(
-            sum(recv_splits), hidden.shape[-1]
-        )  # [N, H] by source, then local expert
+        # 2. the rows themselves, uneven splits; received rows come by source, then local expert
+        recv = send.new_empty(sum(recv_splits), hidden.shape[-1])  # [N, H]
         self.group.all_to_all_single(recv, send.contiguous(), recv_splits, send_splits)
 
         # 3. regroup received rows by local expert (stable: keeps source order within an expert)

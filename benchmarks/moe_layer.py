@@ -1,0 +1,191 @@
+"""One MoE layer (8 experts, top-2, hidden 1024): tokens/s of the expert kernels and of
+each dispatcher.
+
+    python benchmarks/moe_layer.py                        # everything, defaults below
+    python benchmarks/moe_layer.py --worlds 1 2 --tokens 64 --iters 10
+
+Prints one JSON line per measurement (with device and versions):
+
+* ``experts``: the layer in one process with looped vs grouped experts (grouped only where
+  ``torch._grouped_mm`` runs: CUDA SM80+ bfloat16, or a CPU build whose kernel takes
+  the shapes; otherwise the line says it fell back).
+* ``dispatcher``: the whole MoELayer (router, dispatch, experts, combine, reduce) at
+  1, 2 and 4 ranks for ``tp`` (experts sharded over tp), ``replicated-ep`` (whole
+  experts over ep = tp ranks, every rank all tokens) and ``all-to-all`` (whole experts
+  over ep = dp ranks, each rank ``tokens / world`` of the batch). tokens/s counts the
+  global batch once, so the three are comparable. A step's time is the slowest
+  rank's. On CPU each rank runs one thread; more ranks than cores share them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import queue
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from common import emit
+
+from shoal.comm.bootstrap import create_store_server, init_distributed
+from shoal.moe.experts import EXPERT_IMPLS, grouped_mm_supported
+from shoal.moe.layer import MoEConfig, MoELayer
+from shoal.moe.router import RouterConfig
+from shoal.parallel.context import ParallelContext
+from shoal.parallel.mesh import build_mesh
+
+NUM_EXPERTS, TOP_K, HIDDEN = 8, 2, 1024
+
+
+def _config(inter: int, impl: str) -> MoEConfig:
+    return MoEConfig(HIDDEN, inter, RouterConfig(NUM_EXPERTS, TOP_K), expert_impl=impl)
+
+
+def _fill(layer: MoELayer, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in layer.parameters():
+        p.data.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
+
+
+def _time(fn, iters: int, warmup: int = 2) -> list[float]:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    out = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def bench_experts(
+    tokens: list[int], inter: int, iters: int, dtype: torch.dtype, threads: int
+) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(threads)
+    ctx = ParallelContext.single(device)
+    for num_tokens in tokens:
+        x = torch.randn(num_tokens, HIDDEN, device=device).to(dtype)
+        for impl in EXPERT_IMPLS:
+            layer = MoELayer(_config(inter, impl), ctx, dtype)
+            _fill(layer)
+            w13_t = layer.experts.w13.transpose(-2, -1)  # what GroupedExperts hands the kernel
+            grouped = impl == "grouped" and grouped_mm_supported(x, w13_t)
+            with torch.inference_mode():
+                times = _time(lambda: layer(x), iters)
+            med = statistics.median(times)
+            emit(
+                dict(
+                    bench="moe_layer",
+                    part="experts",
+                    impl=impl,
+                    grouped_kernel=grouped,
+                    tokens=num_tokens,
+                    intermediate=inter,
+                    dtype=str(dtype).split(".")[-1],
+                    median_ms=round(med * 1e3, 3),
+                    tokens_per_s=round(num_tokens / med, 1),
+                    threads=torch.get_num_threads(),
+                    loadavg_1m=os.getloadavg()[0],
+                )
+            )
+
+
+def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: mp.Queue) -> None:
+    torch.set_num_threads(1)
+    init_distributed(rank, world, "127.0.0.1", port, "gloo")
+    rows = []
+    layouts = {
+        "tp": (build_mesh(1, 1, world), False),
+        "replicated-ep": (build_mesh(1, 1, world), True),
+        "all-to-all": (build_mesh(world, 1, 1), True),
+    }
+    for name, (mesh, ep) in layouts.items():
+        if world == 1 and name != "tp":
+            continue  # at one rank every dispatcher is the same computation
+        ctx = ParallelContext.from_initialized(mesh, rank, "cpu", ep)
+        layer = MoELayer(_config(args.intermediate, "looped"), ctx, torch.float32)
+        _fill(layer)
+        for num_tokens in args.tokens:
+            local = num_tokens // world if name == "all-to-all" else num_tokens
+            x = torch.randn(local, HIDDEN, generator=torch.Generator().manual_seed(rank))
+            with torch.inference_mode():
+                times = torch.tensor(_time(lambda: layer(x), args.iters))
+            if world > 1:
+                dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a step ends with its slowest rank
+            med = float(times.median())
+            rows.append(
+                dict(
+                    bench="moe_layer",
+                    part="dispatcher",
+                    dispatcher=name,
+                    world=world,
+                    dispatcher_class=type(layer.dispatcher).__name__,
+                    tokens=num_tokens,
+                    intermediate=args.intermediate,
+                    median_ms=round(med * 1e3, 3),
+                    tokens_per_s=round(num_tokens / med, 1),
+                )
+            )
+        ctx.close()
+    out.put((rank, rows))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def bench_dispatchers(args: argparse.Namespace) -> None:
+    spawn = mp.get_context("spawn")
+    for world in args.worlds:
+        store = create_store_server("127.0.0.1", world)
+        out = spawn.Queue()
+        procs = [
+            spawn.Process(target=_rank_main, args=(r, world, store.port, args, out))
+            for r in range(world)
+        ]
+        for p in procs:
+            p.start()
+        results = {}
+        while len(results) < world:
+            try:
+                rank, rows = out.get(timeout=5)
+                results[rank] = rows
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    for p in procs:
+                        p.kill()
+                    raise SystemExit(f"a rank failed at world size {world}") from None
+        for p in procs:
+            p.join()
+        for row in results[0]:
+            emit({**row, "threads_per_rank": 1, "loadavg_1m": os.getloadavg()[0]})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[32, 512])
+    parser.add_argument("--intermediate", type=int, default=2048)
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the one-process runs (CPU)",
+    )
+    parser.add_argument("--skip", choices=["experts", "dispatcher"], nargs="*", default=[])
+    args = parser.parse_args()
+    if "experts" not in args.skip:
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        bench_experts(args.tokens, args.intermediate, args.iters, dtype, args.threads)
+    if "dispatcher" not in args.skip:
+        bench_dispatchers(args)
+
+
+if __name__ == "__main__":
+    main()
