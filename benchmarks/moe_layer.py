@@ -15,6 +15,9 @@ Prints one JSON line per measurement (with device and versions):
   over ep = dp ranks, each rank ``tokens / world`` of the batch). tokens/s counts the
   global batch once, so the three are comparable. A step's time is the slowest
   rank's. On CPU each rank runs one thread; more ranks than cores share them.
+* ``end_to_end``: a small Mixtral-shaped model (random weights, built here) served by
+  shoal at tp=2 with experts sharded over tp vs with expert parallelism: output
+  tokens/s on a fixed batch of requests.
 """
 
 from __future__ import annotations
@@ -166,6 +169,40 @@ def bench_dispatchers(args: argparse.Namespace) -> None:
             emit({**row, "threads_per_rank": 1, "loadavg_1m": os.getloadavg()[0]})
 
 
+def bench_end_to_end(num_requests: int = 32, max_tokens: int = 64) -> None:
+    """Mixtral-shaped model (4 layers, hidden 512, 8 experts top-2) at tp=2: TP vs EP experts."""
+    import random
+    import tempfile
+
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from shoal import LLM, SamplingParams
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=4096, hidden_size=512, intermediate_size=1024,
+                           num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                           num_local_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K,
+                           max_position_embeddings=1024, sliding_window=None)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1, 4096) for _ in range(rng.randint(32, 128))]
+               for _ in range(num_requests)]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    with tempfile.TemporaryDirectory() as ckpt:
+        MixtralForCausalLM(config).save_pretrained(ckpt)
+        for ep in (False, True):
+            with LLM(ckpt, tensor_parallel_size=2, enable_expert_parallel=ep,
+                     kv_cache_memory=256 << 20) as llm:
+                llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
+                t0 = time.perf_counter()
+                outs = llm.generate(prompts, params, use_tqdm=False)
+                elapsed = time.perf_counter() - t0
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            emit({"bench": "moe_end_to_end", "model": "mixtral-shaped-4L-512h-8e-top2",
+                  "tp": 2, "expert_parallel": ep, "requests": num_requests,
+                  "output_tokens_per_s": round(tokens / elapsed, 1),
+                  "elapsed_s": round(elapsed, 2), "loadavg_1m": os.getloadavg()[0]})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[32, 512])
@@ -178,13 +215,16 @@ def main() -> None:
         default=1,
         help="torch threads of the one-process runs (CPU)",
     )
-    parser.add_argument("--skip", choices=["experts", "dispatcher"], nargs="*", default=[])
+    parser.add_argument("--skip", choices=["experts", "dispatcher", "end_to_end"], nargs="*",
+                        default=[])
     args = parser.parse_args()
     if "experts" not in args.skip:
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         bench_experts(args.tokens, args.intermediate, args.iters, dtype, args.threads)
     if "dispatcher" not in args.skip:
         bench_dispatchers(args)
+    if "end_to_end" not in args.skip:
+        bench_end_to_end()
 
 
 if __name__ == "__main__":
