@@ -31,6 +31,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed-executor-backend", default="mp", choices=["mp", "ray", "external"])
     g.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD"],
                    help="Ray placement group strategy")
+    g.add_argument("--driver-host", default=None,
+                   help="ray/external backends: the address workers dial to reach this driver "
+                        "(default: $SHOAL_HOST_IP, else this host's address)")
+    g.add_argument("--driver-port", type=int, default=0,
+                   help="external backend: port of the driver's bootstrap socket; workers join "
+                        "with `shoal worker --driver-addr HOST:PORT` (default: any free port, "
+                        "logged)")
     g.add_argument("--block-size", type=int, default=16, help="KV page size in tokens")
     g.add_argument("--kv-cache-memory", type=int, default=None,
                    help="KV cache bytes per rank on CPU (default 1 GiB)")
@@ -80,6 +87,16 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def executor_kwargs_from_args(args: argparse.Namespace) -> dict:
+    """Executor options that are not part of EngineConfig (where the driver listens)."""
+    kwargs: dict = {}
+    if getattr(args, "driver_host", None):
+        kwargs["host"] = args.driver_host
+    if getattr(args, "driver_port", 0):
+        kwargs["bootstrap_port"] = args.driver_port
+    return kwargs
+
+
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=256)
@@ -112,7 +129,7 @@ def sampling_params_from_args(args: argparse.Namespace):
 def _engine(args: argparse.Namespace):
     from shoal.runtime.engine import LLMEngine
 
-    return LLMEngine(engine_config_from_args(args))
+    return LLMEngine(engine_config_from_args(args), executor_kwargs=executor_kwargs_from_args(args))
 
 
 def _stream(engine, request_id: str, prompt, params) -> str:
@@ -195,6 +212,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shoal", description="distributed LLM inference")
     parser.add_argument("--log-level", default=os.environ.get("SHOAL_LOG_LEVEL", "WARNING"))
+    # the DeepSpeed launcher inserts --local_rank=N after the script; LOCAL_RANK says the same
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")

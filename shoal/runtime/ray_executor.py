@@ -1,0 +1,258 @@
+"""The Ray executor: one worker actor per device, in a placement group.
+
+Ray only places and watches the workers. Each actor runs the same ``Worker``
+loop as an mp worker process, inside one long-running ``run`` method call; the
+per-step traffic (plans, results, heartbeats) is ZeroMQ over tcp exactly as with
+the other executors, never Ray calls.
+
+- Cluster: an existing one through ``RAY_ADDRESS`` (``ray start --head`` ...),
+  else a local instance started here; a ``ray.init`` made by the caller is kept.
+- Placement: one bundle per rank, ``{"GPU": 1}`` when the cluster has GPUs, else
+  ``{"CPU": 1}``, in a placement group of strategy ``PACK`` (default) or
+  ``SPREAD``. Inside a placement group already (a Ray Serve replica deployed with
+  ``placement_group_bundles``), the actors go into that group's bundles instead.
+- Ranks: actors are ordered so that the ranks of one node are neighbours (tp
+  fastest in the mesh: a tp group stays on one node when it can), the driver's
+  node first.
+- Death: the ``ObjectRef`` of an actor's ``run`` call becomes ready when the
+  actor dies (or its loop ends); a non-blocking ``ray.wait`` on those refs, at
+  most every ``liveness_interval_s``, turns that into WorkerDiedError within a
+  fraction of a second. Heartbeat silence (ZmqExecutor) covers hung actors.
+
+Ray is optional: :func:`import_ray` is the one place it is imported, and says
+``pip install 'shoal[ray]'`` when it is missing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from shoal.config import ParallelConfig
+from shoal.errors import ShoalError, WorkerDiedError
+from shoal.runtime.executor import ZmqExecutor
+from shoal.runtime.worker import WorkerArgs, run_worker
+
+logger = logging.getLogger(__name__)
+
+PLACEMENT_TIMEOUT_S = 120.0
+
+
+def import_ray(serve: bool = False) -> Any:
+    """The ``ray`` module (``ray.serve`` with ``serve=True``), or an error saying what to install."""
+    try:
+        import ray
+
+        if serve:
+            from ray import serve as ray_serve
+
+            return ray_serve
+    except ImportError as exc:
+        raise ImportError(
+            "the Ray executor and Ray Serve deployment need Ray: pip install 'shoal[ray]'"
+        ) from exc
+    return ray
+
+
+def connect_ray(**init_kwargs: Any) -> Any:
+    """Join the cluster at ``RAY_ADDRESS``, or start a local one; no-op when connected."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        init_kwargs.setdefault("include_dashboard", False)
+    ray.init(address=address, **init_kwargs)
+    logger.info("connected to Ray at %s", address)
+    return ray
+
+
+class RayWorkerActor:
+    """A shoal worker inside a Ray actor (wrapped by ``ray.remote`` at launch)."""
+
+    def node_info(self) -> dict:
+        ray = import_ray()
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        }
+
+    def run(self, args: WorkerArgs, log_level: str) -> None:
+        """Serve the driver until it says stop or goes silent (blocks for the actor's life)."""
+        logging.basicConfig(
+            level=log_level,
+            format=f"[rank {args.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        run_worker(args)
+
+
+class RayExecutor(ZmqExecutor):
+    """Workers as Ray actors, one per device, talking to the driver over tcp ZeroMQ."""
+
+    transport = "tcp"
+    liveness_interval_s = 0.25
+
+    def __init__(
+        self,
+        parallel: ParallelConfig,
+        *,
+        host: str | None = None,
+        placement_strategy: str | None = None,
+        use_gpu: bool | None = None,
+        placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
+        ray_init_kwargs: dict | None = None,
+        **kwargs: Any,
+    ):
+        """Args beyond ZmqExecutor's:
+            placement_strategy: overrides ``parallel.placement_strategy`` (PACK, SPREAD, ...).
+            use_gpu: one GPU per actor; None = when the cluster has GPUs.
+            placement_timeout_s: how long to wait for the cluster to fit the bundles.
+            ray_init_kwargs: passed to ``ray.init`` when this executor starts Ray.
+        """
+        self.ray = connect_ray(**(ray_init_kwargs or {}))
+        host = host or os.environ.get("SHOAL_HOST_IP") or self.ray.util.get_node_ip_address()
+        super().__init__(parallel, host=host, **kwargs)
+        self.placement_strategy = placement_strategy or parallel.placement_strategy
+        if use_gpu is None:
+            use_gpu = self.ray.cluster_resources().get("GPU", 0) >= 1
+        self.use_gpu = use_gpu
+        self.placement_timeout_s = placement_timeout_s
+        self.placement_group = None
+        self._owns_placement_group = False
+        self.actors: list[Any] = []  # by rank
+        self.nodes: list[dict] = []  # node_info() by rank
+        self._run_refs: dict[Any, int] = {}  # run() ObjectRef -> rank
+        self._dead: dict[int, str] = {}  # rank -> cause
+        self._last_liveness_check = 0.0
+
+    # -- placement --------------------------------------------------------------------------
+
+    def _bundle(self) -> dict[str, float]:
+        return {"GPU": 1.0} if self.use_gpu else {"CPU": 1.0}
+
+    def _worker_bundles(self) -> list[int]:
+        """Bundle indices for the ranks: a fresh group, or the current one's device bundles."""
+        ray = self.ray
+        current = ray.util.get_current_placement_group()
+        resource = "GPU" if self.use_gpu else "CPU"
+        if current is not None:
+            specs = current.bundle_specs
+            fitting = [i for i, b in enumerate(specs) if b.get(resource, 0) >= 1]
+            if len(fitting) > self.world_size and fitting[0] == 0:
+                fitting = fitting[1:]  # bundle 0 holds the caller (a Serve replica)
+            if len(fitting) < self.world_size:
+                raise ShoalError(
+                    f"the current placement group has {len(fitting)} bundles with {resource} >= 1 "
+                    f"({specs}); world size {self.world_size} needs one per rank"
+                )
+            self.placement_group = current
+            logger.info("reusing the current placement group: bundles %s", fitting[: self.world_size])
+            return fitting[: self.world_size]
+        from ray.util.placement_group import placement_group
+
+        self.placement_group = placement_group(
+            [self._bundle() for _ in range(self.world_size)], strategy=self.placement_strategy
+        )
+        self._owns_placement_group = True
+        if not self.placement_group.wait(timeout_seconds=self.placement_timeout_s):
+            raise ShoalError(
+                f"Ray could not place {self.world_size} bundles of {self._bundle()} "
+                f"({self.placement_strategy}) within {self.placement_timeout_s:.0f} s; "
+                f"cluster resources: {ray.cluster_resources()}, free: {ray.available_resources()}"
+            )
+        return list(range(self.world_size))
+
+    def _launch_workers(self) -> None:
+        ray = self.ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        actor_class = ray.remote(RayWorkerActor)
+        actors = []
+        for index in self._worker_bundles():
+            strategy = PlacementGroupSchedulingStrategy(
+                placement_group=self.placement_group,
+                placement_group_bundle_index=index,
+                placement_group_capture_child_tasks=True,
+            )
+            actors.append(actor_class.options(
+                num_cpus=0 if self.use_gpu else 1,
+                num_gpus=1 if self.use_gpu else 0,
+                max_restarts=0,
+                scheduling_strategy=strategy,
+            ).remote())
+        self.actors = actors  # in bundle order until the ranks are known
+        infos = ray.get([a.node_info.remote() for a in actors], timeout=self.start_timeout_s)
+        # ranks of one node next to each other, the driver's node first
+        driver_node = ray.get_runtime_context().get_node_id()
+        node_order: dict[str, int] = {driver_node: 0}
+        for info in infos:
+            node_order.setdefault(info["node_id"], len(node_order))
+        order = sorted(range(len(actors)), key=lambda i: node_order[infos[i]["node_id"]])
+        self.actors = [actors[i] for i in order]
+        self.nodes = [infos[i] for i in order]
+        per_node: dict[str, int] = {}
+        for info in self.nodes:
+            per_node[info["node_id"]] = per_node.get(info["node_id"], 0) + 1
+        seen: dict[str, int] = {}
+        log_level = os.environ.get("SHOAL_LOG_LEVEL", "WARNING")
+        for rank, (actor, info) in enumerate(zip(self.actors, self.nodes)):
+            node = info["node_id"]
+            local_rank = seen.get(node, 0)
+            seen[node] = local_rank + 1
+            args = WorkerArgs(self.driver_address, rank, local_rank, per_node[node])
+            self._run_refs[actor.run.remote(args, log_level)] = rank
+        logger.info("started %d Ray worker actors on nodes %s", self.world_size,
+                    [n["ip"] for n in self.nodes])
+
+    # -- liveness ---------------------------------------------------------------------------
+
+    def _dead_ranks(self) -> list[int]:
+        now = time.monotonic()
+        if self._run_refs and now - self._last_liveness_check >= self.liveness_interval_s:
+            self._last_liveness_check = now
+            pending = [ref for ref, rank in self._run_refs.items() if rank not in self._dead]
+            if pending:
+                ready, _ = self.ray.wait(pending, num_returns=len(pending), timeout=0,
+                                         fetch_local=False)
+                for ref in ready:
+                    self._dead[self._run_refs[ref]] = self._cause(ref)
+        return sorted(self._dead)
+
+    def _cause(self, ref: Any) -> str:
+        try:
+            self.ray.get(ref, timeout=1.0)
+            return "its worker loop ended"
+        except Exception as exc:  # RayActorError, RayTaskError, GetTimeoutError
+            first = str(exc).strip().splitlines()
+            return f"{type(exc).__name__}: {first[0] if first else ''}"
+
+    def check_alive(self) -> None:
+        dead = self._dead_ranks()
+        if dead:
+            rank = dead[0]
+            node = self.nodes[rank]["ip"] if rank < len(self.nodes) else "?"
+            raise WorkerDiedError(
+                f"worker rank {rank} (Ray actor on node {node}) died: {self._dead[rank]}", rank=rank
+            )
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    def _stop_workers(self, timeout_s: float) -> None:
+        ray = self.ray
+        try:
+            if self._run_refs:
+                ray.wait(list(self._run_refs), num_returns=len(self._run_refs), timeout=timeout_s,
+                         fetch_local=False)
+            for actor in self.actors:
+                ray.kill(actor, no_restart=True)
+        finally:
+            if self._owns_placement_group and self.placement_group is not None:
+                from ray.util.placement_group import remove_placement_group
+
+                remove_placement_group(self.placement_group)
+            self._run_refs.clear()

@@ -1,0 +1,178 @@
+"""Headless workers started by real launchers (torchrun, the DeepSpeed launcher) join a
+driver that waits with ``--distributed-executor-backend external``.
+
+Each launcher test starts the launcher first (its workers wait for the driver's port),
+then the driver (``LLM(..., distributed_executor_backend="external")``), generates, and
+checks the tokens against transformers and that the launcher exits cleanly once the
+driver shuts down.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from factories import hf_greedy, tiny_checkpoint
+from shoal.comm.protocol import Command
+from shoal.config import ParallelConfig
+from shoal.runtime.external_executor import (
+    ExternalExecutor,
+    LaunchEnv,
+    parse_driver_address,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+PROMPTS = [[5, 17, 42, 9], [100, 3, 77, 21, 8, 64, 150], [7]]
+MAX_TOKENS = 10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+# -- the launcher environment -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("environ,expected", [
+    (dict(RANK="3", WORLD_SIZE="4", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2"), (3, 4, 1, 2)),
+    (dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_SIZE="2"), (1, 2, 1, 2)),  # deepspeed
+    (dict(SLURM_PROCID="5", SLURM_NTASKS="6", SLURM_LOCALID="0", SLURM_NODEID="2",
+          SLURM_TASKS_PER_NODE="2(x2),2"), (5, 6, 0, 2)),
+    (dict(SLURM_PROCID="4", SLURM_NTASKS="5", SLURM_LOCALID="0", SLURM_NODEID="1",
+          SLURM_TASKS_PER_NODE="4,1"), (4, 5, 0, 1)),
+    (dict(OMPI_COMM_WORLD_RANK="2", OMPI_COMM_WORLD_SIZE="4", OMPI_COMM_WORLD_LOCAL_RANK="0",
+          OMPI_COMM_WORLD_LOCAL_SIZE="2"), (2, 4, 0, 2)),
+    (dict(RANK="0", WORLD_SIZE="1"), (0, 1, 0, 1)),
+], ids=["torchrun", "deepspeed", "slurm", "slurm-uneven", "openmpi", "bare"])
+def test_launch_env_from_launcher_variables(environ, expected):
+    env = LaunchEnv.from_environ(environ)
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == expected
+
+
+@pytest.mark.parametrize("environ,match", [
+    ({}, "RANK and WORLD_SIZE"),
+    (dict(RANK="2", WORLD_SIZE="2"), "outside"),
+    (dict(RANK="x", WORLD_SIZE="2"), "RANK='x'"),
+])
+def test_launch_env_errors_name_the_problem(environ, match):
+    with pytest.raises(ValueError, match=match):
+        LaunchEnv.from_environ(environ)
+
+
+def test_driver_address_forms():
+    assert parse_driver_address("10.0.0.1:29600") == "tcp://10.0.0.1:29600"
+    assert parse_driver_address("tcp://node-0:29600") == "tcp://node-0:29600"
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_driver_address("node-0")
+
+
+# -- plain processes as the launcher ------------------------------------------------------------
+
+
+def test_headless_workers_join_and_a_wrong_rank_is_refused():
+    """Ranks 0 and 1 join; a stray rank 2 (launched with the wrong WORLD_SIZE) is refused."""
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli", "worker", "--driver-addr", addr],
+        env=worker_env(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank, world in ((0, 2), (1, 2), (2, 3))]
+    try:
+        with ExternalExecutor(ParallelConfig(tp_size=2), host="127.0.0.1", bootstrap_port=port,
+                              threads_per_worker=1) as ex:
+            ex.start()
+            assert ex.driver_address == f"tcp://{addr}"
+            replies = ex.call(Command.COLLECTIVE_CHECK, {"numel": 3})
+            assert [r["tp_sum"] for r in replies] == [[3.0] * 3] * 2
+            assert [w.pid for w in ex.workers] == [procs[0].pid, procs[1].pid]
+            _, err = procs[2].communicate(timeout=120)
+            assert procs[2].returncode != 0
+            assert "driver refused bootstrap" in err and "world size is 2" in err
+        for proc in procs[:2]:
+            proc.communicate(timeout=60)
+            assert proc.returncode == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+# -- real launchers ---------------------------------------------------------------------------
+
+
+def run_with_launcher(launcher_cmd: list[str], tmp_path, port: int) -> None:
+    """Start ``launcher_cmd`` (headless workers), drive them with an LLM, compare with HF."""
+    from shoal import LLM, SamplingParams
+
+    ckpt = tiny_checkpoint("llama", tmp_path)
+    log = open(tmp_path / "launcher.log", "w+")
+    launcher = subprocess.Popen(launcher_cmd, env=worker_env(), stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path),
+                                start_new_session=True)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        with LLM(ckpt, tensor_parallel_size=2, distributed_executor_backend="external",
+                 block_size=4, kv_cache_memory=1 << 22,
+                 executor_kwargs={"host": "127.0.0.1", "bootstrap_port": port,
+                                  "threads_per_worker": 1, "start_timeout_s": 240}) as llm:
+            outs = llm.generate(PROMPTS, params, use_tqdm=False)
+            workers = llm.engine.core.executor.workers
+        assert [o.outputs[0].token_ids for o in outs] == hf_greedy(ckpt, PROMPTS, MAX_TOKENS)
+        assert sorted(w.rank for w in workers) == [0, 1]
+        assert launcher.wait(timeout=120) == 0, "the launcher did not exit cleanly"
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, 9)
+            launcher.wait()
+        log.seek(0)
+        print(log.read()[-4000:])
+        log.close()
+
+
+def test_torchrun_starts_headless_workers(tmp_path):
+    port = free_port()
+    run_with_launcher(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "shoal.cli", "worker", "--driver-addr", f"127.0.0.1:{port}"],
+        tmp_path, port)
+
+
+@pytest.mark.deepspeed
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
+@pytest.mark.parametrize("hostfile", [False, True], ids=["num_gpus", "hostfile-no-ssh"])
+def test_deepspeed_launcher_starts_headless_workers(tmp_path, hostfile):
+    port, master_port = free_port(), free_port()
+    deepspeed = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable),
+                                                           "deepspeed")
+    if hostfile:  # how a multi-node job runs without ssh: the same command on every node
+        (tmp_path / "hostfile").write_text("localhost slots=2\n")
+        where = ["--hostfile", str(tmp_path / "hostfile"), "--no_ssh", "--node_rank", "0",
+                 "--master_addr", "127.0.0.1"]
+    else:
+        where = ["--num_gpus", "2"]
+    try:
+        run_with_launcher(
+            [deepspeed, *where, "--master_port", str(master_port), "--module", "shoal.cli",
+             "worker", "--driver-addr", f"127.0.0.1:{port}"],
+            tmp_path, port)
+    finally:  # DeepSpeed's CPU all-reduce buffers, should anything have created them
+        for path in glob.glob(f"/dev/shm/deepspeed_*_{master_port}_*"):
+            os.unlink(path)
