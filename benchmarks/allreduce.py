@@ -1,12 +1,17 @@
 """All-reduce latency on one CPU host: gloo, shoal's shared-memory all-reduce, DeepSpeed's.
 
     python benchmarks/allreduce.py                      # tp 2 and 4; 4 KB, 64 KB, 1 MB
-    python benchmarks/allreduce.py --worlds 2 --sizes 4096 --impls gloo shm
+    python benchmarks/allreduce.py --worlds 2 --sizes 4096 --impls gloo shm --pin
+    python benchmarks/allreduce.py --impls shm --spin-us 2 20 200   # compare spin times
 
 Spawns ``world`` processes per world size (one thread each), runs every impl and
 size in the same processes, and prints one JSON line per (impl, world, size) with
 the median and 99th percentile of the per-call latency. A call's latency is the
 slowest rank's time for that call (per-call times are gathered after the run).
+
+Pin ranks (``--pin``) to measure the all-reduce itself: unpinned, Linux tends to
+put two ranks that keep waking each other on one core, and then every call pays
+two context switches (about 50-150 µs here instead of about 10-20 µs).
 
 DeepSpeed (optional, ``pip install deepspeed``) JIT-compiles its shared-memory op
 on first use (minutes on a small machine; cached afterwards). Its shm kernels
@@ -29,7 +34,7 @@ import torch.distributed as dist
 
 from shoal.comm.bootstrap import create_store_server
 from shoal.comm.group import RankGroup
-from shoal.comm.shm_allreduce import create_shm_all_reducer
+from shoal.comm.shm_allreduce import DEFAULT_SPIN_S, create_shm_all_reducer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,6 +66,8 @@ def _deepspeed_reducer():
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
     torch.set_num_threads(1)
+    if args.pin:
+        os.sched_setaffinity(0, {rank % os.cpu_count()})
     os.dup2(2, 1)  # stdout carries only the parent's JSON lines
     # DeepSpeed reads these (LOCAL_SIZE == world enables its shm path; the address and
     # port name its buffer files).
@@ -71,15 +78,19 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
     store = dist.TCPStore("127.0.0.1", port, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     group = RankGroup(tuple(range(world)), rank, dist.new_group(list(range(world))))
-    shm = create_shm_all_reducer(group, max_bytes=max(args.sizes))
     impls = {}
     notes = {}
+    reducers = []
     for name in args.impls:
         if name == "gloo":
             impls[name] = lambda t: dist.all_reduce(t, group=group.pg)
         elif name == "shm":
-            impls[name] = shm.all_reduce_ if shm is not None else None
-            notes[name] = None if shm is not None else "shm all-reduce unavailable"
+            for spin_us in args.spin_us:
+                shm = create_shm_all_reducer(group, max_bytes=max(args.sizes), spin_s=spin_us * 1e-6)
+                label = name if len(args.spin_us) == 1 else f"shm(spin={spin_us:g}us)"
+                impls[label] = shm.all_reduce_ if shm is not None else None
+                notes[label] = None if shm is not None else "shm all-reduce unavailable"
+                reducers.append(shm)
         elif name == "deepspeed":
             impls[name], notes[name] = _deepspeed_reducer()
     dtype = DTYPES[args.dtype]
@@ -113,8 +124,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
                     "mean_us": round(slowest.mean().item(), 1),
                     "note": notes.get(name),
                 })
-    if shm is not None:
-        shm.close()
+    for shm in reducers:
+        if shm is not None:
+            shm.close()
     results.put({"done": rank})
     dist.destroy_process_group()
 
@@ -135,6 +147,11 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", default=["gloo", "shm", "deepspeed"],
                         choices=["gloo", "shm", "deepspeed"])
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--spin-us", type=float, nargs="+", default=[DEFAULT_SPIN_S * 1e6],
+                        help="shm: tight-spin time before sched_yield; several values compare them")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin rank r to core r %% cpus (unpinned, Linux often stacks two "
+                             "ranks that wake each other on one core)")
     parser.add_argument("--iters", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=50)
     args = parser.parse_args()
@@ -143,7 +160,7 @@ def main() -> None:
         print(json.dumps({"impl": "deepspeed", "skipped": "deepspeed not installed"}))
     common = {
         "bench": "allreduce", "device": f"cpu: {_cpu_name()}", "dtype": args.dtype,
-        "torch": torch.__version__, "deepspeed": _deepspeed_version(),
+        "torch": torch.__version__, "deepspeed": _deepspeed_version(), "pinned": args.pin,
     }
     ctx = mp.get_context("spawn")
     for world in args.worlds:

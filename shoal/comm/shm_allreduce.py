@@ -68,6 +68,7 @@ from shoal.errors import ShoalError, WorkerDiedError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 4 << 20
+DEFAULT_SPIN_S = 5e-6  # a few µs: longer only hurts when ranks outnumber free cores
 SHM_DIR = "/dev/shm"
 NAME_PREFIX = "shoal-ar-"
 
@@ -75,7 +76,6 @@ _LINE = 64
 _LINE_Q = _LINE // 8  # int64 fields per cache line
 _MAGIC = 0x5348_4F41_4C41_5231  # "SHOALAR1"
 _DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
-_SPIN_CHECKS = 64  # tight-loop flag polls (about 10 µs) before yielding the core
 _LIVENESS_PERIOD_S = 0.5
 _MAX_CACHED_SHAPES = 256
 _NAME_BYTES = 64
@@ -94,6 +94,8 @@ class ShmAllReducer:
         rank_in_group: this rank's index in ``group_ranks``.
         max_bytes: size of each rank's slot; larger tensors are not supported.
         timeout_s: how long to wait for the slowest rank before declaring it dead.
+        spin_s: how long to poll the flags in a tight loop before giving the core
+            away with ``sched_yield`` (a peer that is running arrives within that).
         yield_s: after the tight spin, how long to spin with ``sched_yield``
             before polling with short sleeps instead.
         sleep_s: the poll interval after ``yield_s``.
@@ -107,6 +109,7 @@ class ShmAllReducer:
         rank_in_group: int,
         max_bytes: int = DEFAULT_MAX_BYTES,
         timeout_s: float = 60.0,
+        spin_s: float = DEFAULT_SPIN_S,
         yield_s: float = 5e-3,
         sleep_s: float = 50e-6,
         create: bool = False,
@@ -121,6 +124,7 @@ class ShmAllReducer:
         self.rank_in_group = rank_in_group
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.spin_s = spin_s
         self.yield_s = yield_s
         self.sleep_s = sleep_s
         self._slot_bytes = -(-max_bytes // _LINE) * _LINE
@@ -242,7 +246,8 @@ class ShmAllReducer:
         """Wait until every peer published ``seq``: spin, then yield, then sleep; time out."""
         q = self._q
         pending = [i for i in self._peer_seq if q[i] < seq]
-        for _ in range(_SPIN_CHECKS):
+        spin_until = time.perf_counter() + self.spin_s
+        while time.perf_counter() < spin_until:
             pending = [i for i in pending if q[i] < seq]
             if not pending:
                 return
@@ -343,6 +348,7 @@ def create_shm_all_reducer(
     max_bytes: int = DEFAULT_MAX_BYTES,
     timeout_s: float = 60.0,
     enabled: bool = True,
+    spin_s: float = DEFAULT_SPIN_S,
 ) -> ShmAllReducer | None:
     """Set up a shared-memory all-reduce for ``group``; every rank of the group must call this.
 
@@ -366,7 +372,7 @@ def create_shm_all_reducer(
     if me == 0:
         path = os.path.join(SHM_DIR, f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
         try:
-            reducer = ShmAllReducer(path, group.ranks, 0, max_bytes, timeout_s, create=True)
+            reducer = ShmAllReducer(path, group.ranks, 0, max_bytes, timeout_s, spin_s, create=True)
         except OSError as e:
             logger.warning("group %s: cannot create %s (%s); using gloo", group.ranks, path, e)
             _unlink(path)
@@ -374,7 +380,7 @@ def create_shm_all_reducer(
     path = _broadcast_bytes(group, path.encode()).decode()
     if path and me != 0:
         try:
-            reducer = ShmAllReducer(path, group.ranks, me, max_bytes, timeout_s)
+            reducer = ShmAllReducer(path, group.ranks, me, max_bytes, timeout_s, spin_s)
         except (OSError, RuntimeError) as e:
             logger.warning("group %s: cannot attach %s (%s); using gloo", group.ranks, path, e)
     attached = _all_gather_bytes(group, b"1" if reducer is not None else b"0")
