@@ -136,5 +136,5 @@ class RankGroup:
 
     def close(self) -> None:
         if self.fast_all_reducer is not None:
-            self.fast_all_reducer.close()
+            self.fast_all_reducer.close()  # idempotent: groups may share one reducer
             self.fast_all_reducer = None

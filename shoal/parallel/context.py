@@ -64,6 +64,10 @@ class ParallelContext:
                     groups[kind] = RankGroup(ranks=ranks, rank=rank, pg=pg)
         if shm_all_reduce and torch.device(device).type == "cpu" and groups["tp"].size > 1:
             groups["tp"].fast_all_reducer = create_shm_all_reducer(groups["tp"])
+            if groups["ep"].ranks == groups["tp"].ranks:
+                # dp = 1: the MoE combine runs over the same ranks, in the same order on
+                # every rank, so it can share the segment (and its sequence numbers)
+                groups["ep"].fast_all_reducer = groups["tp"].fast_all_reducer
         return cls(
             mesh,
             rank,

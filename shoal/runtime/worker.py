@@ -62,6 +62,23 @@ class WorkerArgs:
     parent_pid: int | None = None  # exit when this process is gone (mp executor)
 
 
+def pin_to_cores(local_rank: int, local_world_size: int) -> list[int]:
+    """Give each local CPU worker its own share of the allowed cores (when there are enough).
+
+    Ranks that spin on a shared-memory all-reduce must not share a core: the kernel
+    otherwise often stacks both on one, and a 10 µs all-reduce becomes 100 µs.
+    SHOAL_NO_PIN=1 turns this off. Returns the cores this worker may use.
+    """
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if (not allowed or local_world_size <= 1 or local_world_size > len(allowed)
+            or os.environ.get("SHOAL_NO_PIN") == "1"):
+        return allowed or [0]
+    share = len(allowed) // local_world_size
+    cores = allowed[local_rank * share : (local_rank + 1) * share]
+    os.sched_setaffinity(0, cores)
+    return cores
+
+
 def _versions() -> dict[str, str]:
     import msgpack
     import zmq
@@ -87,8 +104,8 @@ class Worker:
         self.channel = WorkerChannel(info["broadcast_address"], info["return_address"])
         self.device = pick_device(args.local_rank)
         if self.device.type == "cpu":
-            threads = max(1, (os.cpu_count() or 1) // max(1, args.local_world_size))
-            torch.set_num_threads(int(info.get("threads_per_worker") or threads))
+            cores = pin_to_cores(args.local_rank, args.local_world_size)
+            torch.set_num_threads(int(info.get("threads_per_worker") or len(cores)))
         init_distributed(
             args.rank,
             self.world_size,
