@@ -198,6 +198,11 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from shoal.serve.api_server import run_server
 
+    # the engine core runs in a child process: it reads where to listen from the environment
+    for name, value in (("SHOAL_DRIVER_HOST", args.driver_host), ("SHOAL_DRIVER_PORT",
+                                                                   args.driver_port)):
+        if value:
+            os.environ[name] = str(value)
     run_server(engine_config_from_args(args), args)
     return 0
 

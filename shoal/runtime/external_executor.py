@@ -151,9 +151,15 @@ class ExternalExecutor(ZmqExecutor):
     def __init__(self, parallel: ParallelConfig, *, host: str | None = None,
                  bootstrap_port: int = 0, **kwargs):
         """Args beyond ZmqExecutor's:
-            host: the address workers dial (default ``$SHOAL_HOST_IP`` or this host's address).
-            bootstrap_port: the port workers dial (0: chosen by the OS, logged).
+            host: the address workers dial (default ``$SHOAL_DRIVER_HOST``, ``$SHOAL_HOST_IP``
+                or this host's address).
+            bootstrap_port: the port workers dial (default ``$SHOAL_DRIVER_PORT``; 0: chosen by
+                the OS, logged). The variables are how ``shoal serve --driver-host/--driver-port``
+                reach the engine-core process.
         """
+        host = host or os.environ.get("SHOAL_DRIVER_HOST") or None
+        if not bootstrap_port:
+            bootstrap_port = _first_int(os.environ, ("SHOAL_DRIVER_PORT",)) or 0
         if bootstrap_port < 0 or bootstrap_port > 65535:
             raise ValueError(f"driver port must be in 0..65535, got {bootstrap_port}")
         super().__init__(parallel, host=host, bootstrap_port=bootstrap_port, **kwargs)

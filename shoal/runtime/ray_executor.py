@@ -10,7 +10,9 @@ the other executors, never Ray calls.
 - Placement: one bundle per rank, ``{"GPU": 1}`` when the cluster has GPUs, else
   ``{"CPU": 1}``, in a placement group of strategy ``PACK`` (default) or
   ``SPREAD``. Inside a placement group already (a Ray Serve replica deployed with
-  ``placement_group_bundles``), the actors go into that group's bundles instead.
+  ``placement_group_bundles``), the actors go into that group's bundles instead;
+  a process started by such a replica (the engine-core process of the API
+  server) names the group in ``SHOAL_RAY_PLACEMENT_GROUP``.
 - Ranks: actors are ordered so that the ranks of one node are neighbours (tp
   fastest in the mesh: a tp group stays on one node when it can), the driver's
   node first.
@@ -38,6 +40,7 @@ from shoal.runtime.worker import WorkerArgs, run_worker
 logger = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 120.0
+PLACEMENT_GROUP_ENV = "SHOAL_RAY_PLACEMENT_GROUP"  # hex id of the group to place workers in
 
 
 def import_ray(serve: bool = False) -> Any:
@@ -110,17 +113,18 @@ class RayExecutor(ZmqExecutor):
     ):
         """Args beyond ZmqExecutor's:
             placement_strategy: overrides ``parallel.placement_strategy`` (PACK, SPREAD, ...).
-            use_gpu: one GPU per actor; None = when the cluster has GPUs.
+            use_gpu: one GPU per actor; None = as the placement group reserved, else when
+                the cluster has GPUs.
             placement_timeout_s: how long to wait for the cluster to fit the bundles.
             ray_init_kwargs: passed to ``ray.init`` when this executor starts Ray.
         """
         self.ray = connect_ray(**(ray_init_kwargs or {}))
-        host = host or os.environ.get("SHOAL_HOST_IP") or self.ray.util.get_node_ip_address()
+        host = (host or os.environ.get("SHOAL_DRIVER_HOST") or os.environ.get("SHOAL_HOST_IP")
+                or self.ray.util.get_node_ip_address())
         super().__init__(parallel, host=host, **kwargs)
         self.placement_strategy = placement_strategy or parallel.placement_strategy
-        if use_gpu is None:
-            use_gpu = self.ray.cluster_resources().get("GPU", 0) >= 1
-        self.use_gpu = use_gpu
+        self._use_gpu_arg = use_gpu
+        self.use_gpu = bool(use_gpu)  # settled when the bundles are chosen
         self.placement_timeout_s = placement_timeout_s
         self.placement_group = None
         self._owns_placement_group = False
@@ -135,13 +139,26 @@ class RayExecutor(ZmqExecutor):
     def _bundle(self) -> dict[str, float]:
         return {"GPU": 1.0} if self.use_gpu else {"CPU": 1.0}
 
+    def _current_placement_group(self) -> Any:
+        ray = self.ray
+        current = ray.util.get_current_placement_group()
+        named = os.environ.get(PLACEMENT_GROUP_ENV)
+        if current is None and named:
+            from ray.util.placement_group import PlacementGroup
+
+            current = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(named)))
+        return current
+
     def _worker_bundles(self) -> list[int]:
         """Bundle indices for the ranks: a fresh group, or the current one's device bundles."""
         ray = self.ray
-        current = ray.util.get_current_placement_group()
-        resource = "GPU" if self.use_gpu else "CPU"
+        current = self._current_placement_group()
         if current is not None:
             specs = current.bundle_specs
+            if self._use_gpu_arg is None:  # the group says which devices it reserved
+                gpu_bundles = sum(b.get("GPU", 0) >= 1 for b in specs)
+                self.use_gpu = gpu_bundles >= self.world_size
+            resource = "GPU" if self.use_gpu else "CPU"
             fitting = [i for i, b in enumerate(specs) if b.get(resource, 0) >= 1]
             if len(fitting) > self.world_size and fitting[0] == 0:
                 fitting = fitting[1:]  # bundle 0 holds the caller (a Serve replica)
@@ -155,6 +172,8 @@ class RayExecutor(ZmqExecutor):
             return fitting[: self.world_size]
         from ray.util.placement_group import placement_group
 
+        if self._use_gpu_arg is None:
+            self.use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
         self.placement_group = placement_group(
             [self._bundle() for _ in range(self.world_size)], strategy=self.placement_strategy
         )

@@ -1,0 +1,154 @@
+"""Ray Serve: the OpenAI server as a Serve application, one engine per replica.
+
+One local Ray instance and one Serve application for the module: the default
+model (SmolLM2-135M-Instruct) at tp=2 with the Ray executor, its worker actors in
+the replica's placement group, answering the ``openai`` client.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from pathlib import Path
+
+import openai
+import pytest
+
+from factories import hf_greedy
+from shoal.serve.ray_serve import placement_bundles, plan_deployment, split_options
+
+HAS_RAY = importlib.util.find_spec("ray") is not None
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+
+API_KEY = "serve-key"
+NAME = "smollm2"
+PROMPT = "The capital of France is"
+MAX_TOKENS = 6
+SERVE_CONFIG = Path(__file__).resolve().parents[2] / "launch" / "serve_config.yaml"
+
+
+# -- options, without a cluster ----------------------------------------------------------------
+
+
+def test_options_split_into_engine_config_and_deployment_options():
+    config, deployment, key = plan_deployment({
+        "model": "/m", "tensor-parallel-size": "2", "pp": 2, "block_size": 8,
+        "enable-prefix-caching": "false", "api-key": "k", "num_replicas": 3,
+        "autoscaling-config": {"min_replicas": 1, "max_replicas": 4},
+        "max-ongoing-requests": 32, "placement-strategy": "SPREAD"})
+    assert (config.model.model, config.parallel.tp_size, config.parallel.pp_size) == ("/m", 2, 2)
+    assert config.parallel.executor_backend == "ray"
+    assert config.parallel.placement_strategy == "SPREAD"
+    assert config.cache.block_size == 8 and config.cache.enable_prefix_caching is False
+    assert key == "k"
+    assert deployment["num_replicas"] == 3 and deployment["max_ongoing_requests"] == 32
+    assert deployment["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4}
+    # bundle 0: the replica; then one device bundle per rank
+    assert deployment["placement_group_bundles"] == [{"CPU": 1.0}] + [{"CPU": 1.0}] * 4
+    gpu = placement_bundles(config, "GPU", {"num_cpus": 2})
+    assert gpu == [{"CPU": 2.0}] + [{"GPU": 1.0}] * 4
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match="unknown option 'tensor-size'"):
+        split_options({"tensor-size": 2})
+    with pytest.raises(ValueError, match="block-size must be int"):
+        split_options({"block-size": "big"})
+
+
+def test_the_launch_config_is_a_valid_serve_config():
+    if not HAS_RAY:
+        pytest.skip("needs the ray extra")
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load(SERVE_CONFIG.read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    app = schema.applications[0]
+    assert app.import_path == "shoal.serve.ray_serve:build_app"
+    config, deployment, _ = plan_deployment(app.args)
+    assert config.parallel.tp_size == 2
+    assert app.deployments[0].name == deployment["name"]
+
+
+# -- a real Serve application -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def serve_url(smollm2_dir):
+    if not HAS_RAY:
+        pytest.skip("needs the ray extra: pip install 'shoal[ray]'")
+    saved = {k: os.environ.get(k) for k in
+             ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_ADDRESS")}
+    # before ray is imported (it reads them once): a one-node instance bound to 127.0.0.1
+    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
+    os.environ.pop("RAY_ADDRESS", None)
+    import ray
+    from ray import serve
+
+    from shoal.serve.ray_serve import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             object_store_memory=100 << 20)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({
+            "model": str(smollm2_dir), "served-model-name": NAME, "tensor-parallel-size": 2,
+            "max-model-len": 256, "kv-cache-memory": 20_000_000, "api-key": API_KEY,
+            "autoscaling-config": {"min_replicas": 1, "max_replicas": 1},
+        }), name="shoal", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def client(serve_url):
+    return openai.OpenAI(base_url=f"{serve_url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+
+def test_completion_equals_transformers(client, smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    out = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                    temperature=0.0, extra_body={"ignore_eos": True})
+    prompt_ids = tokenizer.encode(PROMPT)
+    expected = hf_greedy(str(smollm2_dir), [prompt_ids], MAX_TOKENS)[0]
+    assert out.choices[0].text == tokenizer.decode(expected)
+    assert out.usage.prompt_tokens == len(prompt_ids)
+    assert out.usage.completion_tokens == MAX_TOKENS
+
+
+def test_chat_and_models(client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    chat = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8,
+        temperature=0.0)
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).models.list()
+
+
+def test_workers_live_in_the_replica_placement_group(client):
+    """Bundle 0 holds the replica, bundles 1-2 the two worker actors: the group is full."""
+    import ray
+
+    groups = [g for g in ray.util.placement_group_table().values()
+              if g["state"] == "CREATED" and len(g["bundles"]) == 3]
+    assert len(groups) == 1, groups
+    group_id = groups[0]["placement_group_id"]
+    free = ray.available_resources()
+    assert free.get(f"CPU_group_{group_id}", 0.0) == 0.0, free
