@@ -5,6 +5,11 @@ this measures the driver's scheduler, the msgpack codec and the ZeroMQ
 channels. One JSON line per (executor, workers W, running requests N).
 
     python benchmarks/control_plane.py [--workers 1 2 4] [--requests 1 64 256] [--steps 300]
+                                       [--backend mp ray]
+
+With ``--backend ray`` the workers are Ray actors (a local Ray instance with one
+logical CPU per worker, unless RAY_ADDRESS names a cluster); the per-step path is
+the same ZeroMQ protocol over tcp instead of ipc.
 """
 from __future__ import annotations
 
@@ -63,21 +68,27 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--requests", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--backend", choices=["mp", "ray"], default="mp")
+    parser.add_argument("--backend", choices=["mp", "ray"], nargs="+", default=["mp"])
     args = parser.parse_args()
-    for workers in args.workers:
-        executor = create_executor(ParallelConfig(tp_size=workers, executor_backend=args.backend),
-                                   threads_per_worker=1)
-        try:
-            executor.start()
-            executor.call(Command.LOAD_MODEL, {"null_runner": True})
-            executor.call(Command.INIT_KV_CACHE, {"num_pages": 1 << 16, "page_size": PAGE_SIZE})
-            for n in args.requests:
-                figures = run_case(executor, n, args.steps)
-                emit({"bench": "control_plane", "executor": args.backend, "workers": workers,
-                      "running_requests": n, "steps": args.steps, **figures})
-        finally:
-            executor.shutdown()
+    if "ray" in args.backend:
+        from shoal.runtime.ray_executor import connect_ray
+
+        connect_ray(num_cpus=max(args.workers), log_to_driver=False)
+    for backend in args.backend:
+        for workers in args.workers:
+            executor = create_executor(ParallelConfig(tp_size=workers, executor_backend=backend),
+                                       threads_per_worker=1)
+            try:
+                executor.start()
+                executor.call(Command.LOAD_MODEL, {"null_runner": True})
+                executor.call(Command.INIT_KV_CACHE,
+                              {"num_pages": 1 << 16, "page_size": PAGE_SIZE})
+                for n in args.requests:
+                    figures = run_case(executor, n, args.steps)
+                    emit({"bench": "control_plane", "executor": backend, "workers": workers,
+                          "running_requests": n, "steps": args.steps, **figures})
+            finally:
+                executor.shutdown()
 
 
 if __name__ == "__main__":
