@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -166,6 +167,8 @@ class ExternalExecutor(ZmqExecutor):
         # report every worker's unsubscription (disconnect), not only the last one's
         self.channel.broadcast.setsockopt(zmq.XPUB_VERBOSER, 1)
         self._pids: dict[int, int] = {}  # rank -> pid of the worker that took it
+        self._late_stop = threading.Event()
+        self._late_thread: threading.Thread | None = None
 
     def _bootstrap_info(self, request: dict) -> dict:
         info = super()._bootstrap_info(request)
@@ -176,6 +179,34 @@ class ExternalExecutor(ZmqExecutor):
                 "launcher's WORLD_SIZE match the driver's tp x pp x dp?"
             )
         return info
+
+    def start(self) -> None:
+        super().start()
+        # from now on the bootstrap socket is only this thread's: a stray worker (a launcher
+        # started more than world_size) gets a refusal instead of a silent timeout
+        self._late_thread = threading.Thread(target=self._refuse_late_workers, daemon=True)
+        self._late_thread.start()
+
+    def _refuse_late_workers(self) -> None:
+        def refuse(request: dict) -> dict:
+            raise ProtocolError(
+                f"the driver already has its {self.world_size} workers; rank "
+                f"{request.get('rank')!r} is not needed (check the launcher's WORLD_SIZE)"
+            )
+
+        while not self._late_stop.is_set():
+            try:
+                self.channel.serve_bootstrap(refuse, 0.2)
+            except ProtocolError as exc:
+                logger.warning("refused a late worker: %s", exc)
+            except Exception:  # the socket is closing
+                return
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        self._late_stop.set()
+        if self._late_thread is not None:
+            self._late_thread.join(timeout=2.0)
+        super().shutdown(timeout_s)
 
     def _launch_workers(self) -> None:
         logger.warning(

@@ -1,8 +1,9 @@
 """Headless workers started by real launchers (torchrun, the DeepSpeed launcher) join a
 driver that waits with ``--distributed-executor-backend external``.
 
-Each launcher test starts the launcher first (its workers wait for the driver's port),
-then the driver (``LLM(..., distributed_executor_backend="external")``), generates, and
+Each launcher test runs the script a user would (``launch/torchrun_workers.sh``,
+``launch/deepspeed_workers.sh``) first (its workers wait for the driver's port), then
+the driver (``LLM(..., distributed_executor_backend="external")``), generates, and
 checks the tokens against transformers and that the launcher exits cleanly once the
 driver shuts down.
 """
@@ -11,10 +12,10 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
-import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,7 @@ from shoal.runtime.external_executor import (
 
 pytestmark = pytest.mark.timeout(300)
 
+LAUNCH = Path(__file__).resolve().parents[2] / "launch"
 PROMPTS = [[5, 17, 42, 9], [100, 3, 77, 21, 8, 64, 150], [7]]
 MAX_TOKENS = 10
 
@@ -102,9 +104,16 @@ def test_headless_workers_join_and_a_wrong_rank_is_refused():
             replies = ex.call(Command.COLLECTIVE_CHECK, {"numel": 3})
             assert [r["tp_sum"] for r in replies] == [[3.0] * 3] * 2
             assert [w.pid for w in ex.workers] == [procs[0].pid, procs[1].pid]
+            # refused during start-up (out of range) or after it (all ranks taken): either way
+            # an error, not a silent timeout
             _, err = procs[2].communicate(timeout=120)
             assert procs[2].returncode != 0
-            assert "driver refused bootstrap" in err and "world size is 2" in err
+            assert "driver refused bootstrap" in err, err[-2000:]
+            late = subprocess.run(
+                [sys.executable, "-m", "shoal.cli", "worker", "--driver-addr", addr],
+                env=worker_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1"),
+                capture_output=True, text=True, timeout=120)
+            assert late.returncode != 0 and "already has its 2 workers" in late.stderr
         for proc in procs[:2]:
             proc.communicate(timeout=60)
             assert proc.returncode == 0
@@ -118,13 +127,21 @@ def test_headless_workers_join_and_a_wrong_rank_is_refused():
 # -- real launchers ---------------------------------------------------------------------------
 
 
-def run_with_launcher(launcher_cmd: list[str], tmp_path, port: int) -> None:
-    """Start ``launcher_cmd`` (headless workers), drive them with an LLM, compare with HF."""
+@pytest.mark.parametrize("script", sorted(p.name for p in LAUNCH.glob("*.s*")))
+def test_launch_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True, timeout=30)
+
+
+def run_with_launcher(script: str, env: dict, tmp_path, port: int) -> None:
+    """Run ``launch/<script>`` (headless workers), drive them with an LLM, compare with HF."""
     from shoal import LLM, SamplingParams
 
     ckpt = tiny_checkpoint("llama", tmp_path)
     log = open(tmp_path / "launcher.log", "w+")
-    launcher = subprocess.Popen(launcher_cmd, env=worker_env(), stdin=subprocess.DEVNULL,
+    bindir = os.path.dirname(sys.executable)
+    env = worker_env(DRIVER_ADDR=f"127.0.0.1:{port}", PYTHON=sys.executable,
+                     PATH=f"{bindir}:{os.environ.get('PATH', '')}", **env)
+    launcher = subprocess.Popen(["bash", str(LAUNCH / script)], env=env, stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path),
                                 start_new_session=True)
     try:
@@ -149,10 +166,7 @@ def run_with_launcher(launcher_cmd: list[str], tmp_path, port: int) -> None:
 
 def test_torchrun_starts_headless_workers(tmp_path):
     port = free_port()
-    run_with_launcher(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "shoal.cli", "worker", "--driver-addr", f"127.0.0.1:{port}"],
-        tmp_path, port)
+    run_with_launcher("torchrun_workers.sh", {"NPROC_PER_NODE": "2"}, tmp_path, port)
 
 
 @pytest.mark.deepspeed
@@ -160,19 +174,15 @@ def test_torchrun_starts_headless_workers(tmp_path):
 @pytest.mark.parametrize("hostfile", [False, True], ids=["num_gpus", "hostfile-no-ssh"])
 def test_deepspeed_launcher_starts_headless_workers(tmp_path, hostfile):
     port, master_port = free_port(), free_port()
-    deepspeed = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable),
-                                                           "deepspeed")
+    env = {"MASTER_PORT": str(master_port)}
     if hostfile:  # how a multi-node job runs without ssh: the same command on every node
         (tmp_path / "hostfile").write_text("localhost slots=2\n")
-        where = ["--hostfile", str(tmp_path / "hostfile"), "--no_ssh", "--node_rank", "0",
-                 "--master_addr", "127.0.0.1"]
+        env.update(HOSTFILE=str(tmp_path / "hostfile"), NO_SSH="1", NODE_RANK="0",
+                   MASTER_ADDR="127.0.0.1")
     else:
-        where = ["--num_gpus", "2"]
+        env.update(NUM_GPUS="2")
     try:
-        run_with_launcher(
-            [deepspeed, *where, "--master_port", str(master_port), "--module", "shoal.cli",
-             "worker", "--driver-addr", f"127.0.0.1:{port}"],
-            tmp_path, port)
+        run_with_launcher("deepspeed_workers.sh", env, tmp_path, port)
     finally:  # DeepSpeed's CPU all-reduce buffers, should anything have created them
         for path in glob.glob(f"/dev/shm/deepspeed_*_{master_port}_*"):
             os.unlink(path)

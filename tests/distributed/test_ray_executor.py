@@ -234,3 +234,17 @@ def test_inside_a_placement_group_the_workers_use_its_bundles(cluster):
         remove_placement_group(group)
     assert pg_id == group.id.hex() and not owned
     assert sums == [[3.0, 3.0]] * 2
+
+
+def test_cluster_launcher_config_is_valid():
+    """launch/ray_cluster.yaml passes the cluster launcher's own schema (as `ray up` checks)."""
+    if not HAS_RAY:
+        pytest.skip("needs the ray extra")
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "launch", "ray_cluster.yaml")
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    validate_config(prepare_config(config))
+    assert any("shoal[ray]" in c for c in config["setup_commands"])
