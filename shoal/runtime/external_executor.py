@@ -26,8 +26,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import zmq
 
@@ -81,7 +81,7 @@ class LaunchEnv:
     local_world_size: int
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None) -> "LaunchEnv":
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> LaunchEnv:
         """Read RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE (or LOCAL_SIZE), or the
         Slurm, Open MPI and MPICH equivalents; raise ValueError naming what is missing."""
         environ = os.environ if environ is None else environ
@@ -106,7 +106,7 @@ class LaunchEnv:
 
 def parse_driver_address(address: str) -> str:
     """``HOST:PORT`` or ``tcp://HOST:PORT`` -> ``tcp://HOST:PORT``."""
-    bare = address[len("tcp://"):] if address.startswith("tcp://") else address
+    bare = address.removeprefix("tcp://")
     host, sep, port = bare.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"driver address must be HOST:PORT, got {address!r}")

@@ -29,7 +29,8 @@ from typing import Any
 
 from shoal.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from shoal.runtime.ray_executor import PLACEMENT_GROUP_ENV, import_ray
-from shoal.serve.api_server import ServerSettings, build_app as build_fastapi_app, served_model
+from shoal.serve.api_server import ServerSettings, served_model
+from shoal.serve.api_server import build_app as build_fastapi_app
 
 logger = logging.getLogger(__name__)
 
@@ -164,4 +165,4 @@ def build_app(args: dict[str, Any]) -> Any:
     return deployment.bind(config, config.model.served_model_name, api_key)
 
 
-__all__ = ["build_app", "plan_deployment", "split_options", "placement_bundles", "ShoalDeployment"]
+__all__ = ["ShoalDeployment", "build_app", "placement_bundles", "plan_deployment", "split_options"]
