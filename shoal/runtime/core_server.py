@@ -1,0 +1,335 @@
+"""The engine-core process behind the HTTP server: ``python -m shoal.runtime.core_server``.
+
+The API server starts this module as a fresh interpreter (not a fork) and talks
+to it over two ZeroMQ ipc:// sockets that the API server binds: PULL here for
+AddRequest / AbortRequests / Shutdown, PUSH here for CoreOutputs. Messages are
+typed and msgpack-encoded (``shoal.comm.codec``); nothing is pickled.
+
+The loop: read every pending input (blocking up to a second when idle, not at
+all while requests run), answer admissions (accepted, or a typed rejection: a
+RequestError never ends this process), run one ``EngineCore.step()`` and send
+its token deltas with the core's stats. A fatal error (a worker died) is sent as
+EngineFailure before the process exits; the workers die with it, and this
+process dies with the API server (PR_SET_PDEATHSIG plus a parent-pid check).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+
+import numpy as np
+import zmq
+
+from shoal.comm.codec import decode, encode
+from shoal.comm.protocol import (
+    AbortRequests,
+    AddRequest,
+    CoreLogprob,
+    CoreOutputs,
+    CoreStats,
+    CoreTokenDelta,
+    EngineFailure,
+    EngineReady,
+    RequestRejection,
+    Shutdown,
+    StepResult,
+)
+from shoal.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from shoal.errors import ProtocolError, RequestError
+from shoal.runtime.engine_core import EngineCore, create_executor
+from shoal.runtime.outputs import TokenDelta
+from shoal.runtime.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_S = 1.0  # how long an idle loop blocks on its input (it checks workers in between)
+EXPERT_COUNTS_PERIOD_S = 1.0  # expert counts travel at most this often (they are larger)
+MAX_INPUT_BYTES = 256 << 20
+
+
+def config_to_json(config: EngineConfig) -> str:
+    """The engine config as JSON for the child's command line (configs are plain values)."""
+    return json.dumps(dataclasses.asdict(config))
+
+
+def config_from_json(text: str) -> EngineConfig:
+    raw = json.loads(text)
+    parallel = dict(raw["parallel"])
+    if parallel.get("pp_layer_partition") is not None:
+        parallel["pp_layer_partition"] = tuple(parallel["pp_layer_partition"])
+    return EngineConfig(
+        model=ModelConfig(**raw["model"]),
+        parallel=ParallelConfig(**parallel),
+        cache=CacheConfig(**raw["cache"]),
+        scheduler=SchedulerConfig(**raw["scheduler"]),
+    )
+
+
+class ExpertCountingExecutor:
+    """Wraps an executor to add up ``StepResult.expert_counts`` (MoE models) over steps."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.expert_counts: np.ndarray | None = None  # int64 [moe_layers, experts]
+        self.version = 0  # bumped whenever the totals change
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def get_result(self, timeout_s: float | None = None) -> StepResult:
+        result = self._inner.get_result(timeout_s)
+        counts = result.expert_counts
+        if counts is not None and counts.size:
+            counts = np.asarray(counts, dtype=np.int64)
+            if self.expert_counts is None or self.expert_counts.shape != counts.shape:
+                self.expert_counts = np.zeros(counts.shape, dtype=np.int64)
+            self.expert_counts += counts
+            self.version += 1
+        return result
+
+
+def to_wire_delta(delta: TokenDelta) -> CoreTokenDelta:
+    logprobs = None
+    if delta.logprobs is not None:
+        logprobs = [
+            CoreLogprob(lp.token_id, lp.logprob, list(lp.top), list(lp.top.values()))
+            for lp in delta.logprobs
+        ]
+    stop = delta.stop_reason if isinstance(delta.stop_reason, int) else None
+    return CoreTokenDelta(delta.req_id, list(delta.new_token_ids), logprobs, delta.finish_reason,
+                          stop, delta.num_prompt_tokens, delta.num_cached_tokens)
+
+
+class CoreServer:
+    """Runs an EngineCore for one API server over a PULL/PUSH socket pair."""
+
+    def __init__(self, core: EngineCore, input_address: str, output_address: str,
+                 counting: ExpertCountingExecutor | None = None):
+        self.core = core
+        self.counting = counting
+        self._ctx = zmq.Context()
+        self.inputs = self._ctx.socket(zmq.PULL)
+        self.outputs = self._ctx.socket(zmq.PUSH)
+        for sock in (self.inputs, self.outputs):
+            sock.setsockopt(zmq.LINGER, 1000)
+        self.inputs.connect(input_address)
+        self.outputs.connect(output_address)
+        self._stopping = False
+        self._accepted: list[str] = []
+        self._rejected: list[RequestRejection] = []
+        self._unscheduled: set[int] = set()  # children admitted but never scheduled yet
+        self._expert_version_sent = 0
+        self._expert_sent_at = 0.0
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def send(self, msg) -> None:
+        self.outputs.send_multipart(encode(msg), copy=False)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        core = self.core
+        self.send(EngineReady(os.getpid(), core.num_pages, core.config.cache.block_size,
+                              core.max_model_len, core.config.parallel.world_size))
+        idle_poll = IDLE_POLL_S
+        while not self._stopping:
+            busy = core.has_unfinished()
+            got_inputs = self._read_inputs(0.0 if busy else idle_poll)
+            if got_inputs or self._accepted or self._rejected:
+                self._send_outputs([], [], 0.0)
+            if self._stopping:
+                break
+            if core.has_unfinished():
+                started = time.monotonic()
+                deltas = core.step()
+                scheduled = self._newly_scheduled()
+                self._send_outputs(deltas, scheduled, started)
+                # nothing ran and nothing is in flight: wait a little instead of spinning
+                idle_poll = 0.005 if not deltas and not core.in_flight else IDLE_POLL_S
+            elif not got_inputs:
+                core.executor.check_alive()  # raises WorkerDiedError: workers died while idle
+
+    def _read_inputs(self, timeout_s: float) -> bool:
+        """Handle every pending input; wait up to ``timeout_s`` for the first."""
+        if not self.inputs.poll(int(timeout_s * 1000)):
+            return False
+        while not self._stopping:
+            try:
+                frames = self.inputs.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                msg = decode(frames, MAX_INPUT_BYTES)
+            except ProtocolError as exc:
+                logger.error("dropped a malformed message from the API server: %s", exc)
+                continue
+            self._dispatch(msg)
+        return True
+
+    def _dispatch(self, msg) -> None:
+        if isinstance(msg, AddRequest):
+            self._add(msg)
+        elif isinstance(msg, AbortRequests):
+            if msg.reason == "abort":
+                self.core.abort(msg.req_ids)
+            else:
+                self.core.finish(msg.req_ids, msg.reason)
+            self._unscheduled.difference_update(msg.req_ids)
+        elif isinstance(msg, Shutdown):
+            logger.info("shutdown asked: %s", msg.reason)
+            self._stopping = True
+        else:
+            logger.warning("unexpected %s from the API server", type(msg).__name__)
+
+    def _add(self, msg: AddRequest) -> None:
+        limit = self.core.config.scheduler.max_waiting_requests
+        waiting = self.core.scheduler.num_waiting
+        if limit is not None and waiting + len(msg.req_ids) > limit:
+            self._reject(msg.request_id, "overloaded",
+                         f"the server is overloaded: {waiting} requests are waiting "
+                         f"(--max-waiting-requests={limit}); retry later")
+            return
+        try:
+            if not msg.req_ids or len(msg.sampling) != len(msg.req_ids):
+                raise ValueError("one SamplingOptions per child request is needed")
+            prompt = msg.prompt_token_ids.tolist()
+            requests = [Request(
+                req_id=req_id, prompt_token_ids=prompt, sampling=sampling,
+                max_tokens=msg.max_tokens, eos_token_ids=set(msg.eos_token_ids),
+                stop_token_ids=set(msg.stop_token_ids), min_tokens=msg.min_tokens,
+                arrival_time=msg.arrival_time,
+            ) for req_id, sampling in zip(msg.req_ids, msg.sampling)]
+            # the first child is checked and queued now; with prefix caching the others
+            # follow once its prompt is cached (same prompt, same limits: same verdict)
+            self.core.add_request_group(requests)
+        except (RequestError, ValueError, TypeError) as exc:
+            self.core.abort(msg.req_ids)  # all or none (unknown ids are ignored)
+            self._reject(msg.request_id, "invalid", str(exc))
+            return
+        self._unscheduled.update(msg.req_ids)
+        self._accepted.append(msg.request_id)
+
+    def _reject(self, request_id: str, kind: str, message: str) -> None:
+        logger.info("request %s rejected (%s): %s", request_id, kind, message)
+        self._rejected.append(RequestRejection(request_id, kind, message))
+
+    def _newly_scheduled(self) -> list[int]:
+        """Children that left the waiting state in the last step (first time only)."""
+        if not self._unscheduled:
+            return []
+        scheduler = self.core.scheduler
+        done = []
+        for req_id in self._unscheduled:
+            request = scheduler.get_request(req_id)
+            if request is None or request.status is not RequestStatus.WAITING:
+                done.append(req_id)
+        self._unscheduled.difference_update(done)
+        return [r for r in done if scheduler.get_request(r) is not None]
+
+    def _send_outputs(self, deltas: list[TokenDelta], scheduled: list[int], at: float) -> None:
+        self.send(CoreOutputs(
+            deltas=[to_wire_delta(d) for d in deltas],
+            accepted=self._accepted,
+            rejected=self._rejected,
+            scheduled_req_ids=scheduled,
+            scheduled_time=at,
+            stats=self._stats(),
+        ))
+        self._accepted, self._rejected = [], []
+
+    def _stats(self) -> CoreStats:
+        s = self.core.stats()
+        counts = None
+        c = self.counting
+        now = time.monotonic()
+        if (c is not None and c.version != self._expert_version_sent
+                and now - self._expert_sent_at >= EXPERT_COUNTS_PERIOD_S):
+            counts = c.expert_counts
+            self._expert_version_sent, self._expert_sent_at = c.version, now
+        return CoreStats(s.num_running, s.num_waiting, s.kv_usage, s.num_pages,
+                         s.prefix_cache_queries, s.prefix_cache_hits, s.num_preemptions,
+                         s.num_steps, counts)
+
+    def close(self) -> None:
+        self.inputs.close(linger=0)
+        self.outputs.close(linger=1000)
+        self._ctx.term()
+
+
+def _die_with_parent(parent_pid: int) -> bool:
+    """SIGKILL this process when its parent dies; False when the parent is gone already."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    return os.getppid() == parent_pid
+
+
+def _report_failure(output_address: str, error: str) -> None:
+    """Best effort: tell the API server why this process is exiting."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 2000)
+    try:
+        sock.connect(output_address)
+        sock.send_multipart(encode(EngineFailure(error)))
+    finally:
+        sock.close(linger=2000)
+        ctx.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--input-address", required=True)
+    parser.add_argument("--output-address", required=True)
+    parser.add_argument("--config", required=True, help="EngineConfig as JSON")
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--max-model-len", type=int, required=True)
+    parser.add_argument("--parent-pid", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("SHOAL_LOG_LEVEL", "WARNING").upper(),
+                        format="[core] %(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.parent_pid is not None and not _die_with_parent(args.parent_pid):
+        return 1
+    config = config_from_json(args.config)
+    server = None
+    core = None
+    try:
+        counting = ExpertCountingExecutor(create_executor(config.parallel))
+        core = EngineCore(config, args.model_path, args.max_model_len, executor=counting)
+        server = CoreServer(core, args.input_address, args.output_address, counting)
+        signal.signal(signal.SIGTERM, lambda *_: server.stop())
+        server.run()
+        return 0
+    except Exception as exc:
+        logger.error("engine core failed: %s", exc)
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        if server is not None:
+            server.close()
+            server = None
+        _report_failure(args.output_address, detail)
+        return 1
+    finally:
+        if server is not None:
+            server.close()
+        if core is not None:
+            core.shutdown()
+
+
+if __name__ == "__main__":
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip the slow interpreter teardown of torch's and ZeroMQ's threads

@@ -1,0 +1,241 @@
+"""The OpenAI-compatible HTTP server (``shoal serve``): FastAPI on uvicorn with uvloop.
+
+Routes as vLLM's: ``POST /v1/completions``, ``POST /v1/chat/completions``
+(server-sent events with ``"stream": true``), ``GET /v1/models``, ``GET /health``
+(200 while the engine core runs, 503 after it died), ``GET /metrics``
+(Prometheus), ``GET /version``.
+
+This process tokenizes, detokenizes and streams; the engine core runs in a
+child process (``shoal.runtime.core_server``) started in the app's lifespan and
+stopped with it. With ``--api-key``, every ``/v1`` route needs
+``Authorization: Bearer <key>`` (401 otherwise); ``/health``, ``/metrics`` and
+``/version`` stay open, as in vLLM, so probes and scrapers need no secret.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import secrets
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import shoal
+from shoal.config import EngineConfig
+from shoal.models.default_model import DEFAULT_MODEL_ALIASES, resolve_model
+from shoal.runtime.engine import eos_token_ids, load_tokenizer, model_max_len
+from shoal.serve.chat import ChatServing
+from shoal.serve.completions import CompletionServing
+from shoal.serve.engine_client import AsyncEngineClient, EngineDeadError
+from shoal.serve.metrics import ServerMetrics
+from shoal.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body
+from shoal.serve.serving import ServedModel
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 32 << 20
+DEFAULT_MAX_WAITING_REQUESTS = 1024  # when --max-waiting-requests is not given
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the app needs besides the engine config."""
+
+    engine_config: EngineConfig
+    model: ServedModel
+    api_key: str | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+class BearerAuth:
+    """Pure ASGI middleware: ``/v1`` routes need ``Authorization: Bearer <api key>``."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http" and scope["path"].startswith("/v1")
+                and scope["method"] != "OPTIONS"):
+            given = Headers(scope=scope).get("authorization", "").encode()
+            if not secrets.compare_digest(given, self.expected):
+                error = APIError(401, "Unauthorized: a valid API key is needed "
+                                 "(Authorization: Bearer <key>)", code="invalid_api_key",
+                                 headers={"WWW-Authenticate": "Bearer"})
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes (413) before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body exceeds {limit} bytes", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body exceeds {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def bounded_queue(config: EngineConfig) -> EngineConfig:
+    """The config with a waiting-queue bound (DEFAULT_MAX_WAITING_REQUESTS when none is set)."""
+    if config.scheduler.max_waiting_requests is not None:
+        return config
+    scheduler = dataclasses.replace(config.scheduler,
+                                    max_waiting_requests=DEFAULT_MAX_WAITING_REQUESTS)
+    return config.replace(scheduler=scheduler)
+
+
+def build_app(settings: ServerSettings) -> FastAPI:
+    """The FastAPI app; its lifespan starts and stops the engine-core process.
+
+    A server never queues without bound: with no ``max_waiting_requests`` in the
+    config, DEFAULT_MAX_WAITING_REQUESTS applies.
+    """
+    metrics = ServerMetrics(settings.model.name)
+    config = bounded_queue(settings.engine_config)
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine = AsyncEngineClient(config, settings.model.root, settings.model.max_model_len,
+                                   metrics)
+        state["engine"] = engine
+        await engine.start()
+        try:
+            # the tokenizer loads here while the core process loads the model
+            tokenizer = await asyncio.to_thread(load_tokenizer, settings.model.root)
+            engine.set_tokenizer(tokenizer, eos_token_ids(settings.model.root, tokenizer))
+            await engine.wait_ready()
+        except BaseException:
+            await engine.stop()
+            raise
+        state["completions"] = CompletionServing(engine, settings.model, tokenizer)
+        state["chat"] = ChatServing(engine, settings.model, tokenizer)
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    app = FastAPI(title="shoal", version=shoal.__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    if settings.api_key:
+        app.add_middleware(BearerAuth, api_key=settings.api_key)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(APIError(exc.status_code, str(exc.detail), code=code))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}",
+                                       code="internal_error"))
+
+    @app.get("/health")
+    async def health() -> Response:
+        engine: AsyncEngineClient = state["engine"]
+        if engine.healthy:
+            return Response(status_code=200)
+        raise APIError(503, f"the engine is not running: {engine.dead_reason}",
+                       code="engine_dead")
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": shoal.__version__}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        m = settings.model
+        return {"object": "list", "data": [{
+            "id": m.name, "object": "model", "created": m.created, "owned_by": "shoal",
+            "root": m.root, "parent": None, "max_model_len": m.max_model_len,
+            "permission": [],
+        }]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = parse_body(await read_body(request, settings.max_body_bytes), CompletionRequest)
+        return await state["completions"].create(body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = parse_body(await read_body(request, settings.max_body_bytes),
+                          ChatCompletionRequest)
+        return await state["chat"].create(body, request)
+
+    app.state.shoal = state
+    app.state.metrics = metrics
+    return app
+
+
+def served_model(config: EngineConfig, name: str | None) -> ServedModel:
+    """Resolve the checkpoint (the default model converts on first use) and its names."""
+    from transformers import AutoConfig
+
+    root = resolve_model(config.model.model)
+    hf_config = AutoConfig.from_pretrained(root)
+    max_len = model_max_len(hf_config, config.model.max_model_len)
+    given = config.model.model
+    if given is None or given in DEFAULT_MODEL_ALIASES:
+        aliases = DEFAULT_MODEL_ALIASES
+        default_name = DEFAULT_MODEL_ALIASES[-1]
+    else:
+        aliases = (given, root)
+        default_name = given
+    return ServedModel(name=name or default_name, aliases=tuple(aliases), root=root,
+                       max_model_len=max_len, vocab_size=int(hf_config.vocab_size),
+                       created=int(time.time()))
+
+
+def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> None:
+    """Serve until interrupted (the ``shoal serve`` command)."""
+    import uvicorn
+
+    engine_config = bounded_queue(engine_config)
+    scheduler = engine_config.scheduler
+    os.environ.setdefault("SHOAL_LOG_LEVEL", getattr(args, "log_level", "WARNING").upper())
+    settings = ServerSettings(
+        engine_config=engine_config,
+        model=served_model(engine_config, getattr(args, "served_model_name", None)),
+        api_key=getattr(args, "api_key", None) or None,
+    )
+    app = build_app(settings)
+    # a backstop far above what the queue admits: beyond it uvicorn answers 503 itself
+    limit = 2 * (scheduler.max_waiting_requests + scheduler.max_num_seqs) + 256
+    logger.info("serving %s on http://%s:%d", settings.model.name, args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop",
+                log_level=getattr(args, "log_level", "warning").lower(),
+                timeout_keep_alive=5, limit_concurrency=limit, timeout_graceful_shutdown=5)
+
+
+__all__ = ["EngineDeadError", "ServerSettings", "build_app", "run_server", "served_model"]

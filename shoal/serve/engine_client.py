@@ -1,0 +1,411 @@
+"""The API server's side of the engine: a child process behind ZeroMQ, driven from asyncio.
+
+``AsyncEngineClient`` starts ``python -m shoal.runtime.core_server`` as a fresh
+interpreter, binds the two ipc:// sockets it connects to, and turns its
+CoreOutputs into text with an ``OutputProcessor`` on the event loop. Each user
+request gets a ``RequestStream`` that its HTTP handler reads. Admission is
+awaited: ``generate`` returns only once the core accepted the request, so a
+rejection (prompt can never fit, queue full) becomes an HTTP error before any
+byte of a stream is sent. When the core process dies, every request in flight
+fails with ``EngineDeadError`` and ``healthy`` turns False.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from shoal.comm.codec import decode, encode
+from shoal.comm.protocol import (
+    AbortRequests,
+    AddRequest,
+    CoreOutputs,
+    EngineFailure,
+    EngineReady,
+    Shutdown,
+)
+from shoal.config import EngineConfig
+from shoal.errors import ProtocolError, ShoalError
+from shoal.runtime.core_server import config_to_json
+from shoal.runtime.engine import make_requests
+from shoal.runtime.output_processor import OutputProcessor
+from shoal.runtime.outputs import RequestOutput, TokenDelta, TokenLogprob
+from shoal.runtime.sampling_params import SamplingParams
+from shoal.serve.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+MAX_OUTPUT_BYTES = 256 << 20
+WATCH_INTERVAL_S = 0.2
+
+
+class EngineDeadError(ShoalError):
+    """The engine-core process is gone; nothing can be served."""
+
+
+class RequestRejectedError(ShoalError):
+    """The core refused a request: ``kind`` is "invalid" or "overloaded"."""
+
+    def __init__(self, kind: str, message: str, request_id: str | None = None):
+        super().__init__(message, request_id=request_id)
+        self.kind = kind
+
+
+class RequestStream:
+    """One request's outputs as its handler sees them: text merged since it last looked.
+
+    Several streams may share one ``notify`` event (a completion with several prompts).
+    """
+
+    def __init__(self, request_id: str, n: int, notify: asyncio.Event):
+        self.request_id = request_id
+        self.notify = notify
+        self.latest: RequestOutput | None = None
+        self.finished = False
+        self.error: BaseException | None = None
+        self._pending = [""] * n
+
+    def put(self, output: RequestOutput) -> None:
+        for i, text in enumerate(output.delta_text):
+            self._pending[i] += text
+        self.latest = output
+        self.finished = output.finished
+        self.notify.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.notify.set()
+
+    def take_text(self) -> list[str]:
+        """Text per completion since the last call (raises the stream's error, if any)."""
+        if self.error is not None:
+            raise self.error
+        pending, self._pending = self._pending, [""] * len(self._pending)
+        return pending
+
+    async def result(self) -> RequestOutput:
+        """Wait for the finished output (non-streaming requests)."""
+        while not self.finished:
+            if self.error is not None:
+                raise self.error
+            self.notify.clear()
+            await self.notify.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.latest is not None
+        return self.latest
+
+
+class _Tracked:
+    """Per-request timing the metrics need beyond RequestOutput.metrics."""
+
+    __slots__ = ("arrival", "child_ids", "last_token", "queued_observed")
+
+    def __init__(self, arrival: float, child_ids: list[int]):
+        self.arrival = arrival
+        self.child_ids = child_ids
+        self.last_token: float | None = None
+        self.queued_observed = False
+
+
+class AsyncEngineClient:
+    """Starts the engine-core process and serves requests to it from the event loop.
+
+    Start-up is ``start()`` (spawns the core and returns), ``set_tokenizer()``
+    (loaded meanwhile, while the core loads the model), then ``wait_ready()``.
+
+    Args:
+        config: the engine configuration the core runs with.
+        model_path: the local checkpoint directory.
+        max_model_len: the context length served.
+        metrics: where request and engine metrics go.
+    """
+
+    def __init__(self, config: EngineConfig, model_path: str, max_model_len: int,
+                 metrics: ServerMetrics):
+        self.config = config
+        self.model_path = model_path
+        self.max_model_len = max_model_len
+        self.metrics = metrics
+        self.eos_ids: set[int] = set()
+        self.processor = OutputProcessor(None)
+        self.info: EngineReady | None = None
+        self.proc: subprocess.Popen | None = None
+        self.dead_reason: str | None = None
+        self._ids = itertools.count()
+        self._streams: dict[str, RequestStream] = {}
+        self._admissions: dict[str, asyncio.Future] = {}
+        self._tracked: dict[str, _Tracked] = {}
+        self._child_parent: dict[int, str] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._ready: asyncio.Future | None = None
+        self._tmpdir: str | None = None
+        self._sync_ctx: zmq.Context | None = None
+        self._async_ctx: zmq.asyncio.Context | None = None
+        self._push: zmq.Socket | None = None
+        self._pull: zmq.asyncio.Socket | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def set_tokenizer(self, tokenizer, eos_ids: set[int]) -> None:
+        """The tokenizer (None: token-id prompts only) and EOS ids; before any request."""
+        self.processor = OutputProcessor(tokenizer)
+        self.eos_ids = set(eos_ids)
+
+    async def start(self) -> None:
+        """Start the core process (it connects to sockets bound here); see ``wait_ready``."""
+        loop = asyncio.get_running_loop()
+        self._tmpdir = tempfile.mkdtemp(prefix="shoal-api-")
+        self._sync_ctx = zmq.Context()
+        self._async_ctx = zmq.asyncio.Context()
+        self._push = self._sync_ctx.socket(zmq.PUSH)  # never blocks: no high-water mark
+        self._push.setsockopt(zmq.SNDHWM, 0)
+        self._push.setsockopt(zmq.LINGER, 0)
+        self._pull = self._async_ctx.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.RCVHWM, 0)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        input_address = f"ipc://{self._tmpdir}/in"
+        output_address = f"ipc://{self._tmpdir}/out"
+        self._push.bind(input_address)
+        self._pull.bind(output_address)
+        cmd = [
+            sys.executable, "-m", "shoal.runtime.core_server",
+            "--input-address", input_address,
+            "--output-address", output_address,
+            "--config", config_to_json(self.config),
+            "--model-path", self.model_path,
+            "--max-model-len", str(self.max_model_len),
+            "--parent-pid", str(os.getpid()),
+        ]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        logger.info("started the engine core process (pid %d)", self.proc.pid)
+        self._ready = loop.create_future()
+        self._tasks = [loop.create_task(self._output_loop()), loop.create_task(self._watch())]
+
+    async def wait_ready(self) -> EngineReady:
+        """Wait until the core has loaded the model (raises EngineDeadError if it died)."""
+        assert self._ready is not None, "start() first"
+        self.info = await self._ready
+        self.metrics.set_healthy(True)
+        logger.info("engine core ready: %d KV pages of %d tokens",
+                    self.info.num_pages, self.info.page_size)
+        return self.info
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask the core to exit, then make sure it did; release the sockets."""
+        for task in self._tasks:
+            task.cancel()
+        proc = self.proc
+        if proc is not None and proc.poll() is None and self._push is not None:
+            try:
+                self._push.send_multipart(encode(Shutdown("API server stopping")), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            try:
+                await asyncio.to_thread(proc.wait, timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("engine core did not exit in %.0f s; killing it", timeout_s)
+                proc.kill()
+                await asyncio.to_thread(proc.wait, timeout_s)
+        self._mark_dead("the server is shutting down", log=False)
+        for ctx in (self._sync_ctx, self._async_ctx):
+            if ctx is not None:
+                ctx.destroy(linger=0)
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    @property
+    def healthy(self) -> bool:
+        return self.dead_reason is None and self.info is not None
+
+    def _mark_dead(self, reason: str, log: bool = True) -> None:
+        if self.dead_reason is not None:
+            return
+        self.dead_reason = reason
+        self.metrics.set_healthy(False)
+        if log:
+            logger.error("engine core is dead: %s", reason)
+        error = EngineDeadError(reason)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(error)
+        for future in self._admissions.values():
+            if not future.done():
+                future.set_exception(error)
+        self._admissions.clear()
+        for request_id, stream in list(self._streams.items()):
+            stream.fail(error)
+            self.processor.abort(request_id)
+        self._streams.clear()
+        self._tracked.clear()
+        self._child_parent.clear()
+
+    async def _watch(self) -> None:
+        assert self.proc is not None
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                self._mark_dead(f"the engine core process exited with code {code}")
+                return
+            await asyncio.sleep(WATCH_INTERVAL_S)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    async def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                       params: SamplingParams, notify: asyncio.Event | None = None
+                       ) -> RequestStream:
+        """Submit a request and wait until the core admitted it.
+
+        Raises:
+            EngineDeadError: the core process is gone.
+            RequestRejectedError: the core refused it (kind "invalid" or "overloaded").
+        """
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+        arrival = time.monotonic()
+        child_ids = [next(self._ids) for _ in range(params.n)]
+        requests = make_requests(child_ids, prompt_token_ids, params, self.max_model_len,
+                                 self.eos_ids, arrival)
+        first = requests[0]
+        msg = AddRequest(
+            request_id=request_id, req_ids=child_ids,
+            prompt_token_ids=np.asarray(prompt_token_ids, dtype=np.int32),
+            sampling=[r.sampling for r in requests], max_tokens=first.max_tokens,
+            eos_token_ids=sorted(first.eos_token_ids), stop_token_ids=sorted(first.stop_token_ids),
+            min_tokens=first.min_tokens, arrival_time=arrival,
+        )
+        self.processor.add_request(request_id, prompt, prompt_token_ids, params, child_ids, arrival)
+        stream = RequestStream(request_id, params.n, notify or asyncio.Event())
+        self._streams[request_id] = stream
+        self._tracked[request_id] = _Tracked(arrival, child_ids)
+        for child in child_ids:
+            self._child_parent[child] = request_id
+        admitted = asyncio.get_running_loop().create_future()
+        self._admissions[request_id] = admitted
+        self._send(msg)
+        try:
+            await admitted
+        except RequestRejectedError:
+            self._forget(request_id)
+            raise
+        except BaseException:  # cancelled (the client left) or the engine died
+            self.abort(request_id)
+            raise
+        self.metrics.prompt_tokens(len(prompt_token_ids))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (the client went away); its pages are freed in the core."""
+        future = self._admissions.pop(request_id, None)
+        if future is not None and not future.done():
+            future.cancel()
+        child_ids = self._forget(request_id)
+        if child_ids and self.dead_reason is None:
+            self.metrics.request_finished("abort")
+            self._send(AbortRequests(child_ids, "abort"))
+
+    def _forget(self, request_id: str) -> list[int]:
+        self._streams.pop(request_id, None)
+        tracked = self._tracked.pop(request_id, None)
+        for child in tracked.child_ids if tracked is not None else ():
+            self._child_parent.pop(child, None)
+        return self.processor.abort(request_id)
+
+    def _send(self, msg) -> None:
+        self._push.send_multipart(encode(msg), copy=False)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._streams)
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    async def _output_loop(self) -> None:
+        while True:
+            frames = await self._pull.recv_multipart(copy=False)
+            try:
+                msg = decode(frames, MAX_OUTPUT_BYTES)
+            except ProtocolError as exc:
+                logger.error("dropped a malformed message from the engine core: %s", exc)
+                continue
+            try:
+                if isinstance(msg, CoreOutputs):
+                    self._handle(msg)
+                elif isinstance(msg, EngineReady):
+                    if self._ready is not None and not self._ready.done():
+                        self._ready.set_result(msg)
+                elif isinstance(msg, EngineFailure):
+                    self._mark_dead(f"the engine core failed: {msg.error}")
+                else:
+                    logger.warning("unexpected %s from the engine core", type(msg).__name__)
+            except Exception:  # a bug here must not stop every other request's outputs
+                logger.exception("error while handling engine outputs")
+
+    def _handle(self, msg: CoreOutputs) -> None:
+        for request_id in msg.accepted:
+            future = self._admissions.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_result(None)
+        for rejection in msg.rejected:
+            future = self._admissions.pop(rejection.request_id, None)
+            if future is not None and not future.done():
+                future.set_exception(
+                    RequestRejectedError(rejection.kind, rejection.message, rejection.request_id))
+        for child in msg.scheduled_req_ids:
+            tracked = self._tracked.get(self._child_parent.get(child, ""))
+            if tracked is not None and not tracked.queued_observed:
+                tracked.queued_observed = True
+                self.metrics.queue_time(msg.scheduled_time - tracked.arrival)
+        if msg.deltas:
+            self._apply(msg)
+        self.metrics.engine_stats(msg.stats)
+
+    def _apply(self, msg: CoreOutputs) -> None:
+        now = time.monotonic()
+        deltas = []
+        generated = 0
+        for d in msg.deltas:
+            logprobs = None
+            if d.logprobs is not None:
+                logprobs = [TokenLogprob(lp.token_id, lp.logprob,
+                                         dict(zip(lp.top_token_ids, lp.top_logprobs)))
+                            for lp in d.logprobs]
+            generated += len(d.new_token_ids)
+            deltas.append(TokenDelta(d.req_id, d.new_token_ids, logprobs, d.finish_reason,
+                                     d.stop_token_id, d.num_prompt_tokens, d.num_cached_tokens))
+        self.metrics.generation_tokens(generated)
+        processed = self.processor.process(deltas)
+        if processed.stopped:
+            self._send(AbortRequests(processed.stopped, "stop"))
+        for output in processed.outputs:
+            self._deliver(output, now)
+
+    def _deliver(self, output: RequestOutput, now: float) -> None:
+        request_id = output.request_id
+        tracked = self._tracked.get(request_id)
+        if tracked is not None and any(output.delta_token_ids):
+            if tracked.last_token is None:
+                self.metrics.first_token(now - tracked.arrival)
+            else:
+                self.metrics.inter_token(now - tracked.last_token)
+            tracked.last_token = now
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put(output)
+        if output.finished:
+            self.metrics.request_done(output)
+            for completion in output.outputs:
+                self.metrics.request_finished(completion.finish_reason or "abort")
+            self._streams.pop(request_id, None)
+            self._tracked.pop(request_id, None)
+            for child in tracked.child_ids if tracked is not None else ():
+                self._child_parent.pop(child, None)

@@ -1,0 +1,140 @@
+"""Prometheus metrics of the API server, named like vLLM's (``shoal:`` for ``vllm:``).
+
+One ``CollectorRegistry`` per server (not the process-global one), so tests and
+several servers in one process do not collide. Request metrics are observed in
+the API server as outputs arrive; engine gauges come with every CoreOutputs
+message from the engine-core process.
+
+Totals the core keeps (prefix-cache queries and hits, preemptions, expert
+counts) are exposed as counters, as vLLM does, so ``rate()`` works on them.
+"""
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from shoal.comm.protocol import CoreStats
+from shoal.runtime.outputs import RequestOutput
+
+# buckets as vLLM's
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class ServerMetrics:
+    """Every metric the server exports, with its own registry."""
+
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        r, labels = self.registry, ["model_name"]
+
+        def hist(name, doc, buckets):
+            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        def counter(name, doc):
+            return Counter(name, doc, labels, registry=r).labels(model_name)
+
+        def gauge(name, doc):
+            return Gauge(name, doc, labels, registry=r).labels(model_name)
+
+        self.ttft = hist("shoal:time_to_first_token_seconds",
+                         "Time from arrival to the first generated token.", TTFT_BUCKETS)
+        self.itl = hist("shoal:time_per_output_token_seconds",
+                        "Time between consecutive output tokens of a request.", TPOT_BUCKETS)
+        self.request_tpot = hist("shoal:request_time_per_output_token_seconds",
+                                 "Per request: decode time divided by output tokens after the "
+                                 "first.", TPOT_BUCKETS)
+        self.e2e = hist("shoal:e2e_request_latency_seconds",
+                        "Time from arrival to the last token.", LATENCY_BUCKETS)
+        self.queue = hist("shoal:request_queue_time_seconds",
+                          "Time from arrival until first scheduled.", LATENCY_BUCKETS)
+        self.prompt = counter("shoal:prompt_tokens", "Prompt tokens of admitted requests.")
+        self.generation = counter("shoal:generation_tokens", "Generated tokens.")
+        self._success = Counter("shoal:request_success", "Finished completions by reason.",
+                                labels + ["finished_reason"], registry=r)
+        self._model_name = model_name
+        for reason in ("stop", "length", "abort"):
+            self._success.labels(model_name, reason)
+        self.running = gauge("shoal:num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("shoal:num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge("shoal:kv_cache_usage_perc",
+                              "Fraction of KV-cache pages held by live requests (0-1).")
+        self.num_pages = gauge("shoal:kv_cache_num_pages", "KV-cache pages per rank.")
+        self.prefix_queries = counter("shoal:prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("shoal:prefix_cache_hits",
+                                   "Prompt tokens found in the prefix cache.")
+        self.preemptions = counter("shoal:num_preemptions", "Requests preempted.")
+        self.healthy = gauge("shoal:engine_healthy", "1 while the engine core process is up.")
+        self._experts = Counter(
+            "shoal:expert_tokens_routed",
+            "MoE: tokens routed to each expert of each layer (empty for dense models, or while "
+            "the model runner does not report expert counts).",
+            labels + ["layer", "expert"], registry=r)
+        self._last = {"queries": 0, "hits": 0, "preemptions": 0}
+        self._expert_totals: np.ndarray | None = None
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def queue_time(self, seconds: float) -> None:
+        self.queue.observe(max(0.0, seconds))
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+
+    def prompt_tokens(self, count: int) -> None:
+        self.prompt.inc(count)
+
+    def generation_tokens(self, count: int) -> None:
+        if count:
+            self.generation.inc(count)
+
+    def request_finished(self, reason: str) -> None:
+        self._success.labels(self._model_name, reason).inc()
+
+    def request_done(self, output: RequestOutput) -> None:
+        m = output.metrics
+        if m.e2e_latency is not None:
+            self.e2e.observe(m.e2e_latency)
+        num_tokens = max((len(c.token_ids) for c in output.outputs), default=0)
+        if num_tokens > 1 and m.first_token_time is not None and m.last_token_time is not None:
+            self.request_tpot.observe((m.last_token_time - m.first_token_time) / (num_tokens - 1))
+
+    # -- engine ----------------------------------------------------------------------------------
+
+    def set_healthy(self, healthy: bool) -> None:
+        self.healthy.set(1 if healthy else 0)
+
+    def engine_stats(self, stats: CoreStats) -> None:
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_usage)
+        self.num_pages.set(stats.num_pages)
+        for key, total, metric in (("queries", stats.prefix_cache_queries, self.prefix_queries),
+                                   ("hits", stats.prefix_cache_hits, self.prefix_hits),
+                                   ("preemptions", stats.num_preemptions, self.preemptions)):
+            if total > self._last[key]:
+                metric.inc(total - self._last[key])
+                self._last[key] = total
+        if stats.expert_counts is not None:
+            self._expert_counts(stats.expert_counts)
+
+    def _expert_counts(self, totals: np.ndarray) -> None:
+        totals = np.asarray(totals, dtype=np.int64)  # [moe_layers, experts]
+        previous = self._expert_totals
+        if previous is None or previous.shape != totals.shape:
+            previous = np.zeros_like(totals)
+        for (layer, expert), value in np.ndenumerate(totals - previous):
+            if value > 0:
+                self._experts.labels(self._model_name, str(layer), str(expert)).inc(int(value))
+        self._expert_totals = totals
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
