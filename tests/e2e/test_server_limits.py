@@ -135,3 +135,32 @@ def test_engine_death_fails_requests_and_health(server, http):
     r = http.post("/v1/completions", json=body())
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
     assert server.proc.poll() is None  # the API server itself is still up
+
+
+def test_expert_counts_reach_the_metrics():
+    """Per-step expert counts add up in the core and show as counters (no server needed)."""
+    import numpy as np
+
+    from shoal.comm.protocol import CoreStats, StepResult
+    from shoal.runtime.core_server import ExpertCountingExecutor
+    from shoal.serve.metrics import ServerMetrics
+
+    class Results:  # stands in for an executor: only get_result matters here
+        def __init__(self, counts):
+            self.counts = list(counts)
+
+        def get_result(self, timeout_s=None):
+            return StepResult(0, [], np.zeros(0, np.int32),
+                              expert_counts=self.counts.pop(0))
+
+    step = np.array([[1, 0, 2], [0, 3, 0]], dtype=np.int64)  # [moe_layers, experts]
+    counting = ExpertCountingExecutor(Results([step, step, None]))
+    for _ in range(3):
+        counting.get_result()
+    assert counting.expert_counts.tolist() == [[2, 0, 4], [0, 6, 0]]
+    metrics = ServerMetrics("m")
+    for totals in (step, counting.expert_counts):  # totals as the core sends them
+        metrics.engine_stats(CoreStats(0, 0, 0.0, 1, 0, 0, 0, 0, totals))
+    text = metrics.render().decode()
+    assert 'shoal:expert_tokens_routed_total{expert="2",layer="0",model_name="m"} 4.0' in text
+    assert 'shoal:expert_tokens_routed_total{expert="1",layer="1",model_name="m"} 6.0' in text
