@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 CONSTRAINTS := $(if $(HAS_CUDA),,-c constraints-cpu.txt)
 
-.PHONY: setup test test-fast serve bench clean
+.PHONY: setup test test-deps test-fast serve bench clean
 
 setup:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,14 @@ setup:
 	$(BIN)/python -m pip install -q $(CONSTRAINTS) torch
 	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e '.[dev]'
 
-test:
+# The multi-node tests need the optional Ray and DeepSpeed extras. DeepSpeed ships
+# as an sdist that imports torch while building: build it against the venv's torch
+# (no build isolation), or pip would fetch another torch just to build it.
+test-deps:
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) 'ray[serve]==2.60.0'
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) --no-build-isolation 'deepspeed==0.19.8'
+
+test: test-deps
 	$(BIN)/python -m pytest -q tests
 
 test-fast:
