@@ -210,8 +210,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from shoal.runtime.external_executor import run_headless_worker
 
-    run_headless_worker(args.driver_addr)
-    return 0
+    if run_headless_worker(args.driver_addr):
+        return 0
+    print("error: lost contact with the driver", file=sys.stderr)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

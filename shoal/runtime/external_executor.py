@@ -131,17 +131,18 @@ def wait_for_driver(address: str, timeout_s: float) -> None:
 
 
 def run_headless_worker(driver_addr: str, environ: Mapping[str, str] | None = None,
-                        wait_s: float = 300.0) -> None:
+                        wait_s: float = 300.0) -> bool:
     """Join the driver at ``driver_addr`` as the rank the launcher assigned; serve until it stops.
 
-    Returns when the driver shuts down or has been silent for its heartbeat timeout.
+    Returns True when the driver shut it down, False when it gave up on a silent driver.
     """
     launch = LaunchEnv.from_environ(environ)
     address = parse_driver_address(driver_addr)
     logger.info("rank %d of %d (local %d of %d): joining the driver at %s", launch.rank,
                 launch.world_size, launch.local_rank, launch.local_world_size, address)
     wait_for_driver(address, wait_s)
-    run_worker(WorkerArgs(address, launch.rank, launch.local_rank, launch.local_world_size))
+    return run_worker(WorkerArgs(address, launch.rank, launch.local_rank,
+                                 launch.local_world_size))
 
 
 class ExternalExecutor(ZmqExecutor):

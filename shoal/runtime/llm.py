@@ -26,7 +26,7 @@ class LLM:
     Args mirror vLLM's: ``model`` (a local Hugging Face checkpoint directory,
     None for the default SmolLM2-135M-Instruct), ``tensor_parallel_size``,
     ``pipeline_parallel_size``, ``data_parallel_size``, ``enable_expert_parallel``,
-    ``distributed_executor_backend``, ``dtype``, ``max_model_len``, ``block_size``,
+    ``distributed_executor_backend``, ``placement_strategy`` (Ray: PACK or SPREAD), ``dtype``, ``max_model_len``, ``block_size``,
     ``kv_cache_memory`` (bytes per rank, CPU), ``gpu_memory_utilization``,
     ``enable_prefix_caching``, ``max_num_seqs``, ``max_num_batched_tokens``, ``seed``.
     """
@@ -41,6 +41,7 @@ class LLM:
         enable_expert_parallel: bool = False,
         pp_layer_partition: Sequence[int] | None = None,
         distributed_executor_backend: str = "mp",
+        placement_strategy: str = "PACK",
         dtype: str = "auto",
         max_model_len: int | None = None,
         block_size: int = 16,
@@ -62,6 +63,7 @@ class LLM:
                 enable_expert_parallel=enable_expert_parallel,
                 pp_layer_partition=tuple(pp_layer_partition) if pp_layer_partition else None,
                 executor_backend=distributed_executor_backend,
+                placement_strategy=placement_strategy,
             ),
             cache=CacheConfig(
                 block_size=block_size,

@@ -241,8 +241,13 @@ class Worker:
         finally:
             sock.close(linger=0)
 
-    def run(self) -> None:
-        """Serve messages until shutdown, driver silence, or parent death."""
+    def run(self) -> bool:
+        """Serve messages until shutdown, driver silence, or parent death.
+
+        Returns True when the driver said shut down, False when the worker gave up
+        on it (so launchers such as torchrun or srun can report the failure).
+        """
+        told_to_stop = False
         try:
             while self._running:
                 try:
@@ -265,8 +270,10 @@ class Worker:
                     logger.error("rank %d: unexpected %s", self.rank, type(msg).__name__)
                     continue
                 handler(msg)
+                told_to_stop = type(msg).MSG_TYPE == MsgType.SHUTDOWN
         finally:
             self.close()
+        return told_to_stop
 
     def close(self) -> None:
         self._running = False
@@ -277,7 +284,6 @@ class Worker:
         self.channel.close()
 
 
-def run_worker(args: WorkerArgs) -> None:
-    """Entry point of a worker process."""
-    worker = Worker(args)
-    worker.run()
+def run_worker(args: WorkerArgs) -> bool:
+    """Entry point of a worker process; True when the driver shut it down cleanly."""
+    return Worker(args).run()

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         _die_with_parent()
         if os.getppid() != args.parent_pid:  # parent died before prctl took effect
             return
-    run_worker(
+    clean = run_worker(
         WorkerArgs(
             driver_address=args.driver_address,
             rank=args.rank,
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(0 if clean else 1)
 
 
 if __name__ == "__main__":
