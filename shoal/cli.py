@@ -29,7 +29,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pp-layer-partition", default=None,
                    help="layers per pipeline stage, e.g. 10,10,10")
     g.add_argument("--distributed-executor-backend", default="mp", choices=["mp", "ray", "external"])
-    g.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD"],
+    g.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                    help="Ray placement group strategy")
     g.add_argument("--driver-host", default=None,
                    help="ray/external backends: the address workers dial to reach this driver "

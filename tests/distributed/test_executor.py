@@ -17,12 +17,17 @@ from shoal.runtime.mp_executor import MpExecutor
 pytestmark = pytest.mark.timeout(120)
 
 
-def _no_children_left(timeout_s=5.0):
+def _gone(pids, timeout_s=5.0):
+    """True once none of ``pids`` is a live process (zombies count as gone)."""
+    def alive(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        alive = [p for p in psutil.Process().children(recursive=True) if p.is_running()
-                 and p.status() != psutil.STATUS_ZOMBIE]
-        if not alive:
+        if not any(alive(p) for p in pids):
             return True
         time.sleep(0.1)
     return False
@@ -46,7 +51,7 @@ def test_collectives_across_worker_processes(layout, expected):
         replies = ex.call(Command.COLLECTIVE_CHECK, {"numel": 4})
         assert [(r["tp_sum"], r["pp_received"]) for r in replies] == expected
         assert ex.call(Command.ECHO, {"x": [1, "two"]}) == [{"x": [1, "two"]}] * len(expected)
-    assert _no_children_left()
+    assert _gone(ex.pids)
 
 
 def test_kill_9_of_a_worker_raises_worker_died_naming_the_rank():
@@ -61,7 +66,7 @@ def test_kill_9_of_a_worker_raises_worker_died_naming_the_rank():
         assert time.monotonic() - start < 5.0
     finally:
         ex.shutdown()
-    assert _no_children_left()
+    assert _gone(ex.pids)
 
 
 def test_malformed_broadcast_does_not_kill_workers():
@@ -89,11 +94,6 @@ def test_workers_exit_when_the_driver_is_killed(tmp_path):
         assert len(pids) == 2
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(psutil.pid_exists(p) and
-                psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
-            time.sleep(0.1)
-        assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                       for p in pids)
+        assert _gone(pids, timeout_s=10)
     finally:
         driver.kill()
