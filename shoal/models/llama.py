@@ -180,19 +180,14 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(gate) * up)  # [T, hidden]
 
 
-class LlamaDecoderLayer(nn.Module):
-    def __init__(
-        self,
-        config: Any,
-        layer_idx: int,
-        ctx: ParallelContext,
-        dtype: torch.dtype,
-        rotary: RotaryEmbedding,
-        flags: AttentionFlags,
-    ) -> None:
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + MLP (dense or MoE), the residual carried beside the hidden states."""
+
+    def __init__(self, config: Any, ctx: ParallelContext, dtype: torch.dtype,
+                 attention: nn.Module, mlp: nn.Module) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, ctx, dtype, rotary, flags)
-        self.mlp = LlamaMLP(config, ctx, dtype)
+        self.self_attn = attention
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx, dtype)
 
@@ -210,7 +205,22 @@ class LlamaDecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp(hidden), residual  # [T, hidden]
+
+
+class LlamaDecoderLayer(DecoderLayer):
+    def __init__(
+        self,
+        config: Any,
+        layer_idx: int,
+        ctx: ParallelContext,
+        dtype: torch.dtype,
+        rotary: RotaryEmbedding,
+        flags: AttentionFlags,
+    ) -> None:
+        super().__init__(config, ctx, dtype,
+                         LlamaAttention(config, layer_idx, ctx, dtype, rotary, flags),
+                         LlamaMLP(config, ctx, dtype))
 
 
 class LlamaModel(nn.Module):

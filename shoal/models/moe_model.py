@@ -22,8 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from shoal.models.attention import AttentionMetadata
-from shoal.models.llama import AttentionFlags, LlamaAttention, LlamaForCausalLM, LlamaMLP, RMSNorm
+from shoal.models.llama import (
+    AttentionFlags,
+    DecoderLayer,
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaMLP,
+)
 from shoal.models.rope import RotaryEmbedding
 from shoal.moe.layer import MoEConfig, MoELayer
 from shoal.parallel.context import ParallelContext
@@ -37,8 +42,8 @@ def expert_impl_for(ctx: ParallelContext) -> str:
     return "grouped" if ctx.device.type == "cuda" else "looped"
 
 
-class MoEDecoderLayer(nn.Module):
-    """Pre-norm attention + MLP (dense or sparse), residual carried beside the hidden states."""
+class MoEDecoderLayer(DecoderLayer):
+    """A decoder layer whose attention and MLP (dense or MoELayer) the family chooses."""
 
     def __init__(
         self,
@@ -49,28 +54,8 @@ class MoEDecoderLayer(nn.Module):
         attention: nn.Module,
         mlp: nn.Module,
     ) -> None:
-        super().__init__()
+        super().__init__(config, ctx, dtype, attention, mlp)
         self.layer_idx = layer_idx
-        self.self_attn = attention
-        self.mlp = mlp
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx, dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx, dtype)
-
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        residual: torch.Tensor | None,
-        meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual  # [T, hidden]
 
 
 class MoECausalLM(LlamaForCausalLM):
