@@ -2,7 +2,7 @@
 
     with LLM(tensor_parallel_size=2) as llm:             # None = the default model
         outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
-        print(outputs[0].outputs[0].text)
+        text = outputs[0].outputs[0].text
 """
 from __future__ import annotations
 
