@@ -67,6 +67,13 @@ class EngineCore:
     def __init__(self, config: EngineConfig, model_path: str, max_model_len: int,
                  executor: Executor | None = None, executor_kwargs: dict | None = None,
                  step_timeout_s: float = 600.0):
+        if config.parallel.dp_size > 1:
+            # the mesh and the all-to-all MoE dispatcher know dp, but the engine does not
+            # yet split requests over data-parallel groups (one output rank per group)
+            raise ValueError(
+                f"data_parallel_size={config.parallel.dp_size} is not supported by the engine yet; "
+                "use tensor/pipeline/expert parallelism (data_parallel_size=1)"
+            )
         self.config = config
         self.step_timeout_s = step_timeout_s
         self.max_model_len = max_model_len
