@@ -46,12 +46,13 @@ class Qwen2MoeForCausalLM(MoECausalLM):
             scoring="softmax",
             renormalize=bool(config.norm_topk_prob),
         )
+        shared = getattr(config, "shared_expert_intermediate_size", 0) or 0  # Qwen3-MoE: none
         return MoEConfig(
             hidden_size=config.hidden_size,
             intermediate_size=config.moe_intermediate_size,
             router=router,
-            shared_intermediate_size=config.shared_expert_intermediate_size,
-            shared_expert_gate=True,
+            shared_intermediate_size=shared,
+            shared_expert_gate=shared > 0,
             activation=config.hidden_act,
             expert_impl=expert_impl_for(ctx),
         )

@@ -42,7 +42,8 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = new_parameter((local, embedding_dim), ctx, dtype, self.weight_loader)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
-        check_shape(loaded, (self.num_embeddings, self.embedding_dim), "embedding")
+        """This rank's vocabulary rows of the weight (or of a 1-D bias)."""
+        check_shape(loaded, (self.num_embeddings, self.embedding_dim)[: param.dim()], "vocab")
         copy_checked(param.data, loaded[self.vocab_start : self.vocab_end], "vocab rows")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
 
-class ParallelLMHead(nn.Module):
+class ParallelLMHead(VocabParallelEmbedding):
     """Output projection to the vocabulary, split by vocabulary rows like the embedding.
 
     ``forward`` returns float32 logits over the full vocabulary on every tp rank.
@@ -70,19 +71,9 @@ class ParallelLMHead(nn.Module):
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__()
-        self.tp = ctx.tp
-        self.num_embeddings = num_embeddings
-        self.embedding_dim = embedding_dim
-        self.vocab_sizes = split_sizes(num_embeddings, ctx.tp_size)
-        self.vocab_start, self.vocab_end = split_range(num_embeddings, ctx.tp_size, ctx.tp_rank)
+        super().__init__(num_embeddings, embedding_dim, ctx, dtype=dtype)
         local = self.vocab_end - self.vocab_start
-        self.weight = new_parameter((local, embedding_dim), ctx, dtype, self.weight_loader)
         self.bias = new_parameter((local,), ctx, dtype, self.weight_loader) if bias else None
-
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
-        check_shape(loaded, (self.num_embeddings, self.embedding_dim)[: param.dim()], "lm_head")
-        copy_checked(param.data, loaded[self.vocab_start : self.vocab_end], "lm_head rows")
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         """Share the embedding's weight (tied word embeddings); the split is the same."""
