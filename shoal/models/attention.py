@@ -8,10 +8,14 @@ One forward pass carries a flat batch of tokens from several sequences, describe
 :class:`AttentionMetadata`. Each attention layer first writes the new keys/values into
 the cache through ``slot_mapping``, then:
 
-- decodes (query length 1) are batched: one gather of their pages (padded to the
-  longest context) and one ``scaled_dot_product_attention`` with a padding mask;
-- prefill chunks (query length > 1, possibly after cached tokens) run one SDPA each,
-  causal within the chunk, over the cached context plus the chunk.
+- on CPU, one call of the C++ kernel (``shoal.models.ops.paged_attention``) covers
+  every sequence, decodes and prefill chunks alike, reading keys and values in place
+  through each page table;
+- otherwise (CUDA, or no compiler) the reference path: decodes (query length 1) are
+  batched into one gather of their pages (padded to the longest context) and one
+  ``scaled_dot_product_attention`` with a padding mask; prefill chunks (query length
+  > 1, possibly after cached tokens) run one SDPA each, causal within the chunk, over
+  the cached context plus the chunk.
 
 Grouped-query attention never copies KV heads: the query heads of one KV head are
 folded into the query-length axis (``[kv_heads, group * q_len, head_dim]``), so every
@@ -28,6 +32,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from shoal.models.ops.paged_attention import kernel_available, paged_attention
 
 
 @dataclass
@@ -68,6 +74,10 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None  # [D]
     num_decodes: int = 0
     max_decode_context: int = 0
+    # every sequence, for the in-place kernel (shoal.models.ops.paged_attention)
+    page_table: torch.Tensor | None = None  # [B, max_pages] (padded with page 0)
+    query_start: torch.Tensor | None = None  # [B + 1] first token of each sequence
+    context_lens: torch.Tensor | None = None  # [B] cached + new tokens
     # per-forward values shared by all layers (masks, RoPE cos/sin), filled on first use
     cache: dict = field(default_factory=dict, repr=False)
 
@@ -154,6 +164,9 @@ class AttentionMetadata:
             decode_context_lens=decode_ctx,
             num_decodes=len(decodes),
             max_decode_context=max_decode_context,
+            page_table=padded,
+            query_start=torch.cat([starts, q_lens.sum(0, keepdim=True)]).to(device),
+            context_lens=torch.tensor(context_lens, dtype=torch.long, device=device),
         )
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
@@ -183,6 +196,14 @@ class AttentionMetadata:
                 mask &= kv_pos > q_pos - window
             self.cache[key] = mask.repeat(group, 1)
         return self.cache[key]
+
+
+def use_kernel(choice: bool | None, cache: torch.Tensor) -> bool:
+    """Whether a layer runs the in-place C++ kernel: ``choice``, or by default whenever
+    the cache is on CPU and the kernel is available (else gather + SDPA)."""
+    if choice is None:
+        return cache.device.type == "cpu" and kernel_available()
+    return choice
 
 
 class AttentionBackend(Protocol):
@@ -224,6 +245,8 @@ class PagedAttention(nn.Module):
         self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
         self.sliding_window = sliding_window
         self.kv_cache: torch.Tensor | None = None
+        # None: the C++ kernel when the cache is on CPU and the kernel builds
+        self.use_kernel: bool | None = None
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
@@ -238,6 +261,10 @@ class PagedAttention(nn.Module):
             flat = cache.view(2, -1, self.num_kv_heads, self.head_dim)  # [2, slots, Hkv, D]
             flat[0].index_copy_(0, meta.slot_mapping, k)
             flat[1].index_copy_(0, meta.slot_mapping, v)
+            if use_kernel(self.use_kernel, cache):  # reads every context in place
+                out = paged_attention(q, cache[0], cache[1], meta.page_table, meta.query_start,
+                                      meta.context_lens, self.scale, self.sliding_window)
+                return out.view(num_tokens, self.num_heads * self.head_dim)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D]
         if meta.num_decodes:
             idx = meta.decode_index

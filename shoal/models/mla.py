@@ -14,9 +14,10 @@ The queries come from ``x`` directly (``q_proj``) or through a low-rank bottlene
 ``kv_b_proj`` by head rows, ``o_proj`` by head columns); the latent is the same for every
 head, so every tp rank stores all of it.
 
-Attention expands the cached latents through ``kv_b_proj`` into keys and values each
-step (the arithmetic transformers uses), rather than absorbing ``kv_b_proj`` into the
-query; simple and exact, at the cost of recomputing the expansion per step.
+On CPU the C++ paged kernel reads the cached latents in place with ``kv_b_proj``
+absorbed into the query and the output (as vLLM's MLA decode does). The reference path
+(CUDA, or no compiler) expands the cached latents through ``kv_b_proj`` into keys and
+values each step, the arithmetic transformers uses.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoal.models.attention import AttentionMetadata
+from shoal.models.attention import AttentionMetadata, use_kernel
 from shoal.models.llama import RMSNorm
+from shoal.models.ops.paged_attention import paged_attention
 from shoal.models.rope import RotaryEmbedding, rope_parameters
 from shoal.parallel.context import ParallelContext
 from shoal.parallel.linear import (
@@ -187,6 +189,7 @@ class MLAAttention(nn.Module):
         self.kv_cache: torch.Tensor | None = None  # [pages, page_size, latent_dim]
         # Seen as a cache layout, MLA has one "KV head" of size latent_dim.
         self.num_kv_heads, self.head_dim = 1, self.latent_dim
+        self.use_kernel: bool | None = None  # None: the C++ kernel on CPU when it builds
 
     @property
     def attn(self) -> "MLAAttention":
@@ -214,6 +217,9 @@ class MLAAttention(nn.Module):
         entries = torch.cat([latent, k_rot], dim=-1)  # [T, latent_dim]
         if self.kv_cache is not None and num_tokens:
             self.kv_cache.view(-1, self.latent_dim).index_copy_(0, meta.slot_mapping, entries)
+        if self.kv_cache is not None and num_tokens and use_kernel(self.use_kernel, self.kv_cache):
+            out = self._absorbed(q, meta)
+            return self.o_proj(out.reshape(num_tokens, heads * self.v_dim))  # [T, hidden]
         out = torch.empty(num_tokens, heads, self.v_dim, dtype=q.dtype, device=q.device)
         if meta.num_decodes:
             idx = meta.decode_index
@@ -222,6 +228,25 @@ class MLAAttention(nn.Module):
             s, e = seq.token_start, seq.token_end
             out[s:e] = self._prefill(i, seq, q[s:e], entries[s:e], meta)
         return self.o_proj(out.view(num_tokens, heads * self.v_dim))  # [T, hidden]
+
+    def _absorbed(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, h, qk] -> [T, h, v] by the C++ kernel over the cached latents, in place.
+
+        ``kv_b_proj`` is folded into the query (scores: ``(q_nope W_uk) . latent +
+        q_rope . k_rope``) and into the output (``(probs . latent) W_uv``), so the cache
+        is read as one MQA head of size latent_dim whose values are its first kv_rank dims.
+        """
+        w = self.kv_b_proj.weight.view(self.num_local_heads, self.nope_dim + self.v_dim,
+                                       self.kv_rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [h, nope, r], [h, v, r]
+        q_lat = torch.einsum("thn,hnr->thr", q[..., : self.nope_dim], w_uk)  # [T, h, r]
+        q_full = torch.cat([q_lat, q[..., self.nope_dim :]], dim=-1)  # [T, h, latent_dim]
+        pages, page_size = self.kv_cache.shape[:2]
+        keys = self.kv_cache.view(pages, page_size, 1, self.latent_dim)
+        values = keys[..., : self.kv_rank]  # [P, S, 1, r], a view of the same rows
+        out = paged_attention(q_full, keys, values, meta.page_table, meta.query_start,
+                              meta.context_lens, self.scale)  # [T, h, r]
+        return torch.einsum("thr,hvr->thv", out, w_uv)  # [T, h, v]
 
     def _expand(self, entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[..., C, latent_dim] -> keys [..., h, C, qk], values [..., h, C, v]."""

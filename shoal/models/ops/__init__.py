@@ -1,0 +1,1 @@
+"""Fused CPU kernels (C++ built on first use) and their pure-torch references."""
