@@ -109,7 +109,7 @@ def bench_serve(args: argparse.Namespace, base_url: str | None = None) -> dict:
     meta = dict(kv.split("=", 1) for kv in args.metadata or [] if "=" in kv)
     result = {"date": now_stamp(), "backend": args.backend, "endpoint": cfg.endpoint,
               "label": args.label, "model_id": model, "tokenizer_id": tokenizer_id,
-              "dataset_name": args.dataset_name, "num_prompts": args.num_prompts,
+              "dataset_name": args.dataset_name, "num_prompts": args.num_prompts, "seed": args.seed,
               "request_rate": args.request_rate, "burstiness": args.burstiness,
               "max_concurrency": args.max_concurrency, "goodput_slos_ms": cfg.goodput,
               **meta, **result, "env": environment()}
