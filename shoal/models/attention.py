@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoal.models.ops.paged_attention import kernel_available, paged_attention
+from shoal.models.ops.paged_attention import cached_attention, kernel_available
 
 
 @dataclass
@@ -198,6 +198,24 @@ class AttentionMetadata:
         return self.cache[key]
 
 
+@dataclass
+class StepTensors:
+    """The tensors-only view of :class:`AttentionMetadata` a compiled forward takes.
+
+    Only the in-place kernel path reads it (no Python lists, no per-forward cache), so
+    ``torch.compile`` guards on nothing that changes from step to step.
+    """
+
+    slot_mapping: torch.Tensor  # [T]
+    page_table: torch.Tensor  # [B, max_pages]
+    query_start: torch.Tensor  # [B + 1]
+    context_lens: torch.Tensor  # [B]
+
+    @classmethod
+    def of(cls, meta: AttentionMetadata) -> StepTensors:
+        return cls(meta.slot_mapping, meta.page_table, meta.query_start, meta.context_lens)
+
+
 def use_kernel(choice: bool | None, cache: torch.Tensor) -> bool:
     """Whether a layer runs the in-place C++ kernel: ``choice``, or by default whenever
     the cache is on CPU and the kernel is available (else gather + SDPA)."""
@@ -257,14 +275,17 @@ class PagedAttention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         cache = self.kv_cache
+        if cache is not None and isinstance(meta, StepTensors) or (
+            cache is not None and num_tokens and use_kernel(self.use_kernel, cache)
+        ):  # one opaque op: write the new keys/values, read every context in place
+            out = cached_attention(q, k, v, cache[0], cache[1], meta.slot_mapping,
+                                   meta.page_table, meta.query_start, meta.context_lens,
+                                   self.scale, self.sliding_window or 0)
+            return out.view(num_tokens, self.num_heads * self.head_dim)
         if cache is not None and num_tokens:
             flat = cache.view(2, -1, self.num_kv_heads, self.head_dim)  # [2, slots, Hkv, D]
             flat[0].index_copy_(0, meta.slot_mapping, k)
             flat[1].index_copy_(0, meta.slot_mapping, v)
-            if use_kernel(self.use_kernel, cache):  # reads every context in place
-                out = paged_attention(q, cache[0], cache[1], meta.page_table, meta.query_start,
-                                      meta.context_lens, self.scale, self.sliding_window)
-                return out.view(num_tokens, self.num_heads * self.head_dim)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D]
         if meta.num_decodes:
             idx = meta.decode_index

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoal.models.attention import AttentionMetadata, PagedAttention
+from shoal.models.attention import AttentionMetadata, PagedAttention, StepTensors
 from shoal.models.kv_spec import KVCacheSpec
 from shoal.models.rope import RotaryEmbedding, rope_parameters
 from shoal.parallel.context import ParallelContext
@@ -294,6 +294,7 @@ class LlamaForCausalLM(nn.Module):
             dtype=dtype,
         )
         self.loaded_bytes = 0
+        self.compiled: Any = None  # a CompiledForward (shoal.models.compiled), or None
 
     @classmethod
     def attention_flags(cls, config: Any) -> AttentionFlags:
@@ -340,7 +341,21 @@ class LlamaForCausalLM(nn.Module):
         intermediate: IntermediateTensors | None = None,
     ) -> torch.Tensor | IntermediateTensors:
         """[T] token ids (first stage) or the previous stage's tensors -> [T, hidden]
-        normed hidden states (last stage) or IntermediateTensors (other stages)."""
+        normed hidden states (last stage) or IntermediateTensors (other stages).
+
+        Runs compiled when :func:`shoal.models.compiled.compile_model` set it up."""
+        if self.compiled is not None and isinstance(meta, AttentionMetadata):
+            return self.compiled(input_ids, positions, meta, intermediate)
+        return self.run_layers(input_ids, positions, meta, intermediate)
+
+    def run_layers(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        meta: AttentionMetadata | StepTensors,
+        intermediate: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        """The eager body of :meth:`forward` (what the compiled forward traces)."""
         if self.model.embed_tokens is not None:
             hidden, residual = self.model.embed_tokens(input_ids), None  # [T, hidden]
         else:

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoal.models.attention import AttentionMetadata, use_kernel
+from shoal.models.attention import AttentionMetadata, StepTensors, use_kernel
 from shoal.models.llama import RMSNorm
-from shoal.models.ops.paged_attention import paged_attention
+from shoal.models.ops.paged_attention import cached_attention
 from shoal.models.rope import RotaryEmbedding, rope_parameters
 from shoal.parallel.context import ParallelContext
 from shoal.parallel.linear import (
@@ -192,7 +192,7 @@ class MLAAttention(nn.Module):
         self.use_kernel: bool | None = None  # None: the C++ kernel on CPU when it builds
 
     @property
-    def attn(self) -> "MLAAttention":
+    def attn(self) -> MLAAttention:
         """The part that owns the cache (for dense attention a separate module; here itself)."""
         return self
 
@@ -215,11 +215,13 @@ class MLAAttention(nn.Module):
         )
         q = torch.cat([q_nope, q_rot.view(num_tokens, heads, self.rope_dim)], dim=-1)  # [T, h, qk]
         entries = torch.cat([latent, k_rot], dim=-1)  # [T, latent_dim]
+        if self.kv_cache is not None and (
+            isinstance(meta, StepTensors) or num_tokens and use_kernel(self.use_kernel, self.kv_cache)
+        ):
+            out = self._absorbed(q, entries, meta)
+            return self.o_proj(out.reshape(num_tokens, heads * self.v_dim))  # [T, hidden]
         if self.kv_cache is not None and num_tokens:
             self.kv_cache.view(-1, self.latent_dim).index_copy_(0, meta.slot_mapping, entries)
-        if self.kv_cache is not None and num_tokens and use_kernel(self.use_kernel, self.kv_cache):
-            out = self._absorbed(q, meta)
-            return self.o_proj(out.reshape(num_tokens, heads * self.v_dim))  # [T, hidden]
         out = torch.empty(num_tokens, heads, self.v_dim, dtype=q.dtype, device=q.device)
         if meta.num_decodes:
             idx = meta.decode_index
@@ -229,8 +231,9 @@ class MLAAttention(nn.Module):
             out[s:e] = self._prefill(i, seq, q[s:e], entries[s:e], meta)
         return self.o_proj(out.view(num_tokens, heads * self.v_dim))  # [T, hidden]
 
-    def _absorbed(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, h, qk] -> [T, h, v] by the C++ kernel over the cached latents, in place.
+    def _absorbed(self, q: torch.Tensor, entries: torch.Tensor, meta: Any) -> torch.Tensor:
+        """q: [T, h, qk], entries [T, latent_dim] (cached by the same op) -> [T, h, v] by
+        the C++ kernel over the cached latents, in place.
 
         ``kv_b_proj`` is folded into the query (scores: ``(q_nope W_uk) . latent +
         q_rope . k_rope``) and into the output (``(probs . latent) W_uv``), so the cache
@@ -244,8 +247,9 @@ class MLAAttention(nn.Module):
         pages, page_size = self.kv_cache.shape[:2]
         keys = self.kv_cache.view(pages, page_size, 1, self.latent_dim)
         values = keys[..., : self.kv_rank]  # [P, S, 1, r], a view of the same rows
-        out = paged_attention(q_full, keys, values, meta.page_table, meta.query_start,
-                              meta.context_lens, self.scale)  # [T, h, r]
+        out = cached_attention(q_full, entries[:, None], None, keys, values, meta.slot_mapping,
+                               meta.page_table, meta.query_start, meta.context_lens,
+                               self.scale, 0)  # [T, h, r]
         return torch.einsum("thr,hvr->thv", out, w_uv)  # [T, h, v]
 
     def _expand(self, entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shoal.models.attention import AttentionMetadata
+from shoal.models.attention import AttentionMetadata, StepTensors
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -134,9 +134,9 @@ class RotaryEmbedding(nn.Module):
         self.device = torch.device(device)
         self.inv_freq = inv_freq.to(self.device)  # [rotary_dim / 2]
         self._cos = self._sin = torch.empty(0, dim // 2, device=self.device)
-        self._ensure(max_position)
+        self.ensure(max_position)
 
-    def _ensure(self, length: int) -> None:
+    def ensure(self, length: int) -> None:
         """Make the cos/sin table cover positions ``0 .. length - 1``."""
         if length <= self._cos.shape[0]:
             return
@@ -174,6 +174,10 @@ class RotaryEmbedding(nn.Module):
 
         With ``meta``, cos/sin are computed once per forward and shared by all layers.
         """
+        if isinstance(meta, StepTensors):  # compiled forward: the table covers every position
+            cos = self._cos[positions].to(q.dtype)[:, None, :]  # [T, 1, R/2]
+            sin = self._sin[positions].to(q.dtype)[:, None, :]
+            return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         key = ("rope", id(self), q.dtype)
         if meta is not None and key in meta.cache:
             cos, sin = meta.cache[key]
@@ -190,7 +194,7 @@ class RotaryEmbedding(nn.Module):
         max_len = meta.max_context_len if meta is not None else int(positions.max()) + 1
         if self.rope_type == "dynamic" and meta is not None and max_len > self.max_position:
             return self._dynamic_cos_sin(positions, meta.token_context_lens)
-        self._ensure(max_len)
+        self.ensure(max_len)
         return self._cos[positions], self._sin[positions]  # [T, rotary_dim / 2]
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

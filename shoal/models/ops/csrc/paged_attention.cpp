@@ -251,7 +251,7 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k_cache,
   return out;
 }
 
-TORCH_LIBRARY(shoal, m) {
+TORCH_LIBRARY_FRAGMENT(shoal, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
         "Tensor query_start, Tensor context_lens, float scale, int window) -> Tensor");
 }
