@@ -19,12 +19,13 @@ import time
 from common import emit, percentiles
 
 from shoal.comm.codec import encode
-from shoal.comm.protocol import Command, SamplingOptions
+from shoal.engine.control import Command, InitKVCache, LoadModel, RunnerKind
+from shoal.engine.plan import SamplingOptions
 from shoal.config import ParallelConfig, SchedulerConfig
-from shoal.runtime.engine_core import create_executor
-from shoal.runtime.kv_manager import KVCacheManager
-from shoal.runtime.request import Request
-from shoal.runtime.scheduler import Scheduler
+from shoal.executor.factory import create_executor
+from shoal.engine.kv_manager import KVCacheManager
+from shoal.engine.request import Request
+from shoal.engine.scheduler import Scheduler
 
 PROMPT_LEN = 16
 PAGE_SIZE = 16
@@ -71,7 +72,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["mp", "ray"], nargs="+", default=["mp"])
     args = parser.parse_args()
     if "ray" in args.backend:
-        from shoal.runtime.ray_executor import connect_ray
+        from shoal.executor.ray_executor import connect_ray
 
         connect_ray(num_cpus=max(args.workers), log_to_driver=False)
     for backend in args.backend:
@@ -80,9 +81,8 @@ def main() -> None:
                                        threads_per_worker=1)
             try:
                 executor.start()
-                executor.call(Command.LOAD_MODEL, {"null_runner": True})
-                executor.call(Command.INIT_KV_CACHE,
-                              {"num_pages": 1 << 16, "page_size": PAGE_SIZE})
+                executor.call(LoadModel(runner=RunnerKind.NULL))
+                executor.call(InitKVCache(num_pages=1 << 16, page_size=PAGE_SIZE))
                 for n in args.requests:
                     figures = run_case(executor, n, args.steps)
                     emit({"bench": "control_plane", "executor": backend, "workers": workers,

@@ -18,9 +18,9 @@ from common import emit
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from shoal.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from shoal.models.default_model import resolve_model
-from shoal.runtime.engine import LLMEngine
-from shoal.runtime.sampling_params import SamplingParams
+from shoal.checkpoint.default_model import resolve_model
+from shoal.frontend.llm_engine import LLMEngine
+from shoal.engine.sampling_params import SamplingParams
 
 PROMPT_LEN = 32
 STEPS = 24

@@ -25,8 +25,8 @@ import torch
 from common import emit
 
 from shoal import LLM, SamplingParams
-from shoal.comm.protocol import Command
-from shoal.models.default_model import resolve_model
+from shoal.engine.control import Command
+from shoal.checkpoint.default_model import resolve_model
 
 LAYOUTS = {
     "tp1": {},
@@ -70,7 +70,7 @@ def run_shoal(model: str, name: str, requests, kv_bytes: int) -> dict:
     if name.startswith("pp"):
         # idle fraction per stage: time between steps / wall time, from tp-rank-0 of each stage
         record["stage_idle_fraction"] = [
-            round(s["idle_s"] / max(1e-9, s["idle_s"] + s["forward_s"]), 3) for s in stats
+            round(s.idle_s / max(1e-9, s.idle_s + s.forward_s), 3) for s in stats
         ]
     return record
 

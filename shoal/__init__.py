@@ -10,11 +10,11 @@ def __getattr__(name: str):
     # The package root sits above every layer; importing it lazily keeps
     # `import shoal.comm` light (no torch model code pulled in).
     if name == "LLM":
-        from shoal.runtime.llm import LLM
+        from shoal.frontend.llm import LLM
 
         return LLM
     if name == "SamplingParams":
-        from shoal.runtime.sampling_params import SamplingParams
+        from shoal.engine.sampling_params import SamplingParams
 
         return SamplingParams
     raise AttributeError(name)

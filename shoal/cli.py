@@ -9,92 +9,13 @@ import logging
 import os
 import sys
 
+from shoal.checkpoint.default_model import ensure_default_model
+from shoal.engine.sampling_params import SamplingParams
+from shoal.engine_args import add_engine_args, engine_config_from_args
+from shoal.frontend.llm_engine import LLMEngine
+from shoal.serve.api_server import run_server
+from shoal.worker.main import run_headless_worker
 from shoal.errors import ShoalError
-from shoal.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """The flags every engine-starting subcommand takes (vLLM's names)."""
-    g = parser.add_argument_group("model and engine")
-    g.add_argument("--model", default=None,
-                   help="local Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="auto = float32 on CPU, bfloat16 on CUDA")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
-    g.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1)
-    g.add_argument("-dp", "--data-parallel-size", type=int, default=1)
-    g.add_argument("--enable-expert-parallel", action="store_true")
-    g.add_argument("--pp-layer-partition", default=None,
-                   help="layers per pipeline stage, e.g. 10,10,10")
-    g.add_argument("--distributed-executor-backend", default="mp", choices=["mp", "ray", "external"])
-    g.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
-                   help="Ray placement group strategy")
-    g.add_argument("--driver-host", default=None,
-                   help="ray/external backends: the address workers dial to reach this driver "
-                        "(default: $SHOAL_HOST_IP, else this host's address)")
-    g.add_argument("--driver-port", type=int, default=0,
-                   help="external backend: port of the driver's bootstrap socket; workers join "
-                        "with `shoal worker --driver-addr HOST:PORT` (default: any free port, "
-                        "logged)")
-    g.add_argument("--block-size", type=int, default=16, help="KV page size in tokens")
-    g.add_argument("--kv-cache-memory", type=int, default=None,
-                   help="KV cache bytes per rank on CPU (default 1 GiB)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
-                   action="store_false")
-    g.add_argument("--max-num-seqs", type=int, default=128)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--max-waiting-requests", type=int, default=None,
-                   help="bound on queued requests; beyond it the server answers 503")
-
-
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    """Build the frozen EngineConfig from parsed flags (raises ValueError on bad values)."""
-    partition = None
-    if args.pp_layer_partition:
-        try:
-            partition = tuple(int(x) for x in args.pp_layer_partition.split(","))
-        except ValueError:
-            raise ValueError(
-                f"--pp-layer-partition must be comma-separated integers, got "
-                f"{args.pp_layer_partition!r}"
-            ) from None
-    return EngineConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                          seed=args.seed, served_model_name=getattr(args, "served_model_name", None)),
-        parallel=ParallelConfig(
-            tp_size=args.tensor_parallel_size,
-            pp_size=args.pipeline_parallel_size,
-            dp_size=args.data_parallel_size,
-            enable_expert_parallel=args.enable_expert_parallel,
-            pp_layer_partition=partition,
-            executor_backend=args.distributed_executor_backend,
-            placement_strategy=args.placement_strategy,
-        ),
-        cache=CacheConfig(
-            block_size=args.block_size,
-            kv_cache_memory=args.kv_cache_memory,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            enable_prefix_caching=args.enable_prefix_caching,
-        ),
-        scheduler=SchedulerConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_waiting_requests=args.max_waiting_requests,
-        ),
-    )
-
-
-def executor_kwargs_from_args(args: argparse.Namespace) -> dict:
-    """Executor options that are not part of EngineConfig (where the driver listens)."""
-    kwargs: dict = {}
-    if getattr(args, "driver_host", None):
-        kwargs["host"] = args.driver_host
-    if getattr(args, "driver_port", 0):
-        kwargs["bootstrap_port"] = args.driver_port
-    return kwargs
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -111,8 +32,6 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_params_from_args(args: argparse.Namespace):
-    from shoal.runtime.sampling_params import SamplingParams
-
     return SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -127,9 +46,7 @@ def sampling_params_from_args(args: argparse.Namespace):
 
 
 def _engine(args: argparse.Namespace):
-    from shoal.runtime.engine import LLMEngine
-
-    return LLMEngine(engine_config_from_args(args), executor_kwargs=executor_kwargs_from_args(args))
+    return LLMEngine(engine_config_from_args(args))
 
 
 def _stream(engine, request_id: str, prompt, params) -> str:
@@ -189,27 +106,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from shoal.models.default_model import ensure_default_model
-
     print(ensure_default_model(progress=True))
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from shoal.serve.api_server import run_server
-
-    # the engine core runs in a child process: it reads where to listen from the environment
-    for name, value in (("SHOAL_DRIVER_HOST", args.driver_host), ("SHOAL_DRIVER_PORT",
-                                                                   args.driver_port)):
-        if value:
-            os.environ[name] = str(value)
     run_server(engine_config_from_args(args), args)
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from shoal.runtime.external_executor import run_headless_worker
-
     if run_headless_worker(args.driver_addr):
         return 0
     print("error: lost contact with the driver", file=sys.stderr)
@@ -229,7 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("SHOAL_API_KEY"))
-    p.add_argument("--served-model-name", default=None)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate text for prompts, streamed to the terminal")

@@ -6,6 +6,8 @@ does no I/O. Derive new configs with ``dataclasses.replace``.
 from __future__ import annotations
 
 import dataclasses
+import json
+import typing
 from dataclasses import dataclass, field
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -111,12 +113,69 @@ class ModelConfig:
     max_model_len: int | None = None
     seed: int = 0
     served_model_name: str | None = None
+    enforce_eager: bool = False  # no compiled/captured step: plain eager torch
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """How the driver starts and watches its workers (beyond the mesh sizes).
+
+    Travels with the rest of the EngineConfig, so the offline engine and the
+    server's engine-core process read the same fields (no environment variables).
+    """
+
+    host: str | None = None  # address the driver binds for remote workers (tcp)
+    bootstrap_port: int = 0  # 0 = chosen by the OS; external launchers need a fixed one
+    threads_per_worker: int | None = None  # torch intra-op threads; None = the worker's cores
+    heartbeat_timeout_s: float = 10.0
+    start_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bootstrap_port, int) or not 0 <= self.bootstrap_port <= 65535:
+            raise ValueError(f"driver port must be in 0..65535, got {self.bootstrap_port!r}")
+        if self.threads_per_worker is not None:
+            _positive("threads_per_worker", self.threads_per_worker)
+        if not self.heartbeat_timeout_s > 0:
+            raise ValueError(f"heartbeat_timeout_s must be positive, got {self.heartbeat_timeout_s}")
+        if not self.start_timeout_s > 0:
+            raise ValueError(f"start_timeout_s must be positive, got {self.start_timeout_s}")
+
+    def kwargs(self) -> dict:
+        """As keyword arguments of an executor's constructor."""
+        return dataclasses.asdict(self)
+
+
+KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    """A KV connector and its role (vLLM's ``kv_transfer_config``); empty = none."""
+
+    kv_connector: str | None = None
+    kv_role: str = "kv_both"
+    kv_connector_extra_config: str = "{}"  # JSON object, connector-specific
+
+    def __post_init__(self) -> None:
+        if self.kv_role not in KV_ROLES:
+            raise ValueError(f"kv_role must be one of {KV_ROLES}, got {self.kv_role!r}")
+        try:
+            extra = json.loads(self.kv_connector_extra_config)
+        except (TypeError, ValueError):
+            extra = None
+        if not isinstance(extra, dict):
+            raise ValueError("kv_connector_extra_config must be a JSON object, got "
+                             f"{self.kv_connector_extra_config!r}")
+
+    @property
+    def extra(self) -> dict:
+        return json.loads(self.kv_connector_extra_config)
 
 
 @dataclass(frozen=True)
@@ -127,6 +186,38 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        """Plain JSON (configs are plain values): the engine-core process's command line."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "EngineConfig":
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError("an EngineConfig in JSON is an object of sections")
+        hints = typing.get_type_hints(cls)
+        sections = {}
+        for name, value in raw.items():
+            if name not in hints:
+                raise ValueError(f"unknown EngineConfig section {name!r}")
+            sections[name] = _section_from_dict(hints[name], value)
+        return cls(**sections)
+
+
+def _section_from_dict(section: type, raw: dict):
+    """One frozen config from its asdict() form (lists back to the tuples they were)."""
+    hints = typing.get_type_hints(section)
+    values = {}
+    for name, value in raw.items():
+        if name not in hints:
+            raise ValueError(f"unknown {section.__name__} field {name!r}")
+        if isinstance(value, list) and "tuple" in str(hints[name]):
+            value = tuple(value)
+        values[name] = value
+    return section(**values)

@@ -31,5 +31,20 @@ class ModelNotAvailableError(ShoalError):
     """The model could not be found or fetched (for example: offline with an empty cache)."""
 
 
-class RequestError(ShoalError):
-    """A request cannot be served as asked (for example: its prompt can never fit)."""
+class RequestError(ShoalError, ValueError):
+    """A request cannot be served as asked (for example: its prompt can never fit).
+
+    A ValueError too, as vLLM's bad-input errors are, so ``except ValueError`` catches it.
+    ``param`` names the offending request field where one is to blame, ``code`` is a
+    machine-readable reason (OpenAI's, e.g. ``context_length_exceeded``).
+    """
+
+    def __init__(self, message: str, *, request_id: str | None = None, param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message, request_id=request_id)
+        self.param = param
+        self.code = code
+
+
+class OverloadedError(RequestError):
+    """The engine's waiting queue is full: retry later (HTTP 503)."""

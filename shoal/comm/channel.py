@@ -23,13 +23,13 @@ import threading
 import time
 from typing import Any
 
-import msgpack
 import zmq
 
 from shoal.comm.codec import DEFAULT_MAX_MESSAGE_BYTES, decode, encode
-from shoal.errors import ProtocolError
 
 logger = logging.getLogger(__name__)
+
+MAX_BOOTSTRAP_BYTES = 64 << 10  # a bootstrap request or answer is a few hundred bytes
 
 
 def local_ip() -> str:
@@ -89,20 +89,23 @@ class DriverChannel:
 
     # -- bootstrap ---------------------------------------------------------------------------
 
-    def serve_bootstrap(self, info_for_rank, timeout_s: float) -> dict | None:
-        """Answer one bootstrap request with ``info_for_rank(request)``; None on timeout."""
+    def serve_bootstrap(self, answer, refuse, timeout_s: float) -> Any | None:
+        """Answer one bootstrap request; the request message, or None on timeout.
+
+        ``answer(request)`` returns the reply message; when it raises, or the request
+        is malformed, the worker gets ``refuse(reason)`` instead (a REP socket must
+        always answer) and the error propagates to the caller.
+        """
         if not self.bootstrap.poll(int(timeout_s * 1000)):
             return None
-        raw = self.bootstrap.recv()
+        frames = self.bootstrap.recv_multipart(copy=False)
         try:
-            request = msgpack.unpackb(raw, raw=False)
-            if not isinstance(request, dict):
-                raise ProtocolError("bootstrap request must be a map")
-            reply = info_for_rank(request)
+            request = decode(frames, MAX_BOOTSTRAP_BYTES)
+            reply = answer(request)
         except Exception as exc:
-            self.bootstrap.send(msgpack.packb({"error": str(exc)}))
+            self.bootstrap.send_multipart(encode(refuse(str(exc))))
             raise
-        self.bootstrap.send(msgpack.packb(reply))
+        self.bootstrap.send_multipart(encode(reply))
         return request
 
     # -- broadcast ---------------------------------------------------------------------------
@@ -146,8 +149,11 @@ class DriverChannel:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
 
-def request_bootstrap(address: str, request: dict, timeout_s: float = 60.0) -> dict:
-    """A worker's first contact: ask the driver's bootstrap socket for the addresses."""
+def request_bootstrap(address: str, request: Any, timeout_s: float = 60.0) -> Any:
+    """A worker's first contact: send ``request`` to the driver's bootstrap socket.
+
+    Returns the driver's reply message (the caller checks its type).
+    """
     ctx = zmq.Context.instance()
     deadline = time.monotonic() + timeout_s
     while True:
@@ -155,12 +161,9 @@ def request_bootstrap(address: str, request: dict, timeout_s: float = 60.0) -> d
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(address)
         try:
-            sock.send(msgpack.packb(request))
+            sock.send_multipart(encode(request))
             if sock.poll(int(min(5.0, max(0.1, deadline - time.monotonic())) * 1000)):
-                reply = msgpack.unpackb(sock.recv(), raw=False)
-                if "error" in reply:
-                    raise ProtocolError(f"driver refused bootstrap: {reply['error']}")
-                return reply
+                return decode(sock.recv_multipart(copy=False), MAX_BOOTSTRAP_BYTES)
         finally:
             sock.close(linger=0)
         if time.monotonic() >= deadline:

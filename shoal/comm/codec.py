@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import types
 import typing
 from typing import Any, Sequence
@@ -23,13 +24,20 @@ from typing import Any, Sequence
 import msgpack
 import numpy as np
 
-from shoal.comm.protocol import MESSAGE_TYPES, PROTOCOL_VERSION, MsgType
+from shoal.comm.protocol import MESSAGE_TYPES, PROTOCOL_VERSION
 from shoal.errors import ProtocolError
 
-try:  # torch is optional for the codec: the API server process may not need it
-    import torch
-except ImportError:  # pragma: no cover - torch is a hard dependency of the package
-    torch = None  # type: ignore[assignment]
+
+
+def _torch() -> Any:
+    """torch if this process has loaded it, else None.
+
+    The codec never loads torch itself: driver-side processes (the engine core, the
+    API server) stay torch-free. A tensor can only be encoded where torch is loaded;
+    an array sent as a tensor decodes to a tensor where torch is loaded, else to the
+    numpy array it travels as.
+    """
+    return sys.modules.get("torch")
 
 INLINE_THRESHOLD = 1024
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
@@ -55,7 +63,8 @@ _WIRE_DTYPES = {
 _MAX_NDIM = 8
 
 
-def _tensor_to_numpy(tensor: "torch.Tensor") -> tuple[np.ndarray, str]:
+def _tensor_to_numpy(tensor: Any) -> tuple[np.ndarray, str]:
+    torch = _torch()
     if tensor.device.type != "cpu":
         raise TypeError(f"only CPU tensors can be sent, got one on {tensor.device}")
     tensor = tensor.detach().contiguous()
@@ -96,6 +105,7 @@ class _Encoder:
             return [self.to_wire(getattr(obj, n)) for n in names]
         if isinstance(obj, np.ndarray):
             return self.array_ext(obj, obj.dtype.name, False)
+        torch = _torch()
         if torch is not None and isinstance(obj, torch.Tensor):
             array, dtype_name = _tensor_to_numpy(obj)
             return self.array_ext(array, dtype_name, True)
@@ -176,7 +186,8 @@ class _Decoder:
                 f"array {dtype_name}{shape} needs {nbytes} bytes, frame holds {len(raw)}"
             )
         array = np.frombuffer(raw, dtype=np_dtype).reshape(shape)
-        if not is_torch:
+        torch = _torch()
+        if not is_torch or torch is None:
             return array
         tensor = torch.from_numpy(array.copy())
         return tensor.view(torch.bfloat16) if dtype_name == "bfloat16" else tensor
@@ -280,8 +291,9 @@ def _decoder_required(hint: Any) -> Any:
                 _fail("an array", v)
             return v
         return array
-    if hint in (int, float, str, bool):
+    if hint in (int, float, str, bool, bytes):
         return _scalar(hint)
+    torch = _torch()
     if torch is not None and hint is torch.Tensor:
         def tensor(v):
             if not isinstance(v, torch.Tensor):
@@ -289,6 +301,29 @@ def _decoder_required(hint: Any) -> Any:
             return v
         return tensor
     raise TypeError(f"no wire decoding for type {hint!r}")
+
+
+def pack_value(obj: Any) -> bytes:
+    """One typed value (a dataclass of plain fields) as msgpack bytes, to nest in a message."""
+    encoder = _Encoder(inline_threshold=1 << 62)  # arrays inline: nested bytes have no frames
+    return msgpack.packb(encoder.to_wire(obj), use_bin_type=True)
+
+
+def unpack_value(data: bytes, hint: Any) -> Any:
+    """The inverse of :func:`pack_value`, checked against ``hint``; ProtocolError if malformed."""
+    decoder = _Decoder([])
+    try:
+        value = msgpack.unpackb(data, raw=False, ext_hook=decoder.ext_hook, strict_map_key=False)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"undecodable value: {type(exc).__name__}: {exc}") from None
+    try:
+        return from_wire(value, hint)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"invalid {getattr(hint, '__name__', hint)}: {exc}") from None
 
 
 def from_wire(value: Any, hint: Any) -> Any:
@@ -320,10 +355,9 @@ def decode(frames: Sequence[Any], max_message_bytes: int = DEFAULT_MAX_MESSAGE_B
     version, msg_type, payload = header
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
-    try:
-        cls = MESSAGE_TYPES[MsgType(msg_type)]
-    except (ValueError, KeyError, TypeError):
-        raise ProtocolError(f"unknown message type {msg_type!r}") from None
+    cls = MESSAGE_TYPES.get(msg_type) if type(msg_type) is int else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {msg_type!r}")
     try:
         return from_wire(payload, cls)
     except ProtocolError:

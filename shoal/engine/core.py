@@ -1,75 +1,117 @@
 """EngineCore: the driver's step loop — scheduler, KV pages and the executor.
 
-It speaks token ids only (no text): requests come in as token lists, results go
-out as TokenDeltas. ``LLMEngine`` adds tokenization and text for offline use;
-the HTTP server runs an EngineCore in its own process behind ZeroMQ.
+It speaks token ids only (no text): :class:`AddRequest` in, :class:`TokenDelta`
+out, the same types in-process and on the wire (``shoal.engine.core_io``). The
+frontend's ``LLMEngine`` adds tokenization and text for offline use; the HTTP
+server runs an EngineCore in its own process behind ZeroMQ (``core_proc``).
 
 Start-up: start the executor (every worker reports ready), load the model on
 every rank, ask every rank how many KV pages its budget holds, take the
 minimum, allocate the pages once on every rank. Then each ``step()`` submits
 plans until ``pp_size`` are in flight and applies the oldest result.
+
+The executor is given, not built here: the engine layer knows the executor's
+interface (``Executor``), never its implementations.
 """
 from __future__ import annotations
 
 import collections
 import logging
-from dataclasses import dataclass
+from typing import Any, Protocol
 
-from shoal.comm.protocol import Command, StepPlan, StepResult
-from shoal.config import EngineConfig, ParallelConfig
+import numpy as np
+
+from shoal.config import EngineConfig
+from shoal.engine.control import (
+    Command,
+    InitKVCache,
+    LoadModel,
+    MeasureKVCapacity,
+    ModelInfo,
+    RunnerKind,
+    WorkerReady,
+)
+from shoal.engine.core_io import AddRequest, CoreStats, TokenDelta, TokenLogprob
+from shoal.engine.kv_connector import create_scheduler_connector
+from shoal.engine.kv_manager import KVCacheManager
+from shoal.engine.plan import StepPlan, StepResult
+from shoal.engine.request import Request
+from shoal.engine.scheduler import Scheduler
 from shoal.errors import RequestError, ShoalError
-from shoal.runtime.executor import Executor
-from shoal.runtime.kv_manager import KVCacheManager
-from shoal.runtime.outputs import TokenDelta, TokenLogprob
-from shoal.runtime.request import Request
-from shoal.runtime.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
 
-def create_executor(parallel: ParallelConfig, **kwargs) -> Executor:
-    """The executor named by ``parallel.executor_backend`` (mp, ray, external)."""
-    backend = parallel.executor_backend
-    if backend == "mp":
-        from shoal.runtime.mp_executor import MpExecutor
+class Executor(Protocol):
+    """What the engine needs from an executor (implementations: ``shoal.executor``)."""
 
-        return MpExecutor(parallel, **kwargs)
-    if backend == "ray":
-        from shoal.runtime.ray_executor import RayExecutor
+    world_size: int
+    workers: list[WorkerReady]
 
-        return RayExecutor(parallel, **kwargs)
-    if backend == "external":
-        from shoal.runtime.external_executor import ExternalExecutor
+    def start(self) -> None: ...
 
-        return ExternalExecutor(parallel, **kwargs)
-    raise ValueError(f"unknown executor backend {backend!r}")
+    def call(self, command: Any, ranks: list[int] | None = None,
+             timeout_s: float | None = None) -> list[Any]: ...
+
+    def submit(self, plan: StepPlan) -> int: ...
+
+    def get_result(self, timeout_s: float | None = None) -> StepResult: ...
+
+    def check_alive(self) -> None: ...
+
+    def shutdown(self) -> None: ...
 
 
-@dataclass
-class EngineCoreStats:
-    """A snapshot for metrics and tests."""
+class ExpertCounter:
+    """Routed-token totals per MoE layer and expert, added up over steps."""
 
-    num_running: int
-    num_waiting: int
-    kv_usage: float
-    num_pages: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
-    num_steps: int
-    max_plans_in_flight: int
-    plan_bytes: int
+    def __init__(self) -> None:
+        self.totals: np.ndarray | None = None  # int64 [moe_layers, experts]
+        self.version = 0  # bumped whenever the totals change
+
+    def add(self, counts: np.ndarray | None) -> None:
+        """Add one step's counts (None or empty: a model without MoE layers)."""
+        if counts is None or not counts.size:
+            return
+        counts = np.asarray(counts, dtype=np.int64)
+        if self.totals is None or self.totals.shape != counts.shape:
+            self.totals = np.zeros(counts.shape, dtype=np.int64)
+        self.totals += counts
+        self.version += 1
+
+
+def requests_of(msg: AddRequest) -> list[Request]:
+    """The core's child requests of one AddRequest (they share its prompt)."""
+    if not msg.req_ids or len(msg.sampling) != len(msg.req_ids):
+        raise ValueError("one SamplingOptions per child request is needed")
+    prompt = msg.prompt_token_ids.tolist()
+    return [Request(
+        req_id=req_id, prompt_token_ids=prompt, sampling=sampling,
+        max_tokens=msg.max_tokens, eos_token_ids=set(msg.eos_token_ids),
+        stop_token_ids=set(msg.stop_token_ids), min_tokens=msg.min_tokens,
+        arrival_time=msg.arrival_time,
+    ) for req_id, sampling in zip(msg.req_ids, msg.sampling)]
 
 
 class EngineCore:
-    """Owns the executor and the scheduler; turns plans and results into token deltas."""
+    """Owns the executor and the scheduler; turns plans and results into token deltas.
+
+    Args:
+        config: the engine configuration.
+        model_path: the local checkpoint directory every worker loads.
+        max_model_len: the context length served.
+        executor: started here; shut down by :meth:`shutdown` (or if start-up fails).
+        runner: the workers' runner (``RunnerKind.NULL``: no model, for control-plane tests).
+        step_timeout_s: a step without a result for this long (workers alive) is an error.
+    """
 
     def __init__(self, config: EngineConfig, model_path: str, max_model_len: int,
-                 executor: Executor | None = None, executor_kwargs: dict | None = None,
+                 executor: Executor, runner: RunnerKind = RunnerKind.MODEL,
                  step_timeout_s: float = 600.0):
         if config.parallel.dp_size > 1:
             # the mesh and the all-to-all MoE dispatcher know dp, but the engine does not
             # yet split requests over data-parallel groups (one output rank per group)
+            executor.shutdown()
             raise ValueError(
                 f"data_parallel_size={config.parallel.dp_size} is not supported by the engine yet; "
                 "use tensor/pipeline/expert parallelism (data_parallel_size=1)"
@@ -77,34 +119,36 @@ class EngineCore:
         self.config = config
         self.step_timeout_s = step_timeout_s
         self.max_model_len = max_model_len
-        self.executor = executor or create_executor(config.parallel, **(executor_kwargs or {}))
+        self.executor = executor
         self._closed = False
+        kv_transfer = config.kv_transfer
         try:
+            connector = create_scheduler_connector(kv_transfer)
             self.executor.start()
-            self.load_info = self.executor.call(
-                Command.LOAD_MODEL,
-                {
-                    "model": model_path,
-                    "dtype": config.model.dtype,
-                    "seed": config.model.seed,
-                    "pp_layer_partition": list(config.parallel.pp_layer_partition or []),
-                },
-            )
+            self.load_info: list[ModelInfo] = self.executor.call(LoadModel(
+                model=model_path,
+                dtype=config.model.dtype,
+                seed=config.model.seed,
+                pp_layer_partition=list(config.parallel.pp_layer_partition or []),
+                runner=int(runner),
+                enforce_eager=config.model.enforce_eager,
+                kv_connector=kv_transfer.kv_connector or "",
+                kv_connector_config=kv_transfer.kv_connector_extra_config,
+            ))
             self.num_pages = self._agree_on_pages()
             page_size = config.cache.block_size
-            self.executor.call(
-                Command.INIT_KV_CACHE, {"num_pages": self.num_pages, "page_size": page_size}
-            )
+            self.executor.call(InitKVCache(num_pages=self.num_pages, page_size=page_size))
         except BaseException:
             self.executor.shutdown()
             raise
         self.kv = KVCacheManager(self.num_pages, page_size, config.cache.enable_prefix_caching)
         self.max_in_flight = config.parallel.pp_size
         per_plan = -(-config.scheduler.max_num_seqs // self.max_in_flight)  # one micro-batch a stage
-        self.scheduler = Scheduler(config.scheduler, self.kv, max_model_len, per_plan)
+        self.scheduler = Scheduler(config.scheduler, self.kv, max_model_len, per_plan, connector)
         self.in_flight: collections.deque[StepPlan] = collections.deque()
         self.max_plans_in_flight_seen = 0
         self.plan_bytes = 0
+        self.experts = ExpertCounter()
         self._prompt_logprobs: dict[int, dict[int, TokenLogprob]] = {}  # req -> position -> lp
         # n > 1: followers wait until their leader's prompt is in the cache, then share its pages
         self._followers: dict[int, list[Request]] = {}
@@ -114,40 +158,38 @@ class EngineCore:
         cache = self.config.cache
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
-        caps = self.executor.call(
-            Command.MEASURE_KV_CAPACITY,
-            {
-                "page_size": cache.block_size,
-                "kv_cache_memory": cache.kv_cache_memory,
-                "gpu_memory_utilization": cache.gpu_memory_utilization,
-            },
-        )
-        num_pages = min(c["num_pages"] for c in caps)
+        caps = self.executor.call(MeasureKVCapacity(
+            page_size=cache.block_size,
+            kv_cache_memory=cache.kv_cache_memory,
+            gpu_memory_utilization=cache.gpu_memory_utilization,
+        ))
+        num_pages = min(c.num_pages for c in caps)
         if num_pages < 1:
             raise ShoalError(
-                f"no room for a single KV page ({caps[0]['bytes_per_page']} bytes per page): "
+                f"no room for a single KV page ({caps[0].bytes_per_page} bytes per page): "
                 "raise --kv-cache-memory or --gpu-memory-utilization"
             )
         return num_pages
 
     # -- requests -------------------------------------------------------------------------
 
-    def add_request(self, request: Request) -> None:
-        """Queue a request (raises RequestError when it can never be served)."""
-        self.scheduler.add_request(request)
+    def add_request(self, msg: AddRequest) -> None:
+        """Queue the ``n`` children of one request, all or none.
 
-    def add_request_group(self, requests: list[Request]) -> None:
-        """Queue the ``n`` samples of one prompt so that they share its KV pages.
-
-        The first runs at once; the others are admitted when its prompt is in the
-        cache, so their prefill hits every full page of it instead of recomputing.
+        The first runs at once; with prefix caching the others are admitted when its
+        prompt is in the cache, so their prefill hits every full page of it instead of
+        recomputing. Raises RequestError (OverloadedError when the queue is full) and
+        queues nothing when the request cannot be served.
         """
-        self.scheduler.add_request(requests[0])
+        requests = requests_of(msg)
+        self.scheduler.check_admission(len(requests))
+        self.scheduler.check_request(requests[0])  # same prompt and limits: same verdict
+        self.scheduler.add_request(requests[0], bounded=False)
         if len(requests) > 1 and self.config.cache.enable_prefix_caching:
             self._followers[requests[0].req_id] = list(requests[1:])
         else:
             for request in requests[1:]:
-                self.scheduler.add_request(request)
+                self.scheduler.add_request(request, bounded=False)
 
     def _release_followers(self) -> list[TokenDelta]:
         deltas = []
@@ -157,7 +199,7 @@ class EngineCore:
                 continue
             for request in self._followers.pop(leader_id):
                 try:
-                    self.scheduler.add_request(request)
+                    self.scheduler.add_request(request, bounded=False)
                 except RequestError:
                     request.finish_reason = "abort"
                     deltas.append(self._delta(request, []))
@@ -205,16 +247,19 @@ class EngineCore:
         except TimeoutError:
             raise ShoalError(self._stuck_report()) from None
         plan = self.in_flight.popleft()
+        self.experts.add(result.expert_counts)
         changed = self.scheduler.update_from_output(plan, result)
         if result.prompt_logprobs:
             self._collect_prompt_logprobs(result.prompt_logprobs)
-        rows = {rid: i for i, rid in enumerate(result.req_ids)}
+        spans = result.token_spans()
         for request in changed:
-            row = rows.get(request.req_id)
-            new_ids = [request.output_token_ids[-1]] if row is not None else []
-            logprobs = self._logprobs(result, row, request) if row is not None else None
+            kept = request.num_new_output_tokens
+            new_ids = request.output_token_ids[len(request.output_token_ids) - kept:]
+            span = spans.get(request.req_id)
+            logprobs = self._logprobs(result, span[0], kept, request) if span else None
             delta = self._delta(request, new_ids, logprobs)
-            if request.req_id in self._prompt_logprobs and request.num_output_tokens == 1:
+            if (request.req_id in self._prompt_logprobs
+                    and request.num_output_tokens == kept):  # the first tokens
                 by_pos = self._prompt_logprobs.pop(request.req_id)
                 delta.prompt_logprobs = [None] + [
                     by_pos.get(p) for p in range(request.num_prompt_tokens - 1)
@@ -237,34 +282,40 @@ class EngineCore:
     @staticmethod
     def _delta(request: Request, new_ids: list[int],
                logprobs: list[TokenLogprob] | None = None) -> TokenDelta:
+        stop = request.stop_reason if isinstance(request.stop_reason, int) else None
         return TokenDelta(
             req_id=request.req_id,
-            new_token_ids=new_ids,
+            new_token_ids=list(new_ids),
             logprobs=logprobs,
             finish_reason=request.finish_reason,
-            stop_reason=request.stop_reason,
+            stop_reason=stop,
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens,
         )
 
     @staticmethod
-    def _logprobs(result: StepResult, row: int, request: Request) -> list[TokenLogprob] | None:
+    def _logprobs(result: StepResult, first: int, count: int,
+                  request: Request) -> list[TokenLogprob] | None:
+        """Logprobs of the ``count`` kept tokens starting at row ``first``."""
         asked = request.sampling.logprobs
         if asked is None or result.logprobs is None:
             return None
-        top = {}
-        if asked and result.top_token_ids is not None:
-            ids = result.top_token_ids[row, :asked].tolist()
-            lps = result.top_logprobs[row, :asked].tolist()
-            top = dict(zip(ids, lps))
-        token = int(result.sampled_token_ids[row])
-        return [TokenLogprob(token, float(result.logprobs[row]), top)]
+        out = []
+        for row in range(first, first + count):
+            top = {}
+            if asked and result.top_token_ids is not None:
+                ids = result.top_token_ids[row, :asked].tolist()
+                lps = result.top_logprobs[row, :asked].tolist()
+                top = dict(zip(ids, lps))
+            token = int(result.sampled_token_ids[row])
+            out.append(TokenLogprob(token, float(result.logprobs[row]), top))
+        return out
 
     def _stuck_report(self) -> str:
         """Why a step got no result although every worker is alive (a protocol bug)."""
         plan = self.in_flight[0]
         try:
-            steps = [s.get("steps") for s in self.executor.call(Command.GET_STATS, timeout_s=10)]
+            steps = [s.steps for s in self.executor.call(Command.GET_STATS, timeout_s=10)]
         except Exception as exc:  # the report must not hide the original problem
             steps = f"unavailable ({exc})"
         return (f"no result for step {plan.step_id} within {self.step_timeout_s:.0f} s although "
@@ -272,9 +323,9 @@ class EngineCore:
 
     # -- info -----------------------------------------------------------------------------
 
-    def stats(self) -> EngineCoreStats:
+    def stats(self) -> CoreStats:
         s = self.scheduler.stats
-        return EngineCoreStats(
+        return CoreStats(
             num_running=s.num_running,
             num_waiting=s.num_waiting,
             kv_usage=s.kv_usage,
@@ -285,9 +336,10 @@ class EngineCore:
             num_steps=s.num_steps,
             max_plans_in_flight=self.max_plans_in_flight_seen,
             plan_bytes=self.plan_bytes,
+            expert_counts=self.experts.totals,
         )
 
-    def worker_stats(self) -> list[dict]:
+    def worker_stats(self) -> list:
         return self.executor.call(Command.GET_STATS)
 
     def shutdown(self) -> None:

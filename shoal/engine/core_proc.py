@@ -1,7 +1,8 @@
-"""The engine-core process behind the HTTP server: ``python -m shoal.runtime.core_server``.
+"""The engine-core process behind the HTTP server: its loop and its ``main``.
 
-The API server starts this module as a fresh interpreter (not a fork) and talks
-to it over two ZeroMQ ipc:// sockets that the API server binds: PULL here for
+The API server starts ``python -m shoal.frontend.core_main`` (which builds the
+executor and calls :func:`serve_core` here) as a fresh interpreter, not a fork,
+and talks to it over two ZeroMQ ipc:// sockets that the API server binds: PULL here for
 AddRequest / AbortRequests / Shutdown, PUSH here for CoreOutputs. Messages are
 typed and msgpack-encoded (``shoal.comm.codec``); nothing is pickled.
 
@@ -16,37 +17,32 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
-import json
 import logging
 import os
 import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 
-import numpy as np
 import zmq
 
 from shoal.comm.codec import decode, encode
-from shoal.comm.protocol import (
+from shoal.config import EngineConfig
+from shoal.engine.control import Shutdown
+from shoal.engine.core import EngineCore, Executor
+from shoal.engine.core_io import (
     AbortRequests,
     AddRequest,
-    CoreLogprob,
     CoreOutputs,
     CoreStats,
-    CoreTokenDelta,
     EngineFailure,
     EngineReady,
     RequestRejection,
-    Shutdown,
-    StepResult,
+    TokenDelta,
 )
-from shoal.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from shoal.errors import ProtocolError, RequestError
-from shoal.runtime.engine_core import EngineCore, create_executor
-from shoal.runtime.outputs import TokenDelta
-from shoal.runtime.request import Request, RequestStatus
+from shoal.engine.request import RequestStatus
+from shoal.errors import OverloadedError, ProtocolError, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -55,66 +51,11 @@ EXPERT_COUNTS_PERIOD_S = 1.0  # expert counts travel at most this often (they ar
 MAX_INPUT_BYTES = 256 << 20
 
 
-def config_to_json(config: EngineConfig) -> str:
-    """The engine config as JSON for the child's command line (configs are plain values)."""
-    return json.dumps(dataclasses.asdict(config))
-
-
-def config_from_json(text: str) -> EngineConfig:
-    raw = json.loads(text)
-    parallel = dict(raw["parallel"])
-    if parallel.get("pp_layer_partition") is not None:
-        parallel["pp_layer_partition"] = tuple(parallel["pp_layer_partition"])
-    return EngineConfig(
-        model=ModelConfig(**raw["model"]),
-        parallel=ParallelConfig(**parallel),
-        cache=CacheConfig(**raw["cache"]),
-        scheduler=SchedulerConfig(**raw["scheduler"]),
-    )
-
-
-class ExpertCountingExecutor:
-    """Wraps an executor to add up ``StepResult.expert_counts`` (MoE models) over steps."""
-
-    def __init__(self, inner):
-        self._inner = inner
-        self.expert_counts: np.ndarray | None = None  # int64 [moe_layers, experts]
-        self.version = 0  # bumped whenever the totals change
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def get_result(self, timeout_s: float | None = None) -> StepResult:
-        result = self._inner.get_result(timeout_s)
-        counts = result.expert_counts
-        if counts is not None and counts.size:
-            counts = np.asarray(counts, dtype=np.int64)
-            if self.expert_counts is None or self.expert_counts.shape != counts.shape:
-                self.expert_counts = np.zeros(counts.shape, dtype=np.int64)
-            self.expert_counts += counts
-            self.version += 1
-        return result
-
-
-def to_wire_delta(delta: TokenDelta) -> CoreTokenDelta:
-    logprobs = None
-    if delta.logprobs is not None:
-        logprobs = [
-            CoreLogprob(lp.token_id, lp.logprob, list(lp.top), list(lp.top.values()))
-            for lp in delta.logprobs
-        ]
-    stop = delta.stop_reason if isinstance(delta.stop_reason, int) else None
-    return CoreTokenDelta(delta.req_id, list(delta.new_token_ids), logprobs, delta.finish_reason,
-                          stop, delta.num_prompt_tokens, delta.num_cached_tokens)
-
-
 class CoreServer:
     """Runs an EngineCore for one API server over a PULL/PUSH socket pair."""
 
-    def __init__(self, core: EngineCore, input_address: str, output_address: str,
-                 counting: ExpertCountingExecutor | None = None):
+    def __init__(self, core: EngineCore, input_address: str, output_address: str):
         self.core = core
-        self.counting = counting
         self._ctx = zmq.Context()
         self.inputs = self._ctx.socket(zmq.PULL)
         self.outputs = self._ctx.socket(zmq.PUSH)
@@ -192,28 +133,12 @@ class CoreServer:
             logger.warning("unexpected %s from the API server", type(msg).__name__)
 
     def _add(self, msg: AddRequest) -> None:
-        limit = self.core.config.scheduler.max_waiting_requests
-        waiting = self.core.scheduler.num_waiting
-        if limit is not None and waiting + len(msg.req_ids) > limit:
-            self._reject(msg.request_id, "overloaded",
-                         f"the server is overloaded: {waiting} requests are waiting "
-                         f"(--max-waiting-requests={limit}); retry later")
-            return
         try:
-            if not msg.req_ids or len(msg.sampling) != len(msg.req_ids):
-                raise ValueError("one SamplingOptions per child request is needed")
-            prompt = msg.prompt_token_ids.tolist()
-            requests = [Request(
-                req_id=req_id, prompt_token_ids=prompt, sampling=sampling,
-                max_tokens=msg.max_tokens, eos_token_ids=set(msg.eos_token_ids),
-                stop_token_ids=set(msg.stop_token_ids), min_tokens=msg.min_tokens,
-                arrival_time=msg.arrival_time,
-            ) for req_id, sampling in zip(msg.req_ids, msg.sampling)]
-            # the first child is checked and queued now; with prefix caching the others
-            # follow once its prompt is cached (same prompt, same limits: same verdict)
-            self.core.add_request_group(requests)
+            self.core.add_request(msg)  # checks capacity; queues all children or none
+        except OverloadedError as exc:
+            self._reject(msg.request_id, "overloaded", str(exc))
+            return
         except (RequestError, ValueError, TypeError) as exc:
-            self.core.abort(msg.req_ids)  # all or none (unknown ids are ignored)
             self._reject(msg.request_id, "invalid", str(exc))
             return
         self._unscheduled.update(msg.req_ids)
@@ -238,7 +163,7 @@ class CoreServer:
 
     def _send_outputs(self, deltas: list[TokenDelta], scheduled: list[int], at: float) -> None:
         self.send(CoreOutputs(
-            deltas=[to_wire_delta(d) for d in deltas],
+            deltas=deltas,
             accepted=self._accepted,
             rejected=self._rejected,
             scheduled_req_ids=scheduled,
@@ -248,17 +173,15 @@ class CoreServer:
         self._accepted, self._rejected = [], []
 
     def _stats(self) -> CoreStats:
-        s = self.core.stats()
-        counts = None
-        c = self.counting
-        now = time.monotonic()
-        if (c is not None and c.version != self._expert_version_sent
+        """The core's stats; expert totals only when changed, at most once a period."""
+        stats = self.core.stats()
+        core, now = self.core, time.monotonic()
+        if (core.experts.version != self._expert_version_sent
                 and now - self._expert_sent_at >= EXPERT_COUNTS_PERIOD_S):
-            counts = c.expert_counts
-            self._expert_version_sent, self._expert_sent_at = c.version, now
-        return CoreStats(s.num_running, s.num_waiting, s.kv_usage, s.num_pages,
-                         s.prefix_cache_queries, s.prefix_cache_hits, s.num_preemptions,
-                         s.num_steps, counts)
+            self._expert_version_sent, self._expert_sent_at = core.experts.version, now
+        else:
+            stats.expert_counts = None
+        return stats
 
     def close(self) -> None:
         self.inputs.close(linger=0)
@@ -289,7 +212,8 @@ def _report_failure(output_address: str, error: str) -> None:
         ctx.term()
 
 
-def main(argv: list[str] | None = None) -> int:
+def serve_core(argv: list[str] | None, make_executor: Callable[[EngineConfig], Executor]) -> int:
+    """The engine-core process: parse its command line, run the loop, report a failure."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--input-address", required=True)
     parser.add_argument("--output-address", required=True)
@@ -302,13 +226,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="[core] %(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.parent_pid is not None and not _die_with_parent(args.parent_pid):
         return 1
-    config = config_from_json(args.config)
+    config = EngineConfig.from_json(args.config)
     server = None
     core = None
     try:
-        counting = ExpertCountingExecutor(create_executor(config.parallel))
-        core = EngineCore(config, args.model_path, args.max_model_len, executor=counting)
-        server = CoreServer(core, args.input_address, args.output_address, counting)
+        core = EngineCore(config, args.model_path, args.max_model_len,
+                          executor=make_executor(config))
+        server = CoreServer(core, args.input_address, args.output_address)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         server.run()
         return 0
@@ -325,11 +249,3 @@ def main(argv: list[str] | None = None) -> int:
             server.close()
         if core is not None:
             core.shutdown()
-
-
-if __name__ == "__main__":
-    code = main()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # skip the slow interpreter teardown of torch's and ZeroMQ's threads

@@ -24,7 +24,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from shoal.runtime.request import Request
+from shoal.engine.request import Request
 
 _ROOT_HASH = b""  # the parent of a request's first page
 

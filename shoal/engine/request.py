@@ -14,7 +14,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from shoal.comm.protocol import SamplingOptions
+from shoal.engine.plan import SamplingOptions
 
 
 class RequestStatus(enum.Enum):
@@ -79,6 +79,7 @@ class Request:
     page_hashes: list[bytes] = field(default_factory=list, init=False)  # chained, full pages only
     num_cached_tokens: int = field(default=0, init=False)  # prefix-cache hit at first schedule
     num_preemptions: int = field(default=0, init=False)
+    num_new_output_tokens: int = field(default=0, init=False)  # outputs kept from the last result
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = [int(t) for t in self.prompt_token_ids]

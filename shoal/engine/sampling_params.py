@@ -19,11 +19,10 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from shoal.comm.protocol import SamplingOptions
+from shoal.engine.plan import SAMPLING_EPS, SamplingOptions
 
 logger = logging.getLogger(__name__)
 
-SAMPLING_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
 MIN_TEMPERATURE = 1e-2  # smaller positive temperatures are raised to this (vLLM's _MAX_TEMP)
 MAX_LOGPROBS = 20  # most top logprobs a request may ask for (vLLM's default max_logprobs)
 

@@ -29,17 +29,12 @@ from typing import Iterable
 
 import numpy as np
 
-from shoal.comm.protocol import (
-    CachedRequestData,
-    CachedRequests,
-    NewRequestData,
-    StepPlan,
-    StepResult,
-)
+from shoal.engine.plan import CachedRequestData, CachedRequests, NewRequestData, StepPlan, StepResult
 from shoal.config import SchedulerConfig
-from shoal.errors import RequestError
-from shoal.runtime.kv_manager import KVCacheManager
-from shoal.runtime.request import FINISH_REASON_OF, FINISH_REASONS, Request, RequestStatus
+from shoal.errors import OverloadedError, RequestError
+from shoal.engine.kv_connector import KVConnectorScheduler, NoKVConnector
+from shoal.engine.kv_manager import KVCacheManager
+from shoal.engine.request import FINISH_REASON_OF, FINISH_REASONS, Request, RequestStatus
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +75,10 @@ class Scheduler:
     """
 
     def __init__(self, scheduler_config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
-                 max_seqs_per_plan: int | None = None):
+                 max_seqs_per_plan: int | None = None,
+                 connector: KVConnectorScheduler | None = None):
         self.config = scheduler_config
+        self.connector = connector or NoKVConnector()
         self.max_seqs_per_plan = max_seqs_per_plan or scheduler_config.max_num_seqs
         self.kv = kv
         self.max_model_len = max_model_len
@@ -100,19 +97,34 @@ class Scheduler:
 
     # -- requests in and out ---------------------------------------------------------------
 
-    def add_request(self, request: Request) -> None:
-        """Queue a request, or raise RequestError if it can never be served as asked."""
+    def add_request(self, request: Request, *, bounded: bool = True) -> None:
+        """Queue a request, or raise RequestError if it can never be served as asked.
+
+        ``bounded=False`` skips the waiting-queue bound (a request already admitted as
+        part of a group, see :meth:`check_admission`).
+        """
         rid = request.req_id
         if rid in self._requests or rid in self._in_flight:
             raise ValueError(f"request id {rid} is already in use")
+        self.check_request(request)
+        if bounded:
+            self.check_admission(1)
+        request.status = RequestStatus.WAITING
+        self._requests[rid] = request
+        self.waiting.append(request)
+
+    def check_request(self, request: Request) -> None:
+        """Raise RequestError if ``request`` can never run here (empty, too long, too big)."""
+        rid = request.req_id
         if request.num_prompt_tokens == 0:
-            raise RequestError(f"request {rid}: the prompt is empty", request_id=str(rid))
+            raise RequestError(f"request {rid}: the prompt is empty", request_id=str(rid),
+                               param="prompt")
         needed = request.num_prompt_tokens + request.max_tokens
         if needed > self.max_model_len:
             raise RequestError(
                 f"request {rid}: prompt ({request.num_prompt_tokens} tokens) + max_tokens "
                 f"({request.max_tokens}) = {needed} exceeds max_model_len={self.max_model_len}",
-                request_id=str(rid),
+                request_id=str(rid), param="max_tokens", code="context_length_exceeded",
             )
         # the last sampled token is never fed back, so it needs no KV slot
         if self.kv.pages_for(needed - 1) > self.kv.num_pages:
@@ -120,16 +132,17 @@ class Scheduler:
                 f"request {rid} needs up to {needed - 1} tokens of KV cache, more than the "
                 f"whole cache holds ({self.kv.capacity_tokens} tokens in {self.kv.num_pages} "
                 f"pages of {self.kv.page_size})",
-                request_id=str(rid),
+                request_id=str(rid), param="max_tokens",
             )
+
+    def check_admission(self, count: int) -> None:
+        """Raise OverloadedError if ``count`` more requests would overflow the waiting queue."""
         limit = self.config.max_waiting_requests
-        if limit is not None and len(self.waiting) >= limit:
-            raise RequestError(
-                f"request {rid}: the waiting queue is full ({limit} requests)", request_id=str(rid)
+        if limit is not None and len(self.waiting) + count > limit:
+            raise OverloadedError(
+                f"the waiting queue is full: {len(self.waiting)} requests are waiting "
+                f"(max_waiting_requests={limit}); retry later"
             )
-        request.status = RequestStatus.WAITING
-        self._requests[rid] = request
-        self.waiting.append(request)
 
     def abort_requests(self, req_ids: Iterable[int]) -> list[Request]:
         """Abort requests now (their pages are freed at once); unknown ids are ignored."""
@@ -235,13 +248,18 @@ class Scheduler:
         ):
             request = self.waiting[0]
             hit_pages, num_hit_tokens = self.kv.get_computed_pages(request)
-            num_new = min(request.num_tokens - num_hit_tokens, budget)
-            if self.kv.allocate_slots(request, num_new, hit_pages) is None:
+            # tokens a KV connector provides beyond the local hit (never the last one:
+            # it must be computed to sample)
+            num_external = self.connector.get_num_new_matched_tokens(request, num_hit_tokens)
+            num_external = max(0, min(num_external, request.num_tokens - 1 - num_hit_tokens))
+            num_new = min(request.num_tokens - num_hit_tokens - num_external, budget)
+            if self.kv.allocate_slots(request, num_new + num_external, hit_pages) is None:
                 break
+            self.connector.update_state_after_alloc(request, num_external)
             self.waiting.popleft()
             if request.status == RequestStatus.WAITING:
-                request.num_cached_tokens = num_hit_tokens
-            request.num_computed_tokens = num_hit_tokens
+                request.num_cached_tokens = num_hit_tokens + num_external
+            request.num_computed_tokens = num_hit_tokens + num_external
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled.append((request, num_new))
@@ -255,7 +273,9 @@ class Scheduler:
         """Apply one plan's result: advance, append sampled tokens, stop, free.
 
         Results must come in plan order. Tokens of requests that ended while the
-        plan was in flight are dropped.
+        plan was in flight are dropped. A request may get several tokens (k >= 1);
+        they are appended one by one with a stop check after each, and
+        ``request.num_new_output_tokens`` says how many were kept.
 
         Returns:
             Requests that got a new token or finished, in batch order; finished
@@ -269,7 +289,7 @@ class Scheduler:
         self._in_flight_step_ids.popleft()
         tokens = result.sampled_token_ids
         tokens = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
-        sampled = dict(zip(result.req_ids, tokens))
+        spans = result.token_spans()
         changed = []
         for rid, num_scheduled in zip(plan.scheduled_req_ids, plan.num_scheduled_tokens):
             self._in_flight.pop(rid, None)
@@ -280,14 +300,19 @@ class Scheduler:
             request.num_computed_tokens += num_scheduled
             self.kv.cache_full_pages(request)
             if request.num_computed_tokens < request.num_tokens:
-                assert rid not in sampled, f"request {rid} sampled mid-prefill"
+                assert rid not in spans, f"request {rid} sampled mid-prefill"
                 continue
-            if rid not in sampled:
+            if rid not in spans or spans[rid][1] < 1:
                 raise ValueError(f"step {plan.step_id}: no sampled token for request {rid}")
-            request.append_output_token(sampled[rid])
-            stop = request.check_stop()
-            if stop is not None:
-                self._finish(request, stop)
+            first, count = spans[rid]
+            request.num_new_output_tokens = 0
+            for token in tokens[first : first + count]:
+                request.append_output_token(token)
+                request.num_new_output_tokens += 1
+                stop = request.check_stop()
+                if stop is not None:  # later tokens of the same step are dropped
+                    self._finish(request, stop)
+                    break
             changed.append(request)
         return changed
 
@@ -326,10 +351,12 @@ class Scheduler:
             self.running.remove(request)
         else:
             self.waiting.remove(request)
-        self.kv.free(request)
-        self._forget_on_workers(request)
         request.status = status
         request.finish_reason = FINISH_REASON_OF[status]
+        # a connector that keeps pages for an async save is not supported yet: free them
+        self.connector.request_finished(request)
+        self.kv.free(request)
+        self._forget_on_workers(request)
         del self._requests[request.req_id]
 
     def _forget_on_workers(self, request: Request) -> None:
@@ -372,6 +399,7 @@ class Scheduler:
             num_scheduled_tokens=[n for _, n in scheduled],
             finished_req_ids=self._pending_finished_ids,
         )
+        plan.kv_connector_metadata = self.connector.build_connector_meta(plan)
         self._pending_finished_ids = []
         self._in_flight_step_ids.append(plan.step_id)
         self._next_step_id += 1

@@ -1,6 +1,6 @@
 """Executors: how the driver starts, talks to and watches its workers.
 
-``Executor`` is the interface the engine uses. ``ZmqExecutor`` holds everything
+``shoal.engine.core.Executor`` is the interface the engine uses. ``ZmqExecutor`` holds everything
 that does not depend on how workers are started (bootstrap, handshake,
 commands, step plans, heartbeats, failure detection); subclasses only launch
 workers and say whether they are still alive (``mp``: local processes,
@@ -13,46 +13,31 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from shoal.comm.bootstrap import create_store_server
 from shoal.comm.channel import DriverChannel
-from shoal.comm.protocol import (
+from shoal.comm.codec import pack_value, unpack_value
+from shoal.engine.control import (
+    COMMAND_OF,
+    COMMANDS,
+    BootstrapInfo,
+    BootstrapRefusal,
+    BootstrapRequest,
     Call,
     Command,
     Heartbeat,
     Reply,
     Shutdown,
-    StepPlan,
-    StepResult,
     WorkerFailure,
     WorkerReady,
 )
+from shoal.engine.plan import StepPlan, StepResult
 from shoal.config import ParallelConfig
 from shoal.errors import ProtocolError, WorkerDiedError, WorkerError
 from shoal.parallel.mesh import build_mesh
 
 logger = logging.getLogger(__name__)
-
-
-class Executor(Protocol):
-    """What the engine needs from an executor."""
-
-    world_size: int
-    workers: list[WorkerReady]
-
-    def start(self) -> None: ...
-
-    def call(self, command: Command, args: dict | None = None, ranks: list[int] | None = None,
-             timeout_s: float | None = None) -> list[Any]: ...
-
-    def submit(self, plan: StepPlan) -> int: ...
-
-    def get_result(self, timeout_s: float | None = None) -> StepResult: ...
-
-    def check_alive(self) -> None: ...
-
-    def shutdown(self) -> None: ...
 
 
 class ZmqExecutor:
@@ -113,23 +98,25 @@ class ZmqExecutor:
 
     # -- start-up ----------------------------------------------------------------------------
 
-    def _bootstrap_info(self, request: dict) -> dict:
-        rank = request.get("rank")
-        if not isinstance(rank, int) or not 0 <= rank < self.world_size:
-            raise ProtocolError(f"bootstrap from rank {rank!r}; world size is {self.world_size}")
-        return {
-            "world_size": self.world_size,
-            "tp_size": self.parallel.tp_size,
-            "pp_size": self.parallel.pp_size,
-            "dp_size": self.parallel.dp_size,
-            "enable_expert_parallel": self.parallel.enable_expert_parallel,
-            "broadcast_address": self.channel.broadcast_address,
-            "return_address": self.channel.return_address,
-            "store_host": self.store_host,
-            "store_port": self.store.port,
-            "heartbeat_timeout_s": self.heartbeat_timeout_s,
-            "threads_per_worker": self.threads_per_worker,
-        }
+    def _bootstrap_info(self, request: BootstrapRequest) -> BootstrapInfo:
+        if not isinstance(request, BootstrapRequest):
+            raise ProtocolError(f"bootstrap with {type(request).__name__}, not BootstrapRequest")
+        if not 0 <= request.rank < self.world_size:
+            raise ProtocolError(
+                f"bootstrap from rank {request.rank!r}; world size is {self.world_size}")
+        return BootstrapInfo(
+            world_size=self.world_size,
+            tp_size=self.parallel.tp_size,
+            pp_size=self.parallel.pp_size,
+            dp_size=self.parallel.dp_size,
+            enable_expert_parallel=self.parallel.enable_expert_parallel,
+            broadcast_address=self.channel.broadcast_address,
+            return_address=self.channel.return_address,
+            store_host=self.store_host,
+            store_port=self.store.port,
+            heartbeat_timeout_s=self.heartbeat_timeout_s,
+            threads_per_worker=self.threads_per_worker,
+        )
 
     def start(self) -> None:
         """Launch the workers and wait until every one has reported ready."""
@@ -144,12 +131,13 @@ class ZmqExecutor:
                     f"at {self.driver_address} within {self.start_timeout_s:.0f} s"
                 )
             try:
-                request = self.channel.serve_bootstrap(self._bootstrap_info, self.poll_interval_s)
+                request = self.channel.serve_bootstrap(self._bootstrap_info, BootstrapRefusal,
+                                                       self.poll_interval_s)
             except ProtocolError as exc:
                 logger.error("bad bootstrap request: %s", exc)
                 continue
             if request is not None:
-                booted.add(request["rank"])
+                booted.add(request.rank)
         remaining = max(1.0, deadline - time.monotonic())
         self.channel.wait_for_subscribers(self.world_size, remaining, alive=self.check_alive)
         ready: dict[int, WorkerReady] = {}
@@ -234,19 +222,28 @@ class ZmqExecutor:
 
     def call(
         self,
-        command: Command,
-        args: dict | None = None,
+        command: Command | Any,
         ranks: list[int] | None = None,
         timeout_s: float | None = None,
     ) -> list[Any]:
-        """Run ``command`` on ``ranks`` (default all); results in rank order.
+        """Run a command on ``ranks`` (default all); typed results in rank order.
 
+        ``command`` is the command's argument (``LoadModel(...)``, ``CollectiveCheck(4)``),
+        or a bare ``Command`` for one that takes none (``Command.GET_STATS``).
         Raises WorkerError carrying the remote traceback if any rank failed.
         """
+        if isinstance(command, Command):
+            kind, args = command, COMMANDS[command][0]()
+        elif type(command) in COMMAND_OF:
+            kind, args = COMMAND_OF[type(command)], command
+        else:
+            raise TypeError(f"{type(command).__name__} is not a worker command")
+        result_type = COMMANDS[kind][1]
         targets = sorted(ranks) if ranks is not None else list(range(self.world_size))
         call_id = next(self._call_ids)
         self._replies[call_id] = {}
-        self.bytes_sent += self.channel.publish(Call(call_id, int(command), args or {}, targets))
+        self.bytes_sent += self.channel.publish(
+            Call(call_id, int(kind), pack_value(args), targets))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             while len(self._replies[call_id]) < len(targets):
@@ -257,9 +254,9 @@ class ZmqExecutor:
         for rank in targets:
             if not replies[rank].ok:
                 raise WorkerError(
-                    f"{command.name} failed on rank {rank}:\n{replies[rank].error}", rank=rank
+                    f"{kind.name} failed on rank {rank}:\n{replies[rank].error}", rank=rank
                 )
-        return [replies[rank].result for rank in targets]
+        return [unpack_value(replies[rank].result, result_type) for rank in targets]
 
     def submit(self, plan: StepPlan) -> int:
         """Broadcast a step plan; returns its size in bytes."""

@@ -1,7 +1,7 @@
 """The default executor: one local worker process per rank.
 
 Workers are started as fresh Python interpreters (``python -m
-shoal.runtime.worker_main``), not forked: nothing of the driver's state (threads,
+shoal.worker.main``), not forked: nothing of the driver's state (threads,
 sockets, CUDA context) leaks into them, and they carry no pickled arguments.
 A worker exits by itself when the driver process disappears (PR_SET_PDEATHSIG
 plus a parent-pid check), so a killed driver leaves no process behind.
@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 
-from shoal.runtime.executor import ZmqExecutor
+from shoal.executor.base import ZmqExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class MpExecutor(ZmqExecutor):
             cmd = [
                 sys.executable,
                 "-m",
-                "shoal.runtime.worker_main",
+                "shoal.worker.main",
                 "--driver-address",
                 self.driver_address,
                 "--rank",

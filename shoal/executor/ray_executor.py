@@ -26,6 +26,7 @@ Ray is optional: :func:`import_ray` is the one place it is imported, and says
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
@@ -34,8 +35,7 @@ from typing import Any
 
 from shoal.config import ParallelConfig
 from shoal.errors import ShoalError, WorkerDiedError
-from shoal.runtime.executor import ZmqExecutor
-from shoal.runtime.worker import WorkerArgs, run_worker
+from shoal.executor.base import ZmqExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,16 @@ def connect_ray(**init_kwargs: Any) -> Any:
     return ray
 
 
+# The worker's code runs only inside the actor: the driver names it, never imports it.
+WORKER_ENTRY = "shoal.worker.main:run_ray_worker"
+
+
 class RayWorkerActor:
-    """A shoal worker inside a Ray actor (wrapped by ``ray.remote`` at launch)."""
+    """The actor shell of a shoal worker (wrapped by ``ray.remote`` at launch).
+
+    It is light on purpose: the driver process defines it without importing torch
+    or the model code, which the actor loads from ``WORKER_ENTRY`` when it runs.
+    """
 
     def node_info(self) -> dict:
         ray = import_ray()
@@ -85,13 +93,10 @@ class RayWorkerActor:
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
         }
 
-    def run(self, args: WorkerArgs, log_level: str) -> None:
+    def run(self, entry: str, *args: Any) -> Any:
         """Serve the driver until it says stop or goes silent (blocks for the actor's life)."""
-        logging.basicConfig(
-            level=log_level,
-            format=f"[rank {args.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
-        run_worker(args)
+        module_name, _, function_name = entry.partition(":")
+        return getattr(importlib.import_module(module_name), function_name)(*args)
 
 
 class RayExecutor(ZmqExecutor):
@@ -119,7 +124,7 @@ class RayExecutor(ZmqExecutor):
             ray_init_kwargs: passed to ``ray.init`` when this executor starts Ray.
         """
         self.ray = connect_ray(**(ray_init_kwargs or {}))
-        host = (host or os.environ.get("SHOAL_DRIVER_HOST") or os.environ.get("SHOAL_HOST_IP")
+        host = (host or os.environ.get("SHOAL_HOST_IP")
                 or self.ray.util.get_node_ip_address())
         super().__init__(parallel, host=host, **kwargs)
         self.placement_strategy = placement_strategy or parallel.placement_strategy
@@ -223,8 +228,9 @@ class RayExecutor(ZmqExecutor):
             node = info["node_id"]
             local_rank = seen.get(node, 0)
             seen[node] = local_rank + 1
-            args = WorkerArgs(self.driver_address, rank, local_rank, per_node[node])
-            self._run_refs[actor.run.remote(args, log_level)] = rank
+            ref = actor.run.remote(WORKER_ENTRY, self.driver_address, rank, local_rank,
+                                   per_node[node], log_level)
+            self._run_refs[ref] = rank
         logger.info("started %d Ray worker actors on nodes %s", self.world_size,
                     [n["ip"] for n in self.nodes])
 

@@ -11,10 +11,10 @@ from typing import Iterable, Sequence
 
 from tqdm import tqdm
 
-from shoal.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from shoal.runtime.engine import LLMEngine
-from shoal.runtime.outputs import RequestOutput
-from shoal.runtime.sampling_params import SamplingParams
+from shoal.engine_args import engine_config, executor_kwargs_options
+from shoal.frontend.llm_engine import LLMEngine
+from shoal.frontend.outputs import RequestOutput
+from shoal.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 Message = dict[str, str]
@@ -23,60 +23,25 @@ Message = dict[str, str]
 class LLM:
     """A model served in this process's driver, its workers in child processes.
 
-    Args mirror vLLM's: ``model`` (a local Hugging Face checkpoint directory,
-    None for the default SmolLM2-135M-Instruct), ``tensor_parallel_size``,
-    ``pipeline_parallel_size``, ``data_parallel_size``, ``enable_expert_parallel``,
-    ``distributed_executor_backend``, ``placement_strategy`` (Ray: PACK or SPREAD), ``dtype``, ``max_model_len``, ``block_size``,
+    Keyword arguments are vLLM's engine options (``shoal.engine_args``: the same
+    table as the CLI's flags and the Ray Serve options), e.g. ``model`` (a local
+    Hugging Face checkpoint directory; None for the default SmolLM2-135M-Instruct),
+    ``tensor_parallel_size``, ``pipeline_parallel_size``, ``enable_expert_parallel``,
+    ``distributed_executor_backend``, ``dtype``, ``max_model_len``, ``block_size``,
     ``kv_cache_memory`` (bytes per rank, CPU), ``gpu_memory_utilization``,
-    ``enable_prefix_caching``, ``max_num_seqs``, ``max_num_batched_tokens``, ``seed``.
+    ``enable_prefix_caching``, ``max_num_seqs``, ``max_num_batched_tokens``, ``seed``,
+    ``enforce_eager``, ``kv_transfer_config``. ``executor_kwargs`` takes the executor's
+    own names (``host``, ``bootstrap_port``, ``threads_per_worker``, ...).
+    An unknown or badly typed option is a ValueError naming it.
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        tensor_parallel_size: int = 1,
-        pipeline_parallel_size: int = 1,
-        data_parallel_size: int = 1,
-        enable_expert_parallel: bool = False,
-        pp_layer_partition: Sequence[int] | None = None,
-        distributed_executor_backend: str = "mp",
-        placement_strategy: str = "PACK",
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        kv_cache_memory: int | None = None,
-        gpu_memory_utilization: float = 0.9,
-        num_gpu_blocks_override: int | None = None,
-        enable_prefix_caching: bool = True,
-        max_num_seqs: int = 128,
-        max_num_batched_tokens: int = 2048,
-        seed: int = 0,
-        executor_kwargs: dict | None = None,
-    ):
-        config = EngineConfig(
-            model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed),
-            parallel=ParallelConfig(
-                tp_size=tensor_parallel_size,
-                pp_size=pipeline_parallel_size,
-                dp_size=data_parallel_size,
-                enable_expert_parallel=enable_expert_parallel,
-                pp_layer_partition=tuple(pp_layer_partition) if pp_layer_partition else None,
-                executor_backend=distributed_executor_backend,
-                placement_strategy=placement_strategy,
-            ),
-            cache=CacheConfig(
-                block_size=block_size,
-                kv_cache_memory=kv_cache_memory,
-                gpu_memory_utilization=gpu_memory_utilization,
-                enable_prefix_caching=enable_prefix_caching,
-                num_gpu_blocks_override=num_gpu_blocks_override,
-            ),
-            scheduler=SchedulerConfig(
-                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
-            ),
-        )
-        self.engine = LLMEngine(config, executor_kwargs=executor_kwargs)
+    def __init__(self, model: str | None = None, *, executor_kwargs: dict | None = None,
+                 **engine_options):
+        options = dict(engine_options)
+        if model is not None:
+            options["model"] = model
+        options.update(executor_kwargs_options(executor_kwargs or {}))
+        self.engine = LLMEngine(engine_config(options))
         self._ids = itertools.count()
 
     @property

@@ -11,9 +11,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from shoal.runtime.detokenizer import IncrementalDetokenizer, StopStringChecker
-from shoal.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenDelta
-from shoal.runtime.sampling_params import SamplingParams
+from shoal.frontend.detokenizer import IncrementalDetokenizer, StopStringChecker
+from shoal.engine.core_io import TokenDelta
+from shoal.frontend.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from shoal.engine.sampling_params import SamplingParams
 
 
 @dataclass
@@ -111,18 +112,40 @@ class OutputProcessor:
 
     @staticmethod
     def _apply(stops: StopStringChecker, child: _Child, delta: TokenDelta) -> bool:
-        """Add one delta to a completion; True when a stop string ended it here."""
+        """Add one delta to a completion; True when a stop string ended it here.
+
+        A delta may carry several tokens (multi-token steps); they are taken one at a
+        time, so text, stop-string matches, token ids and logprobs are exactly those
+        of the same tokens arriving one per step.
+        """
         out = child.completion
         if out.finished:
             return False
-        out.token_ids.extend(delta.new_token_ids)
-        if delta.logprobs is not None:
-            out.logprobs = (out.logprobs or []) + delta.logprobs
+        tokens = delta.new_token_ids
+        if not tokens:  # finished without a new token (abort), or nothing new
+            return OutputProcessor._take(stops, child, delta, None, None, last=True)
+        for i, token in enumerate(tokens):
+            logprob = delta.logprobs[i] if delta.logprobs is not None else None
+            if OutputProcessor._take(stops, child, delta, token, logprob,
+                                     last=i == len(tokens) - 1):
+                return True
+        return False
+
+    @staticmethod
+    def _take(stops: StopStringChecker, child: _Child, delta: TokenDelta, token: int | None,
+              logprob, last: bool) -> bool:
+        """One token of a delta (None: no token); True when a stop string ended it."""
+        out = child.completion
+        if token is not None:
+            out.token_ids.append(token)
+            if logprob is not None:
+                out.logprobs = (out.logprobs or []) + [logprob]
         before = len(child.full_text)
+        finishing = last and delta.finish_reason is not None
         if child.detokenizer is not None:
-            if delta.new_token_ids:
-                child.full_text += child.detokenizer.step(delta.new_token_ids)
-            if delta.finish_reason is not None:  # a last incomplete character, if any
+            if token is not None:
+                child.full_text += child.detokenizer.step([token])
+            if finishing:  # a last incomplete character, if any
                 child.full_text += child.detokenizer.flush()
         match = stops.check(child.full_text, len(child.full_text) - before)
         if match is not None:
@@ -130,7 +153,7 @@ class OutputProcessor:
             out.finish_reason, out.stop_reason = "stop", match.stop_str
             return True
         out.text = child.full_text
-        if delta.finish_reason is not None:
+        if finishing:
             out.finish_reason, out.stop_reason = delta.finish_reason, delta.stop_reason
         return False
 

@@ -1,35 +1,11 @@
-"""What the engine hands back: token deltas from the core, text outputs for users."""
+"""What the frontend hands back to users: text outputs built from the core's token deltas."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shoal.engine.core_io import TokenDelta, TokenLogprob
 
-@dataclass
-class TokenLogprob:
-    """One sampled token's logprob and the top alternatives (token id -> logprob)."""
-
-    token_id: int
-    logprob: float
-    top: dict[int, float] = field(default_factory=dict)
-
-
-@dataclass
-class TokenDelta:
-    """New tokens of one (child) request after one engine-core step."""
-
-    req_id: int
-    new_token_ids: list[int]
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
-    stop_reason: int | str | None = None
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    # with the first token: one entry per prompt position (None for the first token)
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+__all__ = ["CompletionOutput", "RequestMetrics", "RequestOutput", "TokenDelta", "TokenLogprob"]
 
 
 @dataclass

@@ -6,7 +6,7 @@ Routes as vLLM's: ``POST /v1/completions``, ``POST /v1/chat/completions``
 (Prometheus), ``GET /version``.
 
 This process tokenizes, detokenizes and streams; the engine core runs in a
-child process (``shoal.runtime.core_server``) started in the app's lifespan and
+child process (``shoal.frontend.core_main``) started in the app's lifespan and
 stopped with it. With ``--api-key``, every ``/v1`` route needs
 ``Authorization: Bearer <key>`` (401 otherwise); ``/health``, ``/metrics`` and
 ``/version`` stay open, as in vLLM, so probes and scrapers need no secret.
@@ -32,13 +32,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import shoal
 from shoal.config import EngineConfig
-from shoal.models.default_model import DEFAULT_MODEL_ALIASES, resolve_model
-from shoal.runtime.engine import eos_token_ids, load_tokenizer, model_max_len
+from shoal.checkpoint.default_model import DEFAULT_MODEL_ALIASES, resolve_model
+from shoal.checkpoint.hf import eos_token_ids, load_tokenizer, model_max_len
 from shoal.serve.chat import ChatServing
 from shoal.serve.completions import CompletionServing
 from shoal.serve.engine_client import AsyncEngineClient, EngineDeadError
 from shoal.serve.metrics import ServerMetrics
-from shoal.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body
+from shoal.serve.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body
 from shoal.serve.serving import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def build_app(settings: ServerSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine = AsyncEngineClient(config, settings.model.root, settings.model.max_model_len,
-                                   metrics)
+                                   metrics, settings.model.vocab_size)
         state["engine"] = engine
         await engine.start()
         try:

@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from shoal.runtime.outputs import RequestOutput
-from shoal.runtime.sampling_params import SamplingParams
+from shoal.frontend.outputs import RequestOutput
+from shoal.engine.sampling_params import SamplingParams
 from shoal.serve.engine_client import RequestStream
 from shoal.serve.logprobs import completion_logprobs
-from shoal.serve.protocol import CompletionRequest, bad_request
+from shoal.serve.openai_protocol import CompletionRequest, bad_request
 from shoal.serve.serving import (
     OpenAIServing,
     choice_deltas,

@@ -1,6 +1,6 @@
 """The API server's side of the engine: a child process behind ZeroMQ, driven from asyncio.
 
-``AsyncEngineClient`` starts ``python -m shoal.runtime.core_server`` as a fresh
+``AsyncEngineClient`` starts ``python -m shoal.frontend.core_main`` as a fresh
 interpreter, binds the two ipc:// sockets it connects to, and turns its
 CoreOutputs into text with an ``OutputProcessor`` on the event loop. Each user
 request gets a ``RequestStream`` that its HTTP handler reads. Admission is
@@ -21,26 +21,18 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import zmq
 import zmq.asyncio
 
 from shoal.comm.codec import decode, encode
-from shoal.comm.protocol import (
-    AbortRequests,
-    AddRequest,
-    CoreOutputs,
-    EngineFailure,
-    EngineReady,
-    Shutdown,
-)
+from shoal.engine.control import Shutdown
+from shoal.engine.core_io import AbortRequests, CoreOutputs, EngineFailure, EngineReady
 from shoal.config import EngineConfig
 from shoal.errors import ProtocolError, ShoalError
-from shoal.runtime.core_server import config_to_json
-from shoal.runtime.engine import make_requests
-from shoal.runtime.output_processor import OutputProcessor
-from shoal.runtime.outputs import RequestOutput, TokenDelta, TokenLogprob
-from shoal.runtime.sampling_params import SamplingParams
+from shoal.frontend.input_processor import InputProcessor
+from shoal.frontend.output_processor import OutputProcessor
+from shoal.frontend.outputs import RequestOutput
+from shoal.engine.sampling_params import SamplingParams
 from shoal.serve.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -132,12 +124,13 @@ class AsyncEngineClient:
     """
 
     def __init__(self, config: EngineConfig, model_path: str, max_model_len: int,
-                 metrics: ServerMetrics):
+                 metrics: ServerMetrics, vocab_size: int):
         self.config = config
         self.model_path = model_path
         self.max_model_len = max_model_len
         self.metrics = metrics
-        self.eos_ids: set[int] = set()
+        self.vocab_size = vocab_size
+        self.inputs = InputProcessor(None, vocab_size, max_model_len, set())
         self.processor = OutputProcessor(None)
         self.info: EngineReady | None = None
         self.proc: subprocess.Popen | None = None
@@ -160,7 +153,7 @@ class AsyncEngineClient:
     def set_tokenizer(self, tokenizer, eos_ids: set[int]) -> None:
         """The tokenizer (None: token-id prompts only) and EOS ids; before any request."""
         self.processor = OutputProcessor(tokenizer)
-        self.eos_ids = set(eos_ids)
+        self.inputs = InputProcessor(tokenizer, self.vocab_size, self.max_model_len, eos_ids)
 
     async def start(self) -> None:
         """Start the core process (it connects to sockets bound here); see ``wait_ready``."""
@@ -179,10 +172,10 @@ class AsyncEngineClient:
         self._push.bind(input_address)
         self._pull.bind(output_address)
         cmd = [
-            sys.executable, "-m", "shoal.runtime.core_server",
+            sys.executable, "-m", "shoal.frontend.core_main",
             "--input-address", input_address,
             "--output-address", output_address,
-            "--config", config_to_json(self.config),
+            "--config", self.config.to_json(),
             "--model-path", self.model_path,
             "--max-model-len", str(self.max_model_len),
             "--parent-pid", str(os.getpid()),
@@ -273,16 +266,8 @@ class AsyncEngineClient:
             raise EngineDeadError(self.dead_reason)
         arrival = time.monotonic()
         child_ids = [next(self._ids) for _ in range(params.n)]
-        requests = make_requests(child_ids, prompt_token_ids, params, self.max_model_len,
-                                 self.eos_ids, arrival)
-        first = requests[0]
-        msg = AddRequest(
-            request_id=request_id, req_ids=child_ids,
-            prompt_token_ids=np.asarray(prompt_token_ids, dtype=np.int32),
-            sampling=[r.sampling for r in requests], max_tokens=first.max_tokens,
-            eos_token_ids=sorted(first.eos_token_ids), stop_token_ids=sorted(first.stop_token_ids),
-            min_tokens=first.min_tokens, arrival_time=arrival,
-        )
+        msg = self.inputs.process_tokens(request_id, prompt, prompt_token_ids, params, child_ids,
+                                         arrival).core_request
         self.processor.add_request(request_id, prompt, prompt_token_ids, params, child_ids, arrival)
         stream = RequestStream(request_id, params.n, notify or asyncio.Event())
         self._streams[request_id] = stream
@@ -371,19 +356,8 @@ class AsyncEngineClient:
 
     def _apply(self, msg: CoreOutputs) -> None:
         now = time.monotonic()
-        deltas = []
-        generated = 0
-        for d in msg.deltas:
-            logprobs = None
-            if d.logprobs is not None:
-                logprobs = [TokenLogprob(lp.token_id, lp.logprob,
-                                         dict(zip(lp.top_token_ids, lp.top_logprobs)))
-                            for lp in d.logprobs]
-            generated += len(d.new_token_ids)
-            deltas.append(TokenDelta(d.req_id, d.new_token_ids, logprobs, d.finish_reason,
-                                     d.stop_token_id, d.num_prompt_tokens, d.num_cached_tokens))
-        self.metrics.generation_tokens(generated)
-        processed = self.processor.process(deltas)
+        self.metrics.generation_tokens(sum(len(d.new_token_ids) for d in msg.deltas))
+        processed = self.processor.process(msg.deltas)
         if processed.stopped:
             self._send(AbortRequests(processed.stopped, "stop"))
         for output in processed.outputs:
@@ -392,11 +366,14 @@ class AsyncEngineClient:
     def _deliver(self, output: RequestOutput, now: float) -> None:
         request_id = output.request_id
         tracked = self._tracked.get(request_id)
-        if tracked is not None and any(output.delta_token_ids):
+        new_tokens = max((len(ids) for ids in output.delta_token_ids), default=0)
+        if tracked is not None and new_tokens:
             if tracked.last_token is None:
                 self.metrics.first_token(now - tracked.arrival)
-            else:
-                self.metrics.inter_token(now - tracked.last_token)
+                new_tokens -= 1
+            gap = (now - tracked.last_token) / max(1, new_tokens) if tracked.last_token else 0.0
+            for _ in range(new_tokens):  # a multi-token step: its time spread over its tokens
+                self.metrics.inter_token(gap)
             tracked.last_token = now
         stream = self._streams.get(request_id)
         if stream is not None:

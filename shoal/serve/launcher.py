@@ -90,7 +90,7 @@ class ServerProcess:
         if self.proc is None:
             return None
         for child in psutil.Process(self.proc.pid).children():
-            if "shoal.runtime.core_server" in " ".join(child.cmdline()):
+            if "shoal.frontend.core_main" in " ".join(child.cmdline()):
                 return child.pid
         return None
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 
-from shoal.runtime.outputs import TokenLogprob
+from shoal.frontend.outputs import TokenLogprob
 
 
 class TokenTexts:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from shoal.comm.protocol import CoreStats
-from shoal.runtime.outputs import RequestOutput
+from shoal.engine.core_io import CoreStats
+from shoal.frontend.outputs import RequestOutput
 
 # buckets as vLLM's
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shoal.runtime.sampling_params import SamplingParams
+from shoal.engine.sampling_params import SamplingParams
 
 
 class APIError(Exception):

@@ -27,80 +27,37 @@ import logging
 import os
 from typing import Any
 
-from shoal.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from shoal.runtime.ray_executor import PLACEMENT_GROUP_ENV, import_ray
+from shoal.config import EngineConfig, ParallelConfig
+from shoal.engine_args import ENGINE_ARGS, engine_config, is_engine_option
+from shoal.executor.ray_executor import PLACEMENT_GROUP_ENV, import_ray
 from shoal.serve.api_server import ServerSettings, served_model
 from shoal.serve.api_server import build_app as build_fastapi_app
 
 logger = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "ShoalDeployment"
-# option name -> (config section, field, type)
-ENGINE_OPTIONS: dict[str, tuple[str, str, type]] = {
-    "model": ("model", "model", str),
-    "dtype": ("model", "dtype", str),
-    "max_model_len": ("model", "max_model_len", int),
-    "seed": ("model", "seed", int),
-    "served_model_name": ("model", "served_model_name", str),
-    "tensor_parallel_size": ("parallel", "tp_size", int),
-    "pipeline_parallel_size": ("parallel", "pp_size", int),
-    "data_parallel_size": ("parallel", "dp_size", int),
-    "enable_expert_parallel": ("parallel", "enable_expert_parallel", bool),
-    "distributed_executor_backend": ("parallel", "executor_backend", str),
-    "block_size": ("cache", "block_size", int),
-    "kv_cache_memory": ("cache", "kv_cache_memory", int),
-    "gpu_memory_utilization": ("cache", "gpu_memory_utilization", float),
-    "enable_prefix_caching": ("cache", "enable_prefix_caching", bool),
-    "max_num_seqs": ("scheduler", "max_num_seqs", int),
-    "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens", int),
-    "max_waiting_requests": ("scheduler", "max_waiting_requests", int),
-}
+ENGINE_OPTION_NAMES = tuple(a.name for a in ENGINE_ARGS)
 DEPLOYMENT_OPTIONS = ("num_replicas", "autoscaling_config", "max_ongoing_requests",
                       "ray_actor_options", "placement_group_strategy", "accelerator", "api_key")
-SHORT_NAMES = {"tp": "tensor_parallel_size", "pp": "pipeline_parallel_size",
-               "dp": "data_parallel_size"}
-
-
-def _as(kind: type, name: str, value: Any) -> Any:
-    if value is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return value
-    if kind is bool and isinstance(value, str):
-        if value.lower() in ("1", "true", "yes"):
-            return True
-        if value.lower() in ("0", "false", "no"):
-            return False
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {kind.__name__}, got {value!r}") from None
-
-
 def split_options(options: dict[str, Any]) -> tuple[EngineConfig, dict[str, Any]]:
-    """Serve ``args`` -> (EngineConfig with the ray backend by default, deployment options)."""
-    sections: dict[str, dict[str, Any]] = {"model": {}, "parallel": {}, "cache": {},
-                                           "scheduler": {}}
-    sections["parallel"]["executor_backend"] = "ray"
+    """Serve ``args`` -> (EngineConfig with the ray backend by default, deployment options).
+
+    Engine options are ``shoal.engine_args``'s (vLLM's names, dashes or underscores,
+    ``tp``/``pp``/``dp`` for short); the rest must be deployment options.
+    """
+    engine: dict[str, Any] = {}
     deployment: dict[str, Any] = {}
     for raw_name, value in options.items():
         name = raw_name.replace("-", "_")
-        name = SHORT_NAMES.get(name, name)
-        if name in ENGINE_OPTIONS:
-            section, field, kind = ENGINE_OPTIONS[name]
-            sections[section][field] = _as(kind, raw_name, value)
-        elif name == "placement_strategy":
-            sections["parallel"]["placement_strategy"] = str(value)
-        elif name in DEPLOYMENT_OPTIONS:
+        if name in DEPLOYMENT_OPTIONS:
             deployment[name] = value
+        elif is_engine_option(name):
+            engine[raw_name] = value
         else:
-            known = sorted([*ENGINE_OPTIONS, *DEPLOYMENT_OPTIONS, "placement_strategy"])
+            known = sorted([*ENGINE_OPTION_NAMES, *DEPLOYMENT_OPTIONS])
             raise ValueError(f"unknown option {raw_name!r}; known: {', '.join(known)}")
-    config = EngineConfig(
-        model=ModelConfig(**sections["model"]),
-        parallel=ParallelConfig(**sections["parallel"]),
-        cache=CacheConfig(**sections["cache"]),
-        scheduler=SchedulerConfig(**sections["scheduler"]),
-    )
-    return config, deployment
+    base = EngineConfig(parallel=ParallelConfig(executor_backend="ray"))
+    return engine_config(engine, base), deployment
 
 
 def placement_bundles(config: EngineConfig, accelerator: str,

@@ -18,8 +18,9 @@ from typing import Any
 
 from starlette.requests import Request
 
-from shoal.runtime.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from shoal.runtime.sampling_params import SamplingParams
+from shoal.frontend.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from shoal.engine.sampling_params import SamplingParams
+from shoal.errors import RequestError
 from shoal.serve.engine_client import (
     AsyncEngineClient,
     EngineDeadError,
@@ -27,7 +28,7 @@ from shoal.serve.engine_client import (
     RequestStream,
 )
 from shoal.serve.logprobs import TokenTexts
-from shoal.serve.protocol import APIError, bad_request
+from shoal.serve.openai_protocol import APIError, bad_request
 
 RETRY_AFTER_S = 1
 
@@ -110,21 +111,18 @@ class OpenAIServing:
 
     def check_prompt(self, token_ids: list[int], max_tokens: int | None, prompt_param: str,
                      max_tokens_param: str = "max_tokens") -> None:
-        """400 for empty prompts, bad token ids and prompts that overflow the context."""
-        if not token_ids:
-            raise bad_request("the prompt must not be empty", prompt_param)
-        vocab = self.model.vocab_size
-        if min(token_ids) < 0 or max(token_ids) >= vocab:
-            raise bad_request(f"prompt token ids must be in [0, {vocab})", prompt_param)
-        limit = self.model.max_model_len
-        needed = len(token_ids) + (max_tokens or 1)
-        if needed > limit:
-            param = max_tokens_param if max_tokens and len(token_ids) < limit else prompt_param
-            raise bad_request(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{needed} tokens ({len(token_ids)} in the prompt, {max_tokens or 1} for the "
-                f"completion). Please reduce the length of the prompt or of the completion.",
-                param, "context_length_exceeded")
+        """400 for empty prompts, bad token ids and prompts that overflow the context.
+
+        The rules are the input processor's (the one place they live); this only names
+        the request's own fields in the error.
+        """
+        inputs = self.engine.inputs
+        try:
+            inputs.check_token_ids(token_ids, prompt_param)
+            inputs.max_tokens_of(SamplingParams(max_tokens=max_tokens or 1), len(token_ids))
+        except RequestError as exc:
+            param = max_tokens_param if exc.param == "max_tokens" else prompt_param
+            raise bad_request(str(exc), param, exc.code or "invalid_value") from None
 
     def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
         if self.tokenizer is None:

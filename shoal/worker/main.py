@@ -1,4 +1,15 @@
-"""``python -m shoal.runtime.worker_main``: a worker process started by the mp executor."""
+"""The one entry point of a worker, however it was started.
+
+- mp executor: ``python -m shoal.worker.main --driver-address ... --rank ...`` (a fresh
+  interpreter, killed with its parent);
+- Ray executor: :func:`run_ray_worker`, called inside the actor; the driver names it by
+  import path (a string) so that the driver process never imports worker code;
+- external launchers (torchrun, deepspeed, srun, mpirun): ``shoal worker --driver-addr
+  HOST:PORT`` calls :func:`run_headless_worker`, which reads its rank from the
+  launcher's environment.
+
+All three run the same ``Worker`` loop.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +18,12 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 
-from shoal.runtime.worker import WorkerArgs, run_worker
+from shoal.worker.launch_env import LaunchEnv, parse_driver_address, wait_for_driver
+from shoal.worker.worker import WorkerArgs, run_worker
+
+logger = logging.getLogger(__name__)
 
 
 def _die_with_parent() -> None:
@@ -22,7 +37,15 @@ def _die_with_parent() -> None:
         pass
 
 
+def _log_to_stderr(rank: int, level: str | None = None) -> None:
+    logging.basicConfig(
+        level=level or os.environ.get("SHOAL_LOG_LEVEL", "WARNING"),
+        format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
+    """A worker process started by the mp executor."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--driver-address", required=True)
     parser.add_argument("--rank", type=int, required=True)
@@ -30,10 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local-world-size", type=int, default=1)
     parser.add_argument("--parent-pid", type=int, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("SHOAL_LOG_LEVEL", "WARNING"),
-        format=f"[rank {args.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _log_to_stderr(args.rank)
     if args.parent_pid is not None:
         _die_with_parent()
         if os.getppid() != args.parent_pid:  # parent died before prctl took effect
@@ -47,12 +67,34 @@ def main(argv: list[str] | None = None) -> None:
             parent_pid=args.parent_pid,
         )
     )
-    # Everything is closed by now; skip the interpreter's slow teardown of torch's
-    # and ZeroMQ's threads (seconds), which would only delay the driver's shutdown.
+    # Everything is closed by now; skip the interpreter's slow teardown of torch's and
+    # ZeroMQ's threads (seconds), which would only delay the driver's shutdown.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0 if clean else 1)
+
+
+def run_ray_worker(driver_address: str, rank: int, local_rank: int, local_world_size: int,
+                   log_level: str) -> bool:
+    """Inside a Ray actor: serve the driver until it says stop or goes silent."""
+    _log_to_stderr(rank, log_level)
+    return run_worker(WorkerArgs(driver_address, rank, local_rank, local_world_size))
+
+
+def run_headless_worker(driver_addr: str, environ: Mapping[str, str] | None = None,
+                        wait_s: float = 300.0) -> bool:
+    """Join the driver at ``driver_addr`` as the rank the launcher assigned; serve until it stops.
+
+    Returns True when the driver shut it down, False when it gave up on a silent driver.
+    """
+    launch = LaunchEnv.from_environ(environ)
+    address = parse_driver_address(driver_addr)
+    logger.info("rank %d of %d (local %d of %d): joining the driver at %s", launch.rank,
+                launch.world_size, launch.local_rank, launch.local_world_size, address)
+    wait_for_driver(address, wait_s)
+    return run_worker(WorkerArgs(address, launch.rank, launch.local_rank,
+                                 launch.local_world_size))
 
 
 if __name__ == "__main__":

@@ -8,21 +8,30 @@ of every request whose scheduled tokens complete it.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from transformers import AutoConfig
 
-from shoal.comm.protocol import NewRequestData, StepPlan, StepResult
+from shoal.engine.control import (
+    KVCacheInfo,
+    KVCapacity,
+    LoadModel,
+    MeasureKVCapacity,
+    ModelInfo,
+    WorkerStats,
+)
+from shoal.engine.plan import NewRequestData, StepPlan, StepResult
 from shoal.models.attention import AttentionMetadata
 from shoal.models.registry import build_model
 from shoal.parallel.context import ParallelContext
 from shoal.parallel.pipeline import IntermediateTensors
-from shoal.runtime.device import resolve_dtype
-from shoal.runtime.sampler import Sampler, SamplingState, gather_logprobs
+from shoal.worker.device import resolve_dtype
+from shoal.worker.sampler import Sampler, SamplingState, gather_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -41,26 +50,41 @@ class _RequestState:
     sampling: SamplingState | None  # only on the output rank
 
 
+@dataclass
+class _Batch:
+    """One step's flat batch, built from the plan and the per-request state."""
+
+    input_ids: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    computed: list[int] = field(default_factory=list)  # tokens already cached, per request
+    tables: list[list[int]] = field(default_factory=list)  # page ids, per request
+    sample_rows: list[int] = field(default_factory=list)  # rows whose logits are sampled
+    sample_ids: list[int] = field(default_factory=list)  # their request ids
+    # (req_id, first row, first position, count) of rows that need prompt logprobs
+    prompt_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+
 class ModelRunner:
     """One rank's model shard, KV cache and per-request state."""
 
-    def __init__(self, ctx: ParallelContext, args: dict):
+    def __init__(self, ctx: ParallelContext, args: LoadModel):
         self.ctx = ctx
         self.device = ctx.device
-        self.dtype = resolve_dtype(args.get("dtype", "auto"), self.device)
-        self.hf_config = AutoConfig.from_pretrained(args["model"])
+        self.load_args = args
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        self.hf_config = AutoConfig.from_pretrained(args.model)
         started = time.perf_counter()
-        partition = tuple(args.get("pp_layer_partition") or ()) or None
+        partition = tuple(args.pp_layer_partition) or None
         with torch.device(self.device):
             self.model = build_model(self.hf_config, ctx, self.dtype, pp_layer_partition=partition)
-        self.model.load_weights(args["model"])
+        self.model.load_weights(args.model)
         self.model.eval()
         self.load_seconds = time.perf_counter() - started
         self.page_size = 0
         self.num_pages = 0
         self.requests: dict[int, _RequestState] = {}
         self.is_output_rank = ctx.is_output_rank
-        self.sampler = Sampler(seed=args.get("seed")) if self.is_output_rank else None
+        self.sampler = Sampler(seed=args.seed) if self.is_output_rank else None
         self.hidden_size = int(self.hf_config.hidden_size)
         # MoE layers of this stage, whose routed-token counts travel in each StepResult
         self.moe_layers = [m for m in self.model.modules() if hasattr(m, "reset_expert_counts")]
@@ -68,24 +92,23 @@ class ModelRunner:
 
     # -- set-up ------------------------------------------------------------------------------
 
-    def describe(self) -> dict:
-        return {
-            "rank": self.ctx.rank,
-            "num_params": sum(p.numel() for p in self.model.parameters()),
-            "loaded_bytes": int(getattr(self.model, "loaded_bytes", 0)),
-            "load_seconds": self.load_seconds,
-            "dtype": str(self.dtype).removeprefix("torch."),
-        }
+    def describe(self) -> ModelInfo:
+        return ModelInfo(
+            rank=self.ctx.rank,
+            num_params=sum(p.numel() for p in self.model.parameters()),
+            loaded_bytes=int(getattr(self.model, "loaded_bytes", 0)),
+            load_seconds=self.load_seconds,
+            dtype=str(self.dtype).removeprefix("torch."),
+        )
 
-    def measure_kv_capacity(self, args: dict) -> dict:
+    def measure_kv_capacity(self, args: MeasureKVCapacity) -> KVCapacity:
         """How many pages this rank's budget holds (the driver takes the minimum)."""
-        page_size = int(args["page_size"])
-        per_page = self.model.kv_cache_spec.bytes_per_page(page_size)
+        per_page = self.model.kv_cache_spec.bytes_per_page(args.page_size)
         if self.device.type == "cuda":
-            budget = self._cuda_kv_budget(float(args.get("gpu_memory_utilization", 0.9)))
+            budget = self._cuda_kv_budget(args.gpu_memory_utilization)
         else:
-            budget = int(args.get("kv_cache_memory") or DEFAULT_CPU_KV_BYTES)
-        return {"bytes_per_page": per_page, "num_pages": max(0, budget // max(1, per_page))}
+            budget = int(args.kv_cache_memory or DEFAULT_CPU_KV_BYTES)
+        return KVCapacity(bytes_per_page=per_page, num_pages=max(0, budget // max(1, per_page)))
 
     def _cuda_kv_budget(self, utilization: float) -> int:
         """Memory left for the KV cache after weights and a profiling forward pass."""
@@ -101,23 +124,23 @@ class ModelRunner:
         _, total = torch.cuda.mem_get_info(self.device)
         return max(0, int(total * utilization) - peak)
 
-    def init_kv_cache(self, num_pages: int, page_size: int) -> dict:
+    def init_kv_cache(self, num_pages: int, page_size: int) -> KVCacheInfo:
         """Allocate this rank's pages once, for the life of the worker."""
         if self.num_pages:
             raise RuntimeError("the KV cache is allocated once and never re-allocated")
         caches = self.model.kv_cache_spec.allocate(num_pages, page_size, self.device)
         self.model.bind_kv_cache(caches)
         self.page_size, self.num_pages = page_size, num_pages
-        return {"bytes": sum(c.numel() * c.element_size() for c in caches)}
+        return KVCacheInfo(bytes=sum(c.numel() * c.element_size() for c in caches))
 
     # -- stats -------------------------------------------------------------------------------
 
     def reset_stats(self) -> None:
-        self._stats = {"steps": 0, "tokens": 0, "forward_s": 0.0, "idle_s": 0.0}
+        self._stats = WorkerStats()
         self._last_step_end: float | None = None
 
-    def stats(self) -> dict:
-        return dict(self._stats, num_requests=len(self.requests))
+    def stats(self) -> WorkerStats:
+        return dataclasses.replace(self._stats, num_requests=len(self.requests))
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -157,46 +180,14 @@ class ModelRunner:
         """Run one step; the output rank returns the sampled tokens, others None."""
         began = time.perf_counter()
         if self._last_step_end is not None:
-            self._stats["idle_s"] += began - self._last_step_end
+            self._stats.idle_s += began - self._last_step_end
         self._apply_plan(plan)
-        input_ids: list[int] = []
-        query_lens, computed, tables = [], [], []
-        sample_rows, sample_ids = [], []
-        prompt_rows: list[tuple[int, int, int, int]] = []  # (req_id, first row, first pos, count)
-        for req_id, n in zip(plan.scheduled_req_ids, plan.num_scheduled_tokens):
-            state = self.requests[req_id]
-            start = state.num_computed
-            first_row = len(input_ids)
-            input_ids.extend(state.token_ids[start : start + n])
-            query_lens.append(n)
-            computed.append(start)
-            tables.append(state.page_ids)
-            state.num_computed = start + n
-            if state.prompt_logprobs is not None:
-                # position p predicts prompt token p + 1
-                count = min(start + n, state.num_prompt_tokens - 1) - start
-                if count > 0:
-                    prompt_rows.append((req_id, first_row, start, count))
-            if state.num_computed == len(state.token_ids):
-                sample_rows.append(len(input_ids) - 1)
-                sample_ids.append(req_id)
+        batch = self._prepare(plan)
         result = None
-        if input_ids:
-            meta = AttentionMetadata.build(query_lens, computed, tables, self.page_size, self.device)
-            ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-            hidden = self._forward(ids, meta.positions, meta)
-            if hidden is not None and sample_ids:
-                rows = torch.tensor(sample_rows, device=self.device)
-                logits = self.model.compute_logits(hidden[rows])  # [N, vocab]
-                if self.is_output_rank:
-                    states = [self.requests[r].sampling for r in sample_ids]
-                    result = self._sample(plan.step_id, sample_ids, logits, states)
-            if hidden is not None and prompt_rows:
-                prompt_lps = self._prompt_logprobs(hidden, prompt_rows)
-                if self.is_output_rank:
-                    if result is None:
-                        result = StepResult(plan.step_id, [], np.zeros(0, np.int32))
-                    result.prompt_logprobs = prompt_lps
+        if batch.input_ids:
+            hidden = self._run(batch)
+            if hidden is not None:
+                result = self._sample(plan.step_id, batch, hidden)
         if self.is_output_rank and result is None:
             result = StepResult(plan.step_id, [], np.zeros(0, np.int32))
         if self.moe_layers:
@@ -204,10 +195,56 @@ class ModelRunner:
             if result is not None:
                 result.expert_counts = counts.to("cpu", torch.int64).numpy()  # [layers, experts]
         now = time.perf_counter()
-        self._stats["steps"] += 1
-        self._stats["tokens"] += len(input_ids)
-        self._stats["forward_s"] += now - began
+        self._stats.steps += 1
+        self._stats.tokens += len(batch.input_ids)
+        self._stats.forward_s += now - began
         self._last_step_end = now
+        return result
+
+    def _prepare(self, plan: StepPlan) -> _Batch:
+        """The flat batch of this step: tokens, lengths, page tables, rows that sample."""
+        batch = _Batch()
+        for req_id, n in zip(plan.scheduled_req_ids, plan.num_scheduled_tokens):
+            state = self.requests[req_id]
+            start = state.num_computed
+            first_row = len(batch.input_ids)
+            batch.input_ids.extend(state.token_ids[start : start + n])
+            batch.query_lens.append(n)
+            batch.computed.append(start)
+            batch.tables.append(state.page_ids)
+            state.num_computed = start + n
+            if state.prompt_logprobs is not None:
+                # position p predicts prompt token p + 1
+                count = min(start + n, state.num_prompt_tokens - 1) - start
+                if count > 0:
+                    batch.prompt_rows.append((req_id, first_row, start, count))
+            if state.num_computed == len(state.token_ids):
+                batch.sample_rows.append(len(batch.input_ids) - 1)
+                batch.sample_ids.append(req_id)
+        return batch
+
+    def _run(self, batch: _Batch) -> torch.Tensor | None:
+        """This rank's forward pass over the batch; hidden states [T, hidden] on the last stage."""
+        meta = AttentionMetadata.build(batch.query_lens, batch.computed, batch.tables,
+                                       self.page_size, self.device)
+        ids = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
+        return self._forward(ids, meta.positions, meta)
+
+    def _sample(self, step_id: int, batch: _Batch, hidden: torch.Tensor) -> StepResult | None:
+        """Logits of the rows that sample, sampled on the output rank; prompt logprobs."""
+        result = None
+        if batch.sample_ids:
+            rows = torch.tensor(batch.sample_rows, device=self.device)
+            logits = self.model.compute_logits(hidden[rows])  # [N, vocab]
+            if self.is_output_rank:
+                states = [self.requests[r].sampling for r in batch.sample_ids]
+                result = self._sample_tokens(step_id, batch.sample_ids, logits, states)
+        if batch.prompt_rows:
+            prompt_lps = self._prompt_logprobs(hidden, batch.prompt_rows)
+            if self.is_output_rank:
+                if result is None:
+                    result = StepResult(step_id, [], np.zeros(0, np.int32))
+                result.prompt_logprobs = prompt_lps
         return result
 
     def _forward(self, ids, positions, meta, profile: bool = False) -> torch.Tensor | None:
@@ -216,8 +253,11 @@ class ModelRunner:
         intermediate = None
         if not pp.is_first:
             shape = (ids.shape[0], self.hidden_size)
+            waited = time.perf_counter()
             hidden = pp.recv(torch.empty(shape, dtype=self.dtype, device=self.device), pp.rank_in_group - 1)
             residual = pp.recv(torch.empty(shape, dtype=self.dtype, device=self.device), pp.rank_in_group - 1)
+            if not profile:  # blocked on the previous stage: waiting, not computing
+                self._stats.recv_wait_s += time.perf_counter() - waited
             intermediate = IntermediateTensors(hidden, residual)
         out = self.model(ids if pp.is_first else None, positions, meta, intermediate)
         if pp.is_last:
@@ -251,8 +291,8 @@ class ModelRunner:
             ]
         return out
 
-    def _sample(self, step_id: int, req_ids: list[int], logits: torch.Tensor,
-                states: list[SamplingState]) -> StepResult:
+    def _sample_tokens(self, step_id: int, req_ids: list[int], logits: torch.Tensor,
+                       states: list[SamplingState]) -> StepResult:
         out = self.sampler.sample(logits, states)
         to_np = lambda t, dt: None if t is None else t.to("cpu", dt).numpy()  # noqa: E731
         return StepResult(

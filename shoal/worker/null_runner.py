@@ -10,33 +10,36 @@ from __future__ import annotations
 
 import numpy as np
 
-from shoal.comm.protocol import StepPlan, StepResult
+from shoal.engine.control import KVCacheInfo, KVCapacity, LoadModel, MeasureKVCapacity, ModelInfo
+from shoal.engine.plan import StepPlan, StepResult
 from shoal.parallel.context import ParallelContext
-from shoal.runtime.model_runner import ModelRunner
+from shoal.worker.model_runner import ModelRunner
 
 
 class NullRunner(ModelRunner):
     """Applies plans to per-request state; the output rank answers token = (last + 1) % vocab."""
 
-    def __init__(self, ctx: ParallelContext, args: dict):  # no model: skip ModelRunner.__init__
+    def __init__(self, ctx: ParallelContext, args: LoadModel):  # no model: skip ModelRunner's
         self.ctx = ctx
+        self.load_args = args
         self.requests = {}
         self.is_output_rank = ctx.is_output_rank
-        self.vocab_size = int(args.get("vocab_size", 32000))
+        self.vocab_size = args.vocab_size
         self.page_size = 0
         self.num_pages = 0
         self.sampler = None
         self.reset_stats()
 
-    def describe(self) -> dict:
-        return {"rank": self.ctx.rank, "num_params": 0, "loaded_bytes": 0, "null": True}
+    def describe(self) -> ModelInfo:
+        return ModelInfo(rank=self.ctx.rank, num_params=0, loaded_bytes=0, load_seconds=0.0,
+                         dtype="none")
 
-    def measure_kv_capacity(self, args: dict) -> dict:
-        return {"bytes_per_page": 1, "num_pages": int(args.get("kv_cache_memory") or 1 << 20)}
+    def measure_kv_capacity(self, args: MeasureKVCapacity) -> KVCapacity:
+        return KVCapacity(bytes_per_page=1, num_pages=int(args.kv_cache_memory or 1 << 20))
 
-    def init_kv_cache(self, num_pages: int, page_size: int) -> dict:
+    def init_kv_cache(self, num_pages: int, page_size: int) -> KVCacheInfo:
         self.page_size, self.num_pages = page_size, num_pages
-        return {"bytes": 0}
+        return KVCacheInfo(bytes=0)
 
     def execute(self, plan: StepPlan) -> StepResult | None:
         self._apply_plan(plan)
@@ -47,7 +50,7 @@ class NullRunner(ModelRunner):
             if state.num_computed == len(state.token_ids):
                 req_ids.append(req_id)
                 tokens.append((state.token_ids[-1] + 1) % self.vocab_size)
-        self._stats["steps"] += 1
+        self._stats.steps += 1
         if not self.is_output_rank:
             return None
         return StepResult(plan.step_id, req_ids, np.asarray(tokens, dtype=np.int32))

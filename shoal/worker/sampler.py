@@ -45,8 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shoal.comm.protocol import SamplingOptions
-from shoal.runtime.sampling_params import SAMPLING_EPS
+from shoal.engine.plan import SAMPLING_EPS, SamplingOptions
 
 _MASK64 = (1 << 64) - 1
 _TOP_P_FIRST_CANDIDATES = 64  # top-p looks at this many best tokens first, then 8x more

@@ -27,24 +27,44 @@ import torch
 
 from shoal.comm.bootstrap import default_backend, destroy_distributed, init_distributed
 from shoal.comm.channel import WorkerChannel, request_bootstrap
-from shoal.comm.codec import encode
-from shoal.comm.protocol import (
+from shoal.comm.codec import encode, pack_value, unpack_value
+from shoal.engine.control import (
+    COMMANDS,
+    BootstrapInfo,
+    BootstrapRefusal,
+    BootstrapRequest,
     Call,
+    CollectiveCheck,
+    CollectiveResult,
     Command,
+    Empty,
     Heartbeat,
-    MsgType,
+    InitKVCache,
+    KVCacheInfo,
+    KVCapacity,
+    LoadModel,
+    MeasureKVCapacity,
+    ModelInfo,
+    Pong,
     Reply,
+    RunnerKind,
     Shutdown,
-    StepPlan,
     WorkerFailure,
     WorkerReady,
+    WorkerStats,
 )
+from shoal.engine.plan import StepPlan
 from shoal.errors import ProtocolError
 from shoal.parallel.context import ParallelContext
 from shoal.parallel.mesh import build_mesh
-from shoal.runtime.device import device_memory, pick_device
-from shoal.runtime.model_runner import ModelRunner
-from shoal.runtime.null_runner import NullRunner
+from shoal.worker.device import device_memory, pick_device
+from shoal.worker.model_runner import ModelRunner
+from shoal.worker.null_runner import NullRunner
+
+RUNNERS: dict[RunnerKind, type[ModelRunner]] = {
+    RunnerKind.MODEL: ModelRunner,
+    RunnerKind.NULL: NullRunner,
+}
 
 logger = logging.getLogger(__name__)
 
@@ -97,35 +117,39 @@ class Worker:
     def __init__(self, args: WorkerArgs):
         self.args = args
         self.rank = args.rank
-        info = request_bootstrap(args.driver_address, {"rank": args.rank, "pid": os.getpid()})
+        info = request_bootstrap(args.driver_address, BootstrapRequest(args.rank, os.getpid()))
+        if isinstance(info, BootstrapRefusal):
+            raise ProtocolError(f"driver refused bootstrap: {info.reason}")
+        if not isinstance(info, BootstrapInfo):
+            raise ProtocolError(f"bootstrap answered with {type(info).__name__}, not BootstrapInfo")
         self.info = info
-        self.world_size = int(info["world_size"])
-        self.heartbeat_timeout_s = float(info.get("heartbeat_timeout_s", 10.0))
-        self.channel = WorkerChannel(info["broadcast_address"], info["return_address"])
+        self.world_size = info.world_size
+        self.heartbeat_timeout_s = info.heartbeat_timeout_s
+        self.channel = WorkerChannel(info.broadcast_address, info.return_address)
         self.device = pick_device(args.local_rank)
         if self.device.type == "cpu":
             cores = pin_to_cores(args.local_rank, args.local_world_size)
-            torch.set_num_threads(int(info.get("threads_per_worker") or len(cores)))
+            torch.set_num_threads(info.threads_per_worker or len(cores))
         init_distributed(
             args.rank,
             self.world_size,
-            info["store_host"],
-            int(info["store_port"]),
+            info.store_host,
+            info.store_port,
             default_backend(self.device),
         )
-        mesh = build_mesh(int(info["dp_size"]), int(info["pp_size"]), int(info["tp_size"]))
+        mesh = build_mesh(info.dp_size, info.pp_size, info.tp_size)
         if self.world_size == 1:
             self.ctx = ParallelContext.single(self.device)
         else:
             self.ctx = ParallelContext.from_initialized(
-                mesh, args.rank, self.device, bool(info.get("enable_expert_parallel", False))
+                mesh, args.rank, self.device, info.enable_expert_parallel
             )
         self.runner = None  # created by LOAD_MODEL
         self._running = True
         self._stopped = threading.Event()
         self._last_driver_contact = time.monotonic()
-        self._commands: dict[Command, Callable[[dict], Any]] = {
-            Command.PING: lambda a: {"rank": self.rank, "time": time.time()},
+        self._commands: dict[Command, Callable[[Any], Any]] = {
+            Command.PING: lambda a: Pong(self.rank, time.time()),
             Command.ECHO: lambda a: a,
             Command.LOAD_MODEL: self._load_model,
             Command.MEASURE_KV_CAPACITY: self._measure_kv_capacity,
@@ -134,11 +158,11 @@ class Worker:
             Command.RESET_STATS: self._reset_stats,
             Command.COLLECTIVE_CHECK: self._collective_check,
         }
-        self._handlers: dict[MsgType, Callable[[Any], None]] = {
-            MsgType.CALL: self._on_call,
-            MsgType.STEP_PLAN: self._on_step,
-            MsgType.HEARTBEAT: self._on_heartbeat,
-            MsgType.SHUTDOWN: self._on_shutdown,
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            Call: self._on_call,
+            StepPlan: self._on_step,
+            Heartbeat: self._on_heartbeat,
+            Shutdown: self._on_shutdown,
         }
         total, free = device_memory(self.device)
         self.channel.send(
@@ -157,8 +181,11 @@ class Worker:
 
     # -- commands ----------------------------------------------------------------------------
 
-    def _load_model(self, args: dict) -> dict:
-        runner_class = NullRunner if args.get("null_runner") else ModelRunner
+    def _load_model(self, args: LoadModel) -> ModelInfo:
+        try:
+            runner_class = RUNNERS[RunnerKind(args.runner)]
+        except ValueError:
+            raise ValueError(f"unknown runner kind {args.runner}") from None
         self.runner = runner_class(self.ctx, args)
         return self.runner.describe()
 
@@ -167,23 +194,23 @@ class Worker:
             raise RuntimeError("no model loaded: LOAD_MODEL must come first")
         return self.runner
 
-    def _measure_kv_capacity(self, args: dict) -> dict:
+    def _measure_kv_capacity(self, args: MeasureKVCapacity) -> KVCapacity:
         return self._need_runner().measure_kv_capacity(args)
 
-    def _init_kv_cache(self, args: dict) -> dict:
-        return self._need_runner().init_kv_cache(int(args["num_pages"]), int(args["page_size"]))
+    def _init_kv_cache(self, args: InitKVCache) -> KVCacheInfo:
+        return self._need_runner().init_kv_cache(args.num_pages, args.page_size)
 
-    def _get_stats(self, args: dict) -> dict:
-        return self.runner.stats() if self.runner is not None else {}
+    def _get_stats(self, args: Empty) -> WorkerStats:
+        return self.runner.stats() if self.runner is not None else WorkerStats()
 
-    def _reset_stats(self, args: dict) -> dict:
+    def _reset_stats(self, args: Empty) -> Empty:
         if self.runner is not None:
             self.runner.reset_stats()
-        return {}
+        return Empty()
 
-    def _collective_check(self, args: dict) -> dict:
+    def _collective_check(self, args: CollectiveCheck) -> CollectiveResult:
         """Exercise the tp and pp groups with known values (start-up self-test, tests)."""
-        size = int(args.get("numel", 4))
+        size = args.numel
         summed = self.ctx.tp.all_reduce(torch.full((size,), float(self.rank + 1)))
         received = None
         pp = self.ctx.pp
@@ -192,7 +219,7 @@ class Worker:
                 pp.send(torch.full((size,), float(self.rank)), pp.rank_in_group + 1)
             if not pp.is_first:
                 received = pp.recv(torch.empty(size), pp.rank_in_group - 1)[0].item()
-        return {"tp_sum": summed.tolist(), "pp_received": received}
+        return CollectiveResult(summed.tolist(), received)
 
     # -- message handlers --------------------------------------------------------------------
 
@@ -201,11 +228,14 @@ class Worker:
             return
         try:
             command = Command(call.command)
-            result = self._commands[command](call.args)
-            reply = Reply(call_id=call.call_id, rank=self.rank, ok=True, result=result)
+            arg_type, result_type = COMMANDS[command]
+            result = self._commands[command](unpack_value(call.args, arg_type))
+            if type(result) is not result_type:
+                raise TypeError(f"{command.name} returned {type(result).__name__}")
+            reply = Reply(call_id=call.call_id, rank=self.rank, ok=True, result=pack_value(result))
         except Exception:
             logger.exception("rank %d: command %s failed", self.rank, call.command)
-            reply = Reply(call.call_id, self.rank, False, None, traceback.format_exc())
+            reply = Reply(call.call_id, self.rank, False, b"", traceback.format_exc())
         self.channel.send(reply)
 
     def _on_step(self, plan: StepPlan) -> None:
@@ -265,12 +295,12 @@ class Worker:
                         break
                     continue
                 self._last_driver_contact = now
-                handler = self._handlers.get(type(msg).MSG_TYPE)
+                handler = self._handlers.get(type(msg))
                 if handler is None:
                     logger.error("rank %d: unexpected %s", self.rank, type(msg).__name__)
                     continue
                 handler(msg)
-                told_to_stop = type(msg).MSG_TYPE == MsgType.SHUTDOWN
+                told_to_stop = type(msg) is Shutdown
         finally:
             self.close()
         return told_to_stop

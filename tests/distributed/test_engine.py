@@ -9,9 +9,9 @@ import random
 import pytest
 
 from factories import hf_greedy, hf_logits, tiny_checkpoint
-from shoal.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from shoal.runtime.engine import LLMEngine
-from shoal.runtime.sampling_params import SamplingParams
+from shoal.config import ExecutorConfig, CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from shoal.frontend.llm_engine import LLMEngine
+from shoal.engine.sampling_params import SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -42,8 +42,9 @@ def make_engine(checkpoint, tp=1, num_pages=None, budget=64, max_seqs=16):
         parallel=ParallelConfig(tp_size=tp),
         cache=CacheConfig(block_size=PAGE, kv_cache_memory=1 << 22, num_gpu_blocks_override=num_pages),
         scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget),
+        executor=ExecutorConfig(threads_per_worker=1),
     )
-    return LLMEngine(config, executor_kwargs={"threads_per_worker": 1})
+    return LLMEngine(config)
 
 
 def run_staggered(engine, prompts, params, per_step=4):

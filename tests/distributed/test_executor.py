@@ -9,10 +9,10 @@ import time
 import psutil
 import pytest
 
-from shoal.comm.protocol import Command
+from shoal.engine.control import CollectiveCheck, Command, Echo
 from shoal.config import ParallelConfig
 from shoal.errors import WorkerDiedError
-from shoal.runtime.mp_executor import MpExecutor
+from shoal.executor.mp_executor import MpExecutor
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,9 +48,9 @@ def test_collectives_across_worker_processes(layout, expected):
         ex.start()
         assert [w.rank for w in ex.workers] == list(range(len(expected)))
         assert all(w.pid > 0 and w.versions["torch"] for w in ex.workers)
-        replies = ex.call(Command.COLLECTIVE_CHECK, {"numel": 4})
-        assert [(r["tp_sum"], r["pp_received"]) for r in replies] == expected
-        assert ex.call(Command.ECHO, {"x": [1, "two"]}) == [{"x": [1, "two"]}] * len(expected)
+        replies = ex.call(CollectiveCheck(numel=4))
+        assert [(r.tp_sum, r.pp_received) for r in replies] == expected
+        assert ex.call(Echo("x: [1, two]")) == [Echo("x: [1, two]")] * len(expected)
     assert _gone(ex.pids)
 
 
@@ -82,7 +82,7 @@ def test_workers_exit_when_the_driver_is_killed(tmp_path):
     script.write_text(textwrap.dedent("""
         import sys, time
         from shoal.config import ParallelConfig
-        from shoal.runtime.mp_executor import MpExecutor
+        from shoal.executor.mp_executor import MpExecutor
         ex = MpExecutor(ParallelConfig(tp_size=2), threads_per_worker=1)
         ex.start()
         print(" ".join(map(str, ex.pids)), flush=True)

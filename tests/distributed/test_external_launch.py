@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from factories import hf_greedy, tiny_checkpoint
-from shoal.comm.protocol import Command
+from shoal.engine.control import CollectiveCheck
 from shoal.config import ParallelConfig
-from shoal.runtime.external_executor import (
+from shoal.executor.external_executor import (
     ExternalExecutor,
     LaunchEnv,
     parse_driver_address,
@@ -101,8 +101,8 @@ def test_headless_workers_join_and_a_wrong_rank_is_refused():
                               threads_per_worker=1) as ex:
             ex.start()
             assert ex.driver_address == f"tcp://{addr}"
-            replies = ex.call(Command.COLLECTIVE_CHECK, {"numel": 3})
-            assert [r["tp_sum"] for r in replies] == [[3.0] * 3] * 2
+            replies = ex.call(CollectiveCheck(numel=3))
+            assert [r.tp_sum for r in replies] == [[3.0] * 3] * 2
             assert [w.pid for w in ex.workers] == [procs[0].pid, procs[1].pid]
             # refused during start-up (out of range) or after it (all ranks taken): either way
             # an error, not a silent timeout

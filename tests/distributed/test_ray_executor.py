@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from factories import hf_greedy, tiny_checkpoint
-from shoal.comm.protocol import Command
+from shoal.engine.control import CollectiveCheck
 from shoal.config import ParallelConfig
 from shoal.errors import WorkerDiedError
 
@@ -83,7 +83,7 @@ def cluster():
     os.environ.update(RAY_ENV)  # before ray is imported: it reads them once
     import ray
 
-    from shoal.runtime.ray_executor import connect_ray
+    from shoal.executor.ray_executor import connect_ray
 
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Unix socket paths
@@ -129,7 +129,7 @@ def test_missing_ray_is_a_clear_error():
     code = textwrap.dedent("""
         import sys
         sys.modules["ray"] = None  # as if ray were not installed
-        from shoal.runtime.ray_executor import import_ray
+        from shoal.executor.ray_executor import import_ray
         try:
             import_ray()
         except ImportError as exc:
@@ -143,14 +143,14 @@ def test_missing_ray_is_a_clear_error():
 # is the strategy that guarantees one node per rank, so the placement check uses it.
 @pytest.mark.parametrize("strategy", ["PACK", "STRICT_SPREAD"])
 def test_placement_strategy_and_collectives(cluster, strategy):
-    from shoal.runtime.ray_executor import RayExecutor
+    from shoal.executor.ray_executor import RayExecutor
 
     with RayExecutor(ParallelConfig(tp_size=2, placement_strategy=strategy),
                      threads_per_worker=1) as ex:
         ex.start()
         assert ex.transport == "tcp" and ex.driver_address.startswith("tcp://")
-        replies = ex.call(Command.COLLECTIVE_CHECK, {"numel": 4})
-        assert [r["tp_sum"] for r in replies] == [[3.0] * 4] * 2
+        replies = ex.call(CollectiveCheck(numel=4))
+        assert [r.tp_sum for r in replies] == [[3.0] * 4] * 2
         labels = [cluster[n["node_id"]] for n in ex.nodes]
         assert [w.pid for w in ex.workers] == [n["pid"] for n in ex.nodes]
     if strategy == "PACK":
@@ -217,11 +217,11 @@ def test_inside_a_placement_group_the_workers_use_its_bundles(cluster):
 
     @ray.remote(num_cpus=1)
     def driver_in_group():
-        from shoal.runtime.ray_executor import RayExecutor
+        from shoal.executor.ray_executor import RayExecutor
 
         with RayExecutor(ParallelConfig(tp_size=2), threads_per_worker=1) as ex:
             ex.start()
-            sums = [r["tp_sum"] for r in ex.call(Command.COLLECTIVE_CHECK, {"numel": 2})]
+            sums = [r.tp_sum for r in ex.call(CollectiveCheck(numel=2))]
             return ex.placement_group.id.hex(), ex._owns_placement_group, sums
 
     group = placement_group([{"CPU": 1}] * 3, strategy="PACK")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from shoal.models.default_model import ensure_default_model
+from shoal.checkpoint.default_model import ensure_default_model
 
 
 @pytest.fixture(scope="session")

@@ -141,8 +141,9 @@ def test_expert_counts_reach_the_metrics():
     """Per-step expert counts add up in the core and show as counters (no server needed)."""
     import numpy as np
 
-    from shoal.comm.protocol import CoreStats, StepResult
-    from shoal.runtime.core_server import ExpertCountingExecutor
+    from shoal.engine.core import ExpertCounter
+    from shoal.engine.core_io import CoreStats
+    from shoal.engine.plan import StepResult
     from shoal.serve.metrics import ServerMetrics
 
     class Results:  # stands in for an executor: only get_result matters here
@@ -154,12 +155,13 @@ def test_expert_counts_reach_the_metrics():
                               expert_counts=self.counts.pop(0))
 
     step = np.array([[1, 0, 2], [0, 3, 0]], dtype=np.int64)  # [moe_layers, experts]
-    counting = ExpertCountingExecutor(Results([step, step, None]))
+    results = Results([step, step, None])
+    counting = ExpertCounter()
     for _ in range(3):
-        counting.get_result()
-    assert counting.expert_counts.tolist() == [[2, 0, 4], [0, 6, 0]]
+        counting.add(results.get_result().expert_counts)
+    assert counting.totals.tolist() == [[2, 0, 4], [0, 6, 0]]
     metrics = ServerMetrics("m")
-    for totals in (step, counting.expert_counts):  # totals as the core sends them
+    for totals in (step, counting.totals):  # totals as the core sends them
         metrics.engine_stats(CoreStats(0, 0, 0.0, 1, 0, 0, 0, 0, totals))
     text = metrics.render().decode()
     assert 'shoal:expert_tokens_routed_total{expert="2",layer="0",model_name="m"} 4.0' in text

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shoal.comm.protocol import StepPlan, StepResult
-from shoal.runtime.request import Request
-from shoal.runtime.scheduler import Scheduler
+from shoal.engine.plan import StepPlan, StepResult
+from shoal.engine.request import Request
+from shoal.engine.scheduler import Scheduler
 
 VOCAB = 101
 

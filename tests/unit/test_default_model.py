@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from shoal.errors import ModelNotAvailableError
-from shoal.models import default_model as dm
-from shoal.models.default_model import (
+from shoal.checkpoint import default_model as dm
+from shoal.checkpoint.default_model import (
     DEFAULT_MODEL_NAME,
     default_model_dir,
     ensure_default_model,

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from shoal.runtime.detokenizer import (
+from shoal.frontend.detokenizer import (
     IncrementalDetokenizer,
     StopMatch,
     StopStringChecker,

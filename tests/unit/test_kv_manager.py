@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from shoal.comm.protocol import SamplingOptions
-from shoal.runtime import kv_manager as kv_module
-from shoal.runtime.kv_manager import KVCacheManager
-from shoal.runtime.request import Request
+from shoal.engine.plan import SamplingOptions
+from shoal.engine import kv_manager as kv_module
+from shoal.engine.kv_manager import KVCacheManager
+from shoal.engine.request import Request
 
 
 def make_request(req_id: int, prompt: list[int], max_tokens: int = 8) -> Request:

@@ -1,9 +1,9 @@
 """OutputProcessor: token deltas become streamed text; stop strings end requests; n folds."""
 import pytest
 
-from shoal.runtime.output_processor import OutputProcessor
-from shoal.runtime.outputs import TokenDelta
-from shoal.runtime.sampling_params import SamplingParams
+from shoal.frontend.output_processor import OutputProcessor
+from shoal.frontend.outputs import TokenDelta
+from shoal.engine.sampling_params import SamplingParams
 from test_detokenizer import make_byte_level_tokenizer
 
 

@@ -20,8 +20,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from shoal.comm.protocol import SamplingOptions
-from shoal.runtime.sampler import (
+from shoal.engine.plan import SamplingOptions
+from shoal.worker.sampler import (
     Sampler,
     SamplingState,
     apply_penalties,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from shoal.comm.codec import decode, encode
-from shoal.comm.protocol import CachedRequests, NewRequestData, SamplingOptions, StepPlan
-from shoal.runtime.sampling_params import SamplingParams
+from shoal.engine.plan import CachedRequests, NewRequestData, SamplingOptions, StepPlan
+from shoal.engine.sampling_params import SamplingParams
 
 
 def test_defaults_are_vllms():

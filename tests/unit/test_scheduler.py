@@ -10,12 +10,12 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from shoal.comm.protocol import SamplingOptions, StepResult
+from shoal.engine.plan import SamplingOptions, StepResult
 from shoal.config import SchedulerConfig
 from shoal.errors import RequestError
-from shoal.runtime.kv_manager import KVCacheManager
-from shoal.runtime.request import Request, RequestStatus
-from shoal.runtime.scheduler import Scheduler
+from shoal.engine.kv_manager import KVCacheManager
+from shoal.engine.request import Request, RequestStatus
+from shoal.engine.scheduler import Scheduler
 
 try:
     from fake_runner import WorkerStateMirror, drive, reference_output

@@ -1,0 +1,140 @@
+"""What crosses the engine core's boundary: requests in, token deltas and stats out.
+
+One type per direction, the same in-process (``LLMEngine`` calling ``EngineCore``)
+and on the wire (the API server talking to the engine-core process):
+
+- :class:`AddRequest`: one user request with ``n`` child requests sharing a
+  prompt, already validated by the frontend's input processor;
+- :class:`AbortRequests`: end children now ("abort": client gone, "stop": a
+  stop string matched in the text);
+- :class:`CoreOutputs`: token deltas of one step, admissions and rejections,
+  and the core's :class:`CoreStats`.
+
+The core speaks token ids only; text lives in the frontend.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shoal.comm.protocol import wire_message
+from shoal.engine.plan import SamplingOptions
+
+
+@wire_message(20)
+@dataclass
+class EngineReady:
+    """The engine core has started its workers and allocated the KV cache."""
+
+    pid: int
+    num_pages: int
+    page_size: int
+    max_model_len: int
+    world_size: int
+
+
+@wire_message(21)
+@dataclass
+class AddRequest:
+    """One user request: ``len(req_ids)`` children sharing a prompt (all admitted or none).
+
+    Built once by the frontend's input processor, which has checked it; the core
+    checks only what it alone knows (capacity).
+    """
+
+    request_id: str  # the frontend's id, echoed in accepted/rejected
+    req_ids: list[int]  # one per child
+    prompt_token_ids: np.ndarray  # int32 [num_prompt_tokens]
+    sampling: list[SamplingOptions]  # one per child (seeds differ)
+    max_tokens: int
+    eos_token_ids: list[int]  # empty when ignore_eos
+    stop_token_ids: list[int]
+    min_tokens: int
+    arrival_time: float  # time.monotonic() in the frontend (the clock is system-wide)
+
+
+@wire_message(22)
+@dataclass
+class AbortRequests:
+    """End child requests now: "abort" (client gone) or "stop" (a stop string matched)."""
+
+    req_ids: list[int]
+    reason: str = "abort"
+
+
+@dataclass
+class TokenLogprob:
+    """One token's logprob and the top alternatives (token id -> logprob)."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class TokenDelta:
+    """New tokens of one child request after one engine-core step (k >= 0 of them)."""
+
+    req_id: int
+    new_token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None  # one per new token when asked for
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    stop_reason: int | None = None  # the stop token id that ended it (None for EOS)
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    # with the first token: one entry per prompt position (None for the first token)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestRejection:
+    """A request the core refused: kind "invalid" (can never run) or "overloaded" (queue full)."""
+
+    request_id: str
+    kind: str
+    message: str
+
+
+@dataclass
+class CoreStats:
+    """The core's gauges and counters (totals since start)."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_pages: int
+    prefix_cache_queries: int  # tokens
+    prefix_cache_hits: int  # tokens
+    num_preemptions: int
+    num_steps: int
+    # int64 [moe_layers, experts], routed-token totals (MoE models); None when unchanged
+    # since the last CoreOutputs on the wire, or when the model has no MoE layers
+    expert_counts: np.ndarray | None = None
+    max_plans_in_flight: int = 0
+    plan_bytes: int = 0
+
+
+@wire_message(23)
+@dataclass
+class CoreOutputs:
+    """What the core says after reading its inputs or running a step."""
+
+    deltas: list[TokenDelta]
+    accepted: list[str]  # request ids admitted since the last message
+    rejected: list[RequestRejection]
+    scheduled_req_ids: list[int]  # children scheduled for the first time ...
+    scheduled_time: float  # ... at this time.monotonic()
+    stats: CoreStats
+
+
+@wire_message(24)
+@dataclass
+class EngineFailure:
+    """The engine core hit an error it cannot recover from and is exiting."""
+
+    error: str

@@ -1,0 +1,109 @@
+"""The KV connector seam, scheduler side (vLLM's ``KVConnectorBase_V1`` split).
+
+A KV connector moves KV pages in and out of an engine: from a prefill engine to
+a decode engine, to and from a host-memory tier, and so on. It has two halves:
+
+- this one, in the driver's scheduler, decides which tokens of a new request
+  can come from outside instead of being computed, learns which pages they
+  landed in, and tells its worker half what to do in each plan (an opaque
+  ``StepPlan.kv_connector_metadata``);
+- the worker half (``shoal.worker.kv_connector``) loads and saves the pages
+  around each layer's attention.
+
+The hooks, in the order the scheduler calls them:
+
+1. ``get_num_new_matched_tokens(request, num_computed_tokens)``: tokens beyond the
+   local prefix-cache hit that the connector can provide;
+2. ``update_state_after_alloc(request, num_external_tokens)``: pages are allocated;
+3. ``build_connector_meta(plan)``: bytes for the worker half, once per plan;
+4. ``request_finished(request)``: the request ended; True keeps its pages until the
+   connector releases them (an async save), False frees them now.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Protocol
+
+from shoal.config import KVTransferConfig
+from shoal.engine.plan import StepPlan
+from shoal.engine.request import Request
+
+
+class KVConnectorScheduler(Protocol):
+    """What the scheduler asks of a connector."""
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int: ...
+
+    def update_state_after_alloc(self, request: Request, num_external_tokens: int) -> None: ...
+
+    def build_connector_meta(self, plan: StepPlan) -> bytes: ...
+
+    def request_finished(self, request: Request) -> bool: ...
+
+
+class NoKVConnector:
+    """The default: nothing comes from outside, nothing goes out."""
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
+        return 0
+
+    def update_state_after_alloc(self, request: Request, num_external_tokens: int) -> None:
+        pass
+
+    def build_connector_meta(self, plan: StepPlan) -> bytes:
+        return b""
+
+    def request_finished(self, request: Request) -> bool:
+        return False
+
+
+class LoggingConnectorScheduler(NoKVConnector):
+    """Records every hook call as a JSON line (``log_path`` in the extra config).
+
+    Provides no tokens: it shows a connector author the order and arguments of the
+    hooks, and tests check that order. Its worker half logs to the same file.
+    """
+
+    def __init__(self, config: KVTransferConfig):
+        self.log_path = config.extra.get("log_path")
+        if not self.log_path:
+            raise ValueError('LoggingConnector needs kv_connector_extra_config {"log_path": ...}')
+
+    def _log(self, hook: str, **fields) -> None:
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"side": "scheduler", "hook": hook, "time": time.time(),
+                                **fields}) + "\n")
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
+        self._log("get_num_new_matched_tokens", req_id=request.req_id,
+                  num_computed_tokens=num_computed_tokens)
+        return 0
+
+    def update_state_after_alloc(self, request: Request, num_external_tokens: int) -> None:
+        self._log("update_state_after_alloc", req_id=request.req_id,
+                  num_external_tokens=num_external_tokens, num_pages=len(request.page_ids))
+
+    def build_connector_meta(self, plan: StepPlan) -> bytes:
+        self._log("build_connector_meta", step_id=plan.step_id)
+        return json.dumps({"step_id": plan.step_id}).encode()
+
+    def request_finished(self, request: Request) -> bool:
+        self._log("request_finished", req_id=request.req_id, reason=request.finish_reason)
+        return False
+
+
+SCHEDULER_CONNECTORS = {
+    "LoggingConnector": LoggingConnectorScheduler,
+}
+
+
+def create_scheduler_connector(config: KVTransferConfig) -> KVConnectorScheduler:
+    """The scheduler half of ``config.kv_connector`` (NoKVConnector when none is set)."""
+    if config.kv_connector is None:
+        return NoKVConnector()
+    try:
+        return SCHEDULER_CONNECTORS[config.kv_connector](config)
+    except KeyError:
+        raise ValueError(f"unknown kv_connector {config.kv_connector!r}; known: "
+                         f"{', '.join(sorted(SCHEDULER_CONNECTORS))}") from None

@@ -1,0 +1,167 @@
+"""The step protocol: what the driver plans and what the workers answer.
+
+A plan sends a request in full once (``NewRequestData``), then only deltas
+(``CachedRequests``, one column-wise record for all of them): tokens appended
+since each last ran and new page ids. Workers keep the rest of each request's
+state between steps. Results are ragged: a request may get several tokens in
+one step (speculative decoding), and the driver's accounting handles any k >= 1.
+
+Workers import this module (and ``shoal.engine.control``) from the driver side,
+nothing else: it has no dependency beyond numpy and the wire registry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shoal.comm.protocol import wire_message
+
+SAMPLING_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
+
+
+
+@dataclass
+class SamplingOptions:
+    """What the output rank needs to sample one request (a wire form of SamplingParams)."""
+
+    temperature: float = 0.0
+    top_k: int = -1
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    # ids that end the request (stop_token_ids, plus EOS unless ignore_eos): the sampler
+    # masks them while fewer than min_tokens tokens have been generated
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class NewRequestData:
+    """A request scheduled for the first time (or again after preemption), in full."""
+
+    req_id: int
+    prompt_token_ids: np.ndarray  # int32 [num_prompt_tokens]
+    output_token_ids: list[int]  # tokens already generated (non-empty when resumed)
+    page_ids: list[int]
+    num_computed_tokens: int  # tokens already in the cache (prefix hits)
+    sampling: SamplingOptions
+
+
+@dataclass
+class CachedRequestData:
+    """One row of CachedRequests: what changed for a request the workers already know."""
+
+    req_id: int
+    new_token_ids: list[int]  # sampled since it last ran
+    new_page_ids: list[int]
+    num_computed_tokens: int  # for checking: what the driver believes is cached
+
+
+_I32 = np.int32
+_I64 = np.int64
+
+
+@dataclass
+class CachedRequests:
+    """Deltas of every known request in a plan, as columns.
+
+    Columns keep a 256-request decode plan to six small arrays instead of 256
+    records, so building, encoding and decoding it costs a few array operations.
+    Row ``i`` owns ``new_token_counts[i]`` consecutive entries of ``new_token_ids``
+    (likewise pages). Iterating yields CachedRequestData rows.
+    """
+
+    req_ids: np.ndarray  # int64 [M]
+    num_computed_tokens: np.ndarray  # int64 [M]
+    new_token_counts: np.ndarray  # int32 [M]
+    new_token_ids: np.ndarray  # int32 [sum of new_token_counts]
+    new_page_counts: np.ndarray  # int32 [M]
+    new_page_ids: np.ndarray  # int32 [sum of new_page_counts]
+
+    @classmethod
+    def from_rows(cls, rows: list[CachedRequestData]) -> "CachedRequests":
+        tokens = [t for r in rows for t in r.new_token_ids]
+        pages = [p for r in rows for p in r.new_page_ids]
+        return cls(
+            req_ids=np.fromiter((r.req_id for r in rows), _I64, len(rows)),
+            num_computed_tokens=np.fromiter((r.num_computed_tokens for r in rows), _I64, len(rows)),
+            new_token_counts=np.fromiter((len(r.new_token_ids) for r in rows), _I32, len(rows)),
+            new_token_ids=np.asarray(tokens, dtype=_I32),
+            new_page_counts=np.fromiter((len(r.new_page_ids) for r in rows), _I32, len(rows)),
+            new_page_ids=np.asarray(pages, dtype=_I32),
+        )
+
+    def __len__(self) -> int:
+        return len(self.req_ids)
+
+    def __iter__(self):
+        token_ids, page_ids = self.new_token_ids.tolist(), self.new_page_ids.tolist()
+        t = p = 0
+        for rid, computed, nt, np_ in zip(self.req_ids.tolist(), self.num_computed_tokens.tolist(),
+                                          self.new_token_counts.tolist(),
+                                          self.new_page_counts.tolist()):
+            yield CachedRequestData(rid, token_ids[t : t + nt], page_ids[p : p + np_], computed)
+            t += nt
+            p += np_
+
+    def __getitem__(self, index: int) -> CachedRequestData:
+        return list(self)[index]
+
+
+@wire_message(4)
+@dataclass
+class StepPlan:
+    """One step: which tokens of which requests run, in batch order.
+
+    ``scheduled_req_ids[i]`` runs ``num_scheduled_tokens[i]`` tokens; a request
+    samples when those tokens bring it up to its full token count.
+    """
+
+    step_id: int
+    new_requests: list[NewRequestData]
+    cached_requests: CachedRequests
+    scheduled_req_ids: list[int]
+    num_scheduled_tokens: list[int]
+    finished_req_ids: list[int]  # finished, aborted or preempted: drop their state
+    # opaque to the engine: what the KV connector's scheduler side tells its worker side
+    kv_connector_metadata: bytes = b""
+
+
+@wire_message(5)
+@dataclass
+class StepResult:
+    """Sampled tokens of one step, from the output rank.
+
+    Ragged: request ``req_ids[i]`` owns ``num_sampled[i]`` consecutive entries of
+    ``sampled_token_ids`` (and of the logprob arrays); ``num_sampled=None`` means
+    one each. More than one token per request per step comes from multi-token
+    steps (speculative decoding's accepted drafts).
+    """
+
+    step_id: int
+    req_ids: list[int]
+    sampled_token_ids: np.ndarray  # int32 [num_sampled_total]
+    logprobs: np.ndarray | None = None  # float32 [num_sampled_total]
+    top_token_ids: np.ndarray | None = None  # int32 [num_sampled_total, k]
+    top_logprobs: np.ndarray | None = None  # float32 [num_sampled_total, k]
+    # req_id -> [first position [1], next token ids, logprobs, top ids [m, k], top logprobs [m, k]]
+    prompt_logprobs: dict[int, list[np.ndarray]] | None = None
+    # per-layer per-expert routed token counts since the last step (MoE models), [layers, experts]
+    expert_counts: np.ndarray | None = None
+    num_sampled: np.ndarray | None = None  # int32 [len(req_ids)]; None = one token each
+
+    def token_spans(self) -> dict[int, tuple[int, int]]:
+        """req_id -> (first row, number of tokens) in the flat token arrays."""
+        if self.num_sampled is None:
+            return {rid: (i, 1) for i, rid in enumerate(self.req_ids)}
+        spans, row = {}, 0
+        for rid, count in zip(self.req_ids, self.num_sampled.tolist()):
+            spans[rid] = (row, count)
+            row += count
+        return spans
