@@ -69,16 +69,16 @@ class ParallelConfig:
 class CacheConfig:
     """Paged KV cache: page size in tokens and the per-rank memory budget."""
 
-    block_size: int = 16
+    page_size: int = 16  # tokens per KV page (vLLM's flag: --block-size)
     kv_cache_memory: int | None = None  # bytes per rank (CPU); None = a default
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     num_gpu_blocks_override: int | None = None
 
     def __post_init__(self) -> None:
-        _positive("block_size", self.block_size)
-        if self.block_size > 1024:
-            raise ValueError(f"block_size must be at most 1024, got {self.block_size}")
+        _positive("block_size", self.page_size)
+        if self.page_size > 1024:
+            raise ValueError(f"block_size must be at most 1024, got {self.page_size}")
         if self.kv_cache_memory is not None:
             _positive("kv_cache_memory", self.kv_cache_memory)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -87,6 +87,11 @@ class CacheConfig:
             )
         if self.num_gpu_blocks_override is not None:
             _positive("num_gpu_blocks_override", self.num_gpu_blocks_override)
+
+    @property
+    def block_size(self) -> int:
+        """vLLM's name for the page size (its flag and option name); shoal says page."""
+        return self.page_size
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,7 @@ ENGINE_ARGS: tuple[EngineArg, ...] = (
     EngineArg("placement_strategy", "parallel", "placement_strategy", str,
               "Ray placement group strategy",
               choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")),
-    EngineArg("block_size", "cache", "block_size", int, "KV page size in tokens"),
+    EngineArg("block_size", "cache", "page_size", int, "KV page size in tokens"),
     EngineArg("kv_cache_memory", "cache", "kv_cache_memory", int,
               "KV cache bytes per rank on CPU (default 1 GiB)"),
     EngineArg("gpu_memory_utilization", "cache", "gpu_memory_utilization", float,

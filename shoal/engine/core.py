@@ -136,7 +136,7 @@ class EngineCore:
                 kv_connector_config=kv_transfer.kv_connector_extra_config,
             ))
             self.num_pages = self._agree_on_pages()
-            page_size = config.cache.block_size
+            page_size = config.cache.page_size
             self.executor.call(InitKVCache(num_pages=self.num_pages, page_size=page_size))
         except BaseException:
             self.executor.shutdown()
@@ -159,7 +159,7 @@ class EngineCore:
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
         caps = self.executor.call(MeasureKVCapacity(
-            page_size=cache.block_size,
+            page_size=cache.page_size,
             kv_cache_memory=cache.kv_cache_memory,
             gpu_memory_utilization=cache.gpu_memory_utilization,
         ))

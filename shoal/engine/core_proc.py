@@ -80,7 +80,7 @@ class CoreServer:
 
     def run(self) -> None:
         core = self.core
-        self.send(EngineReady(os.getpid(), core.num_pages, core.config.cache.block_size,
+        self.send(EngineReady(os.getpid(), core.num_pages, core.config.cache.page_size,
                               core.max_model_len, core.config.parallel.world_size))
         idle_poll = IDLE_POLL_S
         while not self._stopping:

@@ -31,6 +31,7 @@ from shoal.models.registry import build_model
 from shoal.parallel.context import ParallelContext
 from shoal.parallel.pipeline import IntermediateTensors
 from shoal.worker.device import resolve_dtype
+from shoal.worker.kv_connector import KVConnectorWorker, create_worker_connector
 from shoal.worker.sampler import Sampler, SamplingState, gather_logprobs
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ class ModelRunner:
         self.hidden_size = int(self.hf_config.hidden_size)
         # MoE layers of this stage, whose routed-token counts travel in each StepResult
         self.moe_layers = [m for m in self.model.modules() if hasattr(m, "reset_expert_counts")]
+        self.kv_connector: KVConnectorWorker | None = create_worker_connector(
+            args.kv_connector, ctx.rank, args.kv_connector_config)
         self.reset_stats()
 
     # -- set-up ------------------------------------------------------------------------------
@@ -131,7 +134,20 @@ class ModelRunner:
         caches = self.model.kv_cache_spec.allocate(num_pages, page_size, self.device)
         self.model.bind_kv_cache(caches)
         self.page_size, self.num_pages = page_size, num_pages
+        self.kv_caches = caches
+        if self.kv_connector is not None:
+            self._attach_connector_hooks(self.kv_connector)
         return KVCacheInfo(bytes=sum(c.numel() * c.element_size() for c in caches))
+
+    def _attach_connector_hooks(self, connector: KVConnectorWorker) -> None:
+        """Per attention layer: wait for its pages before it runs, save them after it ran."""
+        layers = [m for m in self.model.modules()
+                  if isinstance(getattr(m, "kv_cache", None), torch.Tensor)]
+        for index, module in enumerate(layers):
+            module.register_forward_pre_hook(
+                lambda _m, _args, i=index: connector.wait_for_layer_load(i))
+            module.register_forward_hook(
+                lambda m, _args, _out, i=index: connector.save_kv_layer(i, m.kv_cache))
 
     # -- stats -------------------------------------------------------------------------------
 
@@ -183,11 +199,18 @@ class ModelRunner:
             self._stats.idle_s += began - self._last_step_end
         self._apply_plan(plan)
         batch = self._prepare(plan)
+        connector = self.kv_connector
+        if connector is not None:
+            connector.bind_metadata(plan.kv_connector_metadata)
+            connector.start_load_kv(self.kv_caches)
         result = None
         if batch.input_ids:
             hidden = self._run(batch)
             if hidden is not None:
                 result = self._sample(plan.step_id, batch, hidden)
+        if connector is not None:
+            connector.wait_for_save()
+            connector.clear_metadata()
         if self.is_output_rank and result is None:
             result = StepResult(plan.step_id, [], np.zeros(0, np.int32))
         if self.moe_layers:
