@@ -22,11 +22,8 @@ import pytest
 from factories import hf_greedy, tiny_checkpoint
 from shoal.engine.control import CollectiveCheck
 from shoal.config import ParallelConfig
-from shoal.executor.external_executor import (
-    ExternalExecutor,
-    LaunchEnv,
-    parse_driver_address,
-)
+from shoal.executor.external_executor import ExternalExecutor
+from shoal.worker.launch_env import LaunchEnv, parse_driver_address
 
 pytestmark = pytest.mark.timeout(300)
 
