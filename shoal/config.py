@@ -101,6 +101,8 @@ class SchedulerConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     max_waiting_requests: int | None = None
+    # plan step N+1 while step N runs (None = wherever it is correct: pp_size == 1)
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         _positive("max_num_seqs", self.max_num_seqs)

@@ -127,6 +127,9 @@ ENGINE_ARGS: tuple[EngineArg, ...] = (
               "tokens per step"),
     EngineArg("max_waiting_requests", "scheduler", "max_waiting_requests", int,
               "bound on queued requests; beyond it the server answers 503"),
+    EngineArg("async_scheduling", "scheduler", "async_scheduling", bool,
+              "plan the next step while the workers run this one (default: on where "
+              "correct, i.e. without pipeline parallelism)"),
     EngineArg("driver_host", "executor", "host", str,
               "ray/external backends: the address workers dial to reach this driver "
               "(default: $SHOAL_HOST_IP, else this host's address)"),

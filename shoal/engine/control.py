@@ -150,6 +150,8 @@ class LoadModel:
     enforce_eager: bool = False
     kv_connector: str = ""  # a worker-side KV connector name; "" = none
     kv_connector_config: str = "{}"  # JSON
+    async_scheduling: bool = False  # sampling ranks append their own tokens
+    null_step_ms: float = 0.0  # the null runner sleeps this long per step (a device step)
 
 
 @dataclass

@@ -62,6 +62,21 @@ class Executor(Protocol):
     def shutdown(self) -> None: ...
 
 
+def resolve_async_scheduling(config: EngineConfig) -> bool:
+    """Async scheduling where it is correct: without pipeline parallelism.
+
+    With pp > 1 the first stage would need the token the last stage sampled; pipeline
+    stages already keep one plan each in flight, so the driver is off the critical path.
+    """
+    asked = config.scheduler.async_scheduling
+    if config.parallel.pp_size > 1:
+        if asked:
+            logger.info("async scheduling is off with pipeline parallelism: the stages "
+                        "overlap %d plans instead", config.parallel.pp_size)
+        return False
+    return True if asked is None else asked
+
+
 class ExpertCounter:
     """Routed-token totals per MoE layer and expert, added up over steps."""
 
@@ -107,7 +122,7 @@ class EngineCore:
 
     def __init__(self, config: EngineConfig, model_path: str, max_model_len: int,
                  executor: Executor, runner: RunnerKind = RunnerKind.MODEL,
-                 step_timeout_s: float = 600.0):
+                 step_timeout_s: float = 600.0, null_step_ms: float = 0.0):
         if config.parallel.dp_size > 1:
             # the mesh and the all-to-all MoE dispatcher know dp, but the engine does not
             # yet split requests over data-parallel groups (one output rank per group)
@@ -122,6 +137,7 @@ class EngineCore:
         self.executor = executor
         self._closed = False
         kv_transfer = config.kv_transfer
+        self.async_scheduling = resolve_async_scheduling(config)
         try:
             connector = create_scheduler_connector(kv_transfer)
             self.executor.start()
@@ -134,6 +150,8 @@ class EngineCore:
                 enforce_eager=config.model.enforce_eager,
                 kv_connector=kv_transfer.kv_connector or "",
                 kv_connector_config=kv_transfer.kv_connector_extra_config,
+                async_scheduling=self.async_scheduling,
+                null_step_ms=null_step_ms,
             ))
             self.num_pages = self._agree_on_pages()
             page_size = config.cache.page_size
@@ -142,9 +160,12 @@ class EngineCore:
             self.executor.shutdown()
             raise
         self.kv = KVCacheManager(self.num_pages, page_size, config.cache.enable_prefix_caching)
-        self.max_in_flight = config.parallel.pp_size
-        per_plan = -(-config.scheduler.max_num_seqs // self.max_in_flight)  # one micro-batch a stage
-        self.scheduler = Scheduler(config.scheduler, self.kv, max_model_len, per_plan, connector)
+        pp = config.parallel.pp_size
+        # pipeline: one plan per stage; async: the next plan while the workers run one
+        self.max_in_flight = 2 if self.async_scheduling else pp
+        per_plan = -(-config.scheduler.max_num_seqs // pp)  # one micro-batch a stage
+        self.scheduler = Scheduler(config.scheduler, self.kv, max_model_len, per_plan, connector,
+                                   async_scheduling=self.async_scheduling)
         self.in_flight: collections.deque[StepPlan] = collections.deque()
         self.max_plans_in_flight_seen = 0
         self.plan_bytes = 0
@@ -152,7 +173,8 @@ class EngineCore:
         self._prompt_logprobs: dict[int, dict[int, TokenLogprob]] = {}  # req -> position -> lp
         # n > 1: followers wait until their leader's prompt is in the cache, then share its pages
         self._followers: dict[int, list[Request]] = {}
-        logger.info("engine ready: %d KV pages of %d tokens", self.num_pages, page_size)
+        logger.info("engine ready: %d KV pages of %d tokens, async scheduling %s",
+                    self.num_pages, page_size, "on" if self.async_scheduling else "off")
 
     def _agree_on_pages(self) -> int:
         cache = self.config.cache

@@ -76,8 +76,12 @@ class Scheduler:
 
     def __init__(self, scheduler_config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
                  max_seqs_per_plan: int | None = None,
-                 connector: KVConnectorScheduler | None = None):
+                 connector: KVConnectorScheduler | None = None,
+                 async_scheduling: bool = False):
         self.config = scheduler_config
+        # workers append the tokens they sample themselves, so a decode can be planned
+        # again while the plan that samples its next token is still running
+        self.async_scheduling = async_scheduling
         self.connector = connector or NoKVConnector()
         self.max_seqs_per_plan = max_seqs_per_plan or scheduler_config.max_num_seqs
         self.kv = kv
@@ -87,7 +91,11 @@ class Scheduler:
         self._requests: dict[int, Request] = {}  # every unfinished request
         self._worker_views: dict[int, _WorkerView] = {}  # requests the workers hold
         self._pending_finished_ids: list[int] = []  # workers must drop these next plan
-        self._in_flight: dict[int, int] = {}  # req_id -> tokens scheduled in an in-flight plan
+        self._in_flight: dict[int, int] = {}  # req_id -> tokens scheduled in in-flight plans
+        self._in_flight_plans: dict[int, int] = {}  # req_id -> in-flight plans holding it
+        # req_id -> in-flight plans that sample it (async: tokens the workers hold already,
+        # the driver not yet)
+        self._pending_samples: dict[int, int] = {}
         self._in_flight_step_ids: deque[int] = deque()
         self._next_step_id = 0
         self.num_preemptions = 0
@@ -218,6 +226,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0 and len(scheduled) < room:
             request = self.running[i]
             if request.req_id in self._in_flight:
+                if self._schedule_ahead(request):
+                    scheduled.append((request, 1))
+                    budget -= 1
                 i += 1
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -292,7 +303,7 @@ class Scheduler:
         spans = result.token_spans()
         changed = []
         for rid, num_scheduled in zip(plan.scheduled_req_ids, plan.num_scheduled_tokens):
-            self._in_flight.pop(rid, None)
+            self._release_in_flight(rid, num_scheduled)
             request = self._requests.get(rid)
             if request is None:  # ended while in flight
                 continue
@@ -305,6 +316,9 @@ class Scheduler:
             if rid not in spans or spans[rid][1] < 1:
                 raise ValueError(f"step {plan.step_id}: no sampled token for request {rid}")
             first, count = spans[rid]
+            view = self._worker_views.get(rid)
+            if self.async_scheduling and view is not None and count > 1:
+                view.num_tokens += count - 1  # the workers appended every token they sampled
             request.num_new_output_tokens = 0
             for token in tokens[first : first + count]:
                 request.append_output_token(token)
@@ -317,6 +331,37 @@ class Scheduler:
         return changed
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _schedule_ahead(self, request: Request) -> bool:
+        """Async scheduling: plan one more token of a request whose next token is being sampled.
+
+        Only when the in-flight plan samples it (its token sits on the workers already),
+        it is one plan ahead at most, and that token is not its last by length. Pages for
+        the extra position are allocated now; if none is free it simply waits.
+        """
+        rid = request.req_id
+        if not self.async_scheduling or self._in_flight_plans.get(rid, 0) != 1:
+            return False
+        in_flight = self._in_flight[rid]
+        if request.num_computed_tokens + in_flight != request.num_tokens:
+            return False  # a prefill chunk in flight: nothing to sample yet
+        if request.num_output_tokens + 1 >= request.max_tokens:
+            return False  # the token in flight ends it
+        return self.kv.allocate_slots(request, in_flight + 1) is not None
+
+    def _release_in_flight(self, rid: int, num_tokens: int) -> None:
+        left = self._in_flight_plans.get(rid, 0) - 1
+        if left > 0:
+            self._in_flight_plans[rid] = left
+            self._in_flight[rid] -= num_tokens
+        else:
+            self._in_flight_plans.pop(rid, None)
+            self._in_flight.pop(rid, None)
+        pending = self._pending_samples.get(rid, 0)
+        if pending > 1:
+            self._pending_samples[rid] = pending - 1
+        else:
+            self._pending_samples.pop(rid, None)
 
     def _pick_victim(self, request: Request) -> Request | None:
         """The newest running request that can give its pages back now.
@@ -368,7 +413,13 @@ class Scheduler:
         for request, num_new in scheduled:
             rid = request.req_id
             view = self._worker_views.get(rid)
+            in_flight = self._in_flight.get(rid, 0)
+            placed = request.num_computed_tokens + in_flight  # what the workers will have cached
+            pending = self._pending_samples.get(rid, 0)
+            held = request.num_tokens + pending  # tokens the workers hold when this plan runs
+            samples = placed + num_new == held
             if view is None:
+                assert not in_flight, f"request {rid} is sent in full while in flight"
                 new_requests.append(
                     NewRequestData(
                         req_id=rid,
@@ -379,18 +430,22 @@ class Scheduler:
                         sampling=request.sampling,
                     )
                 )
-                self._worker_views[rid] = _WorkerView(request.num_tokens, len(request.page_ids))
+                view = self._worker_views[rid] = _WorkerView(held, len(request.page_ids))
             else:
                 cached_requests.append(
                     CachedRequestData(
                         req_id=rid,
                         new_token_ids=request.all_token_ids[view.num_tokens :],
                         new_page_ids=request.page_ids[view.num_pages :],
-                        num_computed_tokens=request.num_computed_tokens,
+                        num_computed_tokens=placed,
                     )
                 )
-                view.num_tokens, view.num_pages = request.num_tokens, len(request.page_ids)
-            self._in_flight[rid] = num_new
+                view.num_tokens, view.num_pages = max(view.num_tokens, held), len(request.page_ids)
+            if samples and self.async_scheduling:
+                view.num_tokens += 1  # the workers append the token they sample
+                self._pending_samples[rid] = pending + 1
+            self._in_flight[rid] = in_flight + num_new
+            self._in_flight_plans[rid] = self._in_flight_plans.get(rid, 0) + 1
         plan = StepPlan(
             step_id=self._next_step_id,
             new_requests=new_requests,
@@ -427,7 +482,9 @@ class Scheduler:
             _check(request.status == RequestStatus.RUNNING, f"{request.req_id} status")
             in_flight = self._in_flight.get(request.req_id, 0)
             placed = request.num_computed_tokens + in_flight
-            _check(placed <= request.num_tokens, f"request {request.req_id} over-scheduled")
+            ahead = self._pending_samples.get(request.req_id, 0) if self.async_scheduling else 0
+            _check(placed <= request.num_tokens + ahead,
+                   f"request {request.req_id} over-scheduled")
             _check(
                 in_flight or request.num_computed_tokens < request.num_tokens,
                 f"request {request.req_id} is running with nothing to do",

@@ -85,7 +85,12 @@ class ModelRunner:
         self.num_pages = 0
         self.requests: dict[int, _RequestState] = {}
         self.is_output_rank = ctx.is_output_rank
-        self.sampler = Sampler(seed=args.seed) if self.is_output_rank else None
+        # async scheduling: every last-stage rank samples (same logits, same seeded
+        # generators: the same tokens) and appends its own tokens, so the next plan
+        # can run before the driver has seen them
+        self.self_append = args.async_scheduling
+        self.samples = self.is_output_rank or (self.self_append and ctx.pp.is_last)
+        self.sampler = Sampler(seed=args.seed) if self.samples else None
         self.hidden_size = int(self.hf_config.hidden_size)
         # MoE layers of this stage, whose routed-token counts travel in each StepResult
         self.moe_layers = [m for m in self.model.modules() if hasattr(m, "reset_expert_counts")]
@@ -180,7 +185,7 @@ class ModelRunner:
     def _new_state(self, new: NewRequestData) -> _RequestState:
         prompt = new.prompt_token_ids.tolist()
         sampling = None
-        if self.is_output_rank:
+        if self.samples:
             sampling = SamplingState(new.sampling, new.prompt_token_ids, list(new.output_token_ids))
         return _RequestState(
             token_ids=prompt + list(new.output_token_ids),
@@ -259,9 +264,13 @@ class ModelRunner:
         if batch.sample_ids:
             rows = torch.tensor(batch.sample_rows, device=self.device)
             logits = self.model.compute_logits(hidden[rows])  # [N, vocab]
-            if self.is_output_rank:
+            if self.samples:
                 states = [self.requests[r].sampling for r in batch.sample_ids]
                 result = self._sample_tokens(step_id, batch.sample_ids, logits, states)
+                if self.self_append:
+                    self._append_sampled(result)
+                if not self.is_output_rank:
+                    result = None
         if batch.prompt_rows:
             prompt_lps = self._prompt_logprobs(hidden, batch.prompt_rows)
             if self.is_output_rank:
@@ -269,6 +278,15 @@ class ModelRunner:
                     result = StepResult(step_id, [], np.zeros(0, np.int32))
                 result.prompt_logprobs = prompt_lps
         return result
+
+    def _append_sampled(self, result: StepResult) -> None:
+        """Async scheduling: the tokens this rank sampled join their requests now."""
+        tokens = result.sampled_token_ids.tolist()
+        for rid, (first, count) in result.token_spans().items():
+            state = self.requests[rid]
+            new = tokens[first : first + count]
+            state.token_ids.extend(new)
+            state.sampling.append_output(new)
 
     def _forward(self, ids, positions, meta, profile: bool = False) -> torch.Tensor | None:
         """This stage's part of the forward pass; the hidden states on the last stage."""

@@ -8,6 +8,8 @@ protocol tests; never by serving.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from shoal.engine.control import KVCacheInfo, KVCapacity, LoadModel, MeasureKVCapacity, ModelInfo
@@ -25,6 +27,9 @@ class NullRunner(ModelRunner):
         self.requests = {}
         self.is_output_rank = ctx.is_output_rank
         self.vocab_size = args.vocab_size
+        self.self_append = args.async_scheduling
+        self.samples = False  # no sampling state: the "token" is a function of the last one
+        self.step_s = args.null_step_ms / 1e3
         self.page_size = 0
         self.num_pages = 0
         self.sampler = None
@@ -50,6 +55,10 @@ class NullRunner(ModelRunner):
             if state.num_computed == len(state.token_ids):
                 req_ids.append(req_id)
                 tokens.append((state.token_ids[-1] + 1) % self.vocab_size)
+                if self.self_append:
+                    state.token_ids.append(tokens[-1])
+        if self.step_s:
+            time.sleep(self.step_s)  # stands in for a device step of this length
         self._stats.steps += 1
         if not self.is_output_rank:
             return None

@@ -53,12 +53,16 @@ class MirrorExecutor:
     world_size = 1
     workers: list = []
 
-    def __init__(self, num_pages: int, extra=lambda req_id, step_id: False):
+    def __init__(self, num_pages: int, extra=lambda req_id, step_id: False,
+                 self_append: bool = False):
         self.mirror = WorkerStateMirror(PAGE)
+        self.self_append = self_append  # async scheduling: workers keep what they sample
         self.num_pages = num_pages
         self.extra = extra
         self.results: list[StepResult] = []
         self.max_tokens_per_request = 0
+        self.unfetched: list[StepPlan] = []
+        self.planned_ahead = 0  # requests planned while a plan holding them was unfinished
 
     def start(self) -> None:
         pass
@@ -74,6 +78,9 @@ class MirrorExecutor:
         return [WorkerStats()]
 
     def submit(self, plan: StepPlan) -> int:
+        running = {rid for p in self.unfetched for rid in p.scheduled_req_ids}
+        self.planned_ahead += len(running & set(plan.scheduled_req_ids))
+        self.unfetched.append(plan)
         single = self.mirror.execute(plan)
         tokens, counts = [], []
         for rid, token in zip(single.req_ids, single.sampled_token_ids.tolist()):
@@ -83,6 +90,8 @@ class MirrorExecutor:
                 mine.append(next_token(rid, state.token_ids + [token]))
             tokens += mine
             counts.append(len(mine))
+            if self.self_append:
+                state.token_ids.extend(mine)
         self.max_tokens_per_request = max([self.max_tokens_per_request, *counts])
         flat = np.asarray(tokens, dtype=np.int32)
         top = np.stack([flat, (flat + 1) % VOCAB], axis=1).astype(np.int32) if len(flat) else \
@@ -95,6 +104,7 @@ class MirrorExecutor:
         return 0
 
     def get_result(self, timeout_s=None) -> StepResult:
+        self.unfetched.pop(0)
         return self.results.pop(0)
 
     def check_alive(self) -> None:
@@ -114,11 +124,12 @@ REQUESTS = [  # (prompt text, sampling params)
 ]
 
 
-def run(extra) -> tuple[list, int]:
+def run(extra, async_scheduling: bool = False) -> tuple[list, int, int]:
     tokenizer = make_byte_level_tokenizer()
     config = EngineConfig(cache=CacheConfig(page_size=PAGE),
-                          scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=24))
-    executor = MirrorExecutor(num_pages=40, extra=extra)
+                          scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=24,
+                                                    async_scheduling=async_scheduling))
+    executor = MirrorExecutor(num_pages=40, extra=extra, self_append=async_scheduling)
     core = EngineCore(config, "unused", 256, executor=executor)
     inputs = InputProcessor(tokenizer, VOCAB + 200, 256, eos_token_ids={5})
     processor = OutputProcessor(tokenizer)
@@ -145,19 +156,28 @@ def run(extra) -> tuple[list, int]:
     summary = [[(c.text, c.token_ids, c.finish_reason, c.stop_reason,
                  [(lp.token_id, lp.logprob, lp.top) for lp in c.logprobs or []])
                 for c in finals[f"r{i}"].outputs] for i in range(len(REQUESTS))]
-    return summary, executor.max_tokens_per_request
+    return summary, executor.max_tokens_per_request, executor.planned_ahead
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("pattern", ["every_other_step", "some_requests", "always"])
-def test_two_tokens_a_step_equal_one_token_a_step(pattern):
+def test_two_tokens_a_step_equal_one_token_a_step(pattern, async_scheduling):
     extra = {
         "every_other_step": lambda rid, step: step % 2 == 1,
         "some_requests": lambda rid, step: rid % 3 != 1,
         "always": lambda rid, step: True,
     }[pattern]
-    one_by_one, k1 = run(lambda rid, step: False)
-    multi, k2 = run(extra)
+    one_by_one, k1, _ = run(lambda rid, step: False, async_scheduling)
+    multi, k2, _ = run(extra, async_scheduling)
     assert k1 == 1 and k2 == 2  # the runs really differ in how tokens arrive
     reasons = {c[2] for outs in one_by_one for c in outs}
     assert reasons >= {"stop", "length"}  # the workload exercises both ends
     assert multi == one_by_one
+
+
+def test_async_scheduling_changes_no_output():
+    """Planning a step ahead (workers append their own tokens) equals planning in lockstep."""
+    lockstep, _, none_ahead = run(lambda rid, step: False, False)
+    ahead, _, planned_ahead = run(lambda rid, step: False, True)
+    assert none_ahead == 0 and planned_ahead > 20  # async really planned decodes ahead
+    assert ahead == lockstep
