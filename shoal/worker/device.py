@@ -1,8 +1,12 @@
 """Which device a worker uses and how much memory it has."""
 from __future__ import annotations
 
+import logging
+
 import psutil
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def pick_device(local_rank: int) -> torch.device:
@@ -23,10 +27,34 @@ def device_memory(device: torch.device) -> tuple[int, int]:
     return int(vm.total), int(vm.available)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), read at run time.
+
+    Without it torch emulates bf16 matrix products (7x slower than float32 at 64 rows on
+    the AVX2-only EPYC measured here); with it bf16 ``linear`` is about 2x float32.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")),
+                         [])
+    except OSError:
+        flags = []
+    if {"avx512_bf16", "amx_bf16"} & set(flags):
+        return True
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")  # not Linux
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` is float32 on CPU (bf16 GEMMs are ~500x slower there) and bfloat16 on CUDA."""
+    """``auto``: bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise (logged)."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            dtype, why = torch.bfloat16, "CUDA"
+        elif cpu_has_native_bf16():
+            dtype, why = torch.bfloat16, "CPU with native bf16 (AVX512-BF16/AMX)"
+        else:
+            dtype, why = torch.float32, "CPU without native bf16 (no AVX512-BF16/AMX)"
+        logger.info("dtype auto -> %s: %s", str(dtype).removeprefix("torch."), why)
+        return dtype
     table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if name not in table:
         raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {name!r}")

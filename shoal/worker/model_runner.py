@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from shoal.engine.control import (
 )
 from shoal.engine.plan import NewRequestData, StepPlan, StepResult
 from shoal.models.attention import AttentionMetadata
+from shoal.models.compiled import compile_model
 from shoal.models.registry import build_model
 from shoal.parallel.context import ParallelContext
 from shoal.parallel.pipeline import IntermediateTensors
@@ -80,6 +82,10 @@ class ModelRunner:
             self.model = build_model(self.hf_config, ctx, self.dtype, pp_layer_partition=partition)
         self.model.load_weights(args.model)
         self.model.eval()
+        # compiled forward: measured no faster than eager here yet, with a cold compile of
+        # about a minute per worker, so opt-in (SHOAL_COMPILE=1) until it wins
+        self.compiled = compile_model(
+            self.model, args.enforce_eager or os.environ.get("SHOAL_COMPILE") != "1")
         self.load_seconds = time.perf_counter() - started
         self.page_size = 0
         self.num_pages = 0
