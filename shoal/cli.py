@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 
+from shoal.bench.cli import add_bench_parser, run_bench
 from shoal.checkpoint.default_model import ensure_default_model
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine_args import add_engine_args, engine_config_from_args
@@ -156,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(--distributed-executor-backend external); reads RANK, WORLD_SIZE, LOCAL_RANK")
     p.add_argument("--driver-addr", required=True, help="HOST:PORT of the driver")
     p.set_defaults(func=cmd_worker)
+
+    add_bench_parser(sub).set_defaults(func=run_bench)
     return parser
 
 

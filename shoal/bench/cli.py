@@ -16,41 +16,27 @@ from shoal.bench.environment import environment
 from shoal.bench.results import jsonable
 from shoal.bench.serve_cmd import add_dataset_args, add_serve_args, bench_serve, dataset_config
 from shoal.bench.serving import detailed_fields
+from shoal.engine_args import ENGINE_ARGS, add_engine_args
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """The engine flags the offline commands pass to ``LLM`` (vLLM's names)."""
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="checkpoint directory (default: SmolLM2)")
-    g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
-    g.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1)
-    g.add_argument("--enable-expert-parallel", action="store_true")
-    g.add_argument("--distributed-executor-backend", default="mp", choices=["mp", "ray"])
-    g.add_argument("--dtype", default="auto")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--kv-cache-memory", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=128)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
-                   action="store_false")
-    g.add_argument("--output-json", default=None, help="also write the result here")
+def add_offline_args(p: argparse.ArgumentParser) -> None:
+    """Every engine flag of shoal's one vLLM-name table, plus where to write the result."""
+    add_engine_args(p)
+    p.add_argument("--output-json", default=None, help="also write the result here")
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
-    return {"model": args.model, "tensor_parallel_size": args.tensor_parallel_size,
-            "pipeline_parallel_size": args.pipeline_parallel_size,
-            "enable_expert_parallel": args.enable_expert_parallel,
-            "distributed_executor_backend": args.distributed_executor_backend,
-            "dtype": args.dtype, "max_model_len": args.max_model_len,
-            "block_size": args.block_size, "kv_cache_memory": args.kv_cache_memory,
-            "max_num_seqs": args.max_num_seqs,
-            "max_num_batched_tokens": args.max_num_batched_tokens,
-            "enable_prefix_caching": args.enable_prefix_caching}
+    """The engine flags given on the command line, as ``LLM(...)`` keyword arguments."""
+    return {a.name: getattr(args, a.name) for a in ENGINE_ARGS
+            if getattr(args, a.name, None) is not None}
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``bench`` and its sub-commands to the ``shoal`` parser."""
+    """Add ``bench`` with its sub-commands, and ``plan`` as a shortcut, to ``shoal``'s parser.
+
+    Returns the ``bench`` parser (the caller sets its ``func``); ``plan`` dispatches
+    to ``run_bench`` itself.
+    """
     bench = subparsers.add_parser("bench", help="benchmarks, sweeps, plots, capacity planning")
     sub = bench.add_subparsers(dest="bench_command", required=True)
 
@@ -59,23 +45,26 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     add_dataset_args(p)
 
     p = sub.add_parser("throughput", help="offline throughput of LLM.generate")
-    add_engine_args(p)
-    add_dataset_args(p)
+    add_offline_args(p)
+    add_dataset_args(p, seed=False)
     p.add_argument("--n", type=int, default=1)
 
     p = sub.add_parser("latency", help="latency of one batch, many iterations")
-    add_engine_args(p)
+    add_offline_args(p)
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--n", type=int, default=1)
     p.add_argument("--num-iters-warmup", type=int, default=10)
     p.add_argument("--num-iters", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
 
     sweep.add_sweep_args(sub.add_parser("sweep", help="serve settings x bench settings -> JSONL"))
     plot.add_plot_args(sub.add_parser("plot", help="PNG plots of sweep results"))
     planner_cli.add_plan_args(sub.add_parser("plan", help="capacity planner (roofline model)"))
+    # `shoal plan` is `shoal bench plan` (DESIGN.md lists both spellings)
+    top = subparsers.add_parser("plan", help="capacity planner (= shoal bench plan)")
+    planner_cli.add_plan_args(top)
+    top.set_defaults(func=run_bench, bench_command="plan")
     return bench
 
 
@@ -106,7 +95,19 @@ def _emit(result: dict, path: str | None = None) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """Run the selected ``bench`` sub-command; returns the exit status."""
+    """Run the selected ``bench`` sub-command; returns the exit status.
+
+    Raises ValueError on bad flags (the ``shoal`` entry point prints it and exits 2);
+    a target that fails (server unreachable, matplotlib missing) prints why, returns 2.
+    """
+    try:
+        return _run(args)
+    except RuntimeError as exc:
+        print(f"shoal bench {args.bench_command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     command = args.bench_command
     if command == "serve":
         result = bench_serve(args)
@@ -118,7 +119,7 @@ def run_bench(args: argparse.Namespace) -> int:
     elif command == "latency":
         result = offline.run_latency(llm_kwargs(args), args.input_len, args.output_len,
                                      args.batch_size, args.n, args.num_iters_warmup,
-                                     args.num_iters, args.seed)
+                                     args.num_iters, args.seed or 0)
         _emit({"bench": "latency", **llm_kwargs(args), **result}, args.output_json)
     elif command == "sweep":
         return sweep.run_sweep_cli(args)
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
     try:
         return run_bench(args)
-    except (ValueError, RuntimeError) as exc:
+    except ValueError as exc:
         parser.exit(2, f"shoal bench {args.bench_command}: error: {exc}\n")
 
 

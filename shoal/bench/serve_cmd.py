@@ -24,12 +24,14 @@ from shoal.bench.serve_client import BACKENDS
 from shoal.bench.serving import ServeBenchConfig, detailed_fields, run_serve_benchmark
 
 
-def add_dataset_args(p: argparse.ArgumentParser) -> None:
+def add_dataset_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    """vLLM's dataset flags (``seed=False`` where the engine flags already have --seed)."""
     g = p.add_argument_group("dataset")
     g.add_argument("--dataset-name", default="random", choices=DATASET_NAMES)
     g.add_argument("--dataset-path", default=None, help="ShareGPT JSON or custom JSONL file")
     g.add_argument("--num-prompts", type=int, default=1000)
-    g.add_argument("--seed", type=int, default=0)
+    if seed:
+        g.add_argument("--seed", type=int, default=0)
     g.add_argument("--random-input-len", type=int, default=1024)
     g.add_argument("--random-output-len", type=int, default=128)
     g.add_argument("--random-range-ratio", type=float, default=0.0)
@@ -44,8 +46,8 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
 
 def dataset_config(args: argparse.Namespace, vocab_size: int = 1000) -> DatasetConfig:
     names = [f.name for f in DatasetConfig.__dataclass_fields__.values()]
-    return DatasetConfig(**{n: getattr(args, n) for n in names if hasattr(args, n)},
-                         vocab_size=vocab_size)
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return DatasetConfig(**{**given, "vocab_size": vocab_size})
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:

@@ -216,3 +216,23 @@ def test_plan_ranks_layouts_for_deepseek_on_h200():
     best = rows[0]
     assert best["meets_slo"] and best["kv_capacity_tokens"] > 0
     assert best["cost_per_mtok"] > 0
+
+
+def test_plan_through_the_shoal_command(capsys, tmp_path):
+    import json
+
+    from shoal.cli import main
+
+    cal = tmp_path / "eff.json"
+    cal.write_text(json.dumps({"efficiency": {"mem": 0.4, "compute": 0.3,
+                                              "step_overhead_s": 0.002}}))
+    for argv in (["plan"], ["bench", "plan"]):
+        assert main([*argv, "--input-len", "64", "--output-len", "16", "--max-devices", "2",
+                     "--num-requests", "8", "--tpot-slo-ms", "1000", "--efficiency",
+                     str(cal)]) == 0
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert out["plan"] == "layouts" and out["hardware"] == "cpu"
+        assert out["efficiency"]["mem"] == 0.4
+        labels = [r["layout"] for r in out["layouts"]]
+        assert set(labels) == {"tp1pp1dp1", "tp2pp1dp1", "tp1pp2dp1", "tp1pp1dp2"}
+        assert out["layouts"][0]["meets_slo"]
