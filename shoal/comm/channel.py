@@ -26,6 +26,8 @@ from typing import Any
 import zmq
 
 from shoal.comm.codec import DEFAULT_MAX_MESSAGE_BYTES, decode, encode
+from shoal.comm.shm_ring import ShmRing, pack_frames, unpack_frames
+from shoal.errors import ProtocolError
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,13 @@ class DriverChannel:
         self._poller = zmq.Poller()
         self._poller.register(self.results, zmq.POLLIN)
         self._subscribers = 0
+        self.ring: ShmRing | None = None  # broadcasts go here when every worker is local
+
+    def use_ring(self, num_readers: int, alive=None) -> str:
+        """Broadcast through a shared-memory ring from now on; returns its path."""
+        self.ring = ShmRing.create(num_readers)
+        self.ring.alive = alive
+        return self.ring.path
 
     @staticmethod
     def _bind(sock: zmq.Socket, address: str) -> str:
@@ -128,7 +137,10 @@ class DriverChannel:
         """Send a message to every worker; returns the bytes sent."""
         frames = encode(msg)
         with self._send_lock:
-            self.broadcast.send_multipart(frames, copy=False)
+            if self.ring is not None:
+                self.ring.write(pack_frames(frames))
+            else:
+                self.broadcast.send_multipart(frames, copy=False)
         return sum(len(f) for f in frames)
 
     # -- return ------------------------------------------------------------------------------
@@ -145,6 +157,9 @@ class DriverChannel:
         for sock in (self.bootstrap, self.broadcast, self.results):
             sock.close(linger=0)
         self._ctx.term()
+        if self.ring is not None:
+            self.ring.unlink()
+            self.ring.close()
         if self._ipc_dir:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
@@ -178,8 +193,12 @@ class WorkerChannel:
         broadcast_address: str,
         return_address: str,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        ring_path: str = "",
+        reader: int = 0,
     ):
         self.max_message_bytes = max_message_bytes
+        # broadcasts come through the driver's shared-memory ring when it has one
+        self.ring = ShmRing.attach(ring_path, reader) if ring_path else None
         self._ctx = zmq.Context()
         self.sub = self._ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, 0)
@@ -202,6 +221,14 @@ class WorkerChannel:
         return self._new_push(self._return_address)
 
     def recv(self, timeout_s: float | None) -> Any | None:
+        if self.ring is not None:
+            data = self.ring.read(timeout_s)
+            if data is None:
+                return None
+            frames = unpack_frames(data)
+            if sum(len(f) for f in frames) > self.max_message_bytes:
+                raise ProtocolError(f"broadcast of {len(data)} bytes exceeds the limit")
+            return decode(frames, self.max_message_bytes)
         timeout_ms = -1 if timeout_s is None else int(timeout_s * 1000)
         if not self.sub.poll(timeout_ms):
             return None
@@ -212,6 +239,8 @@ class WorkerChannel:
             self.push.send_multipart(encode(msg), copy=False)
 
     def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
         self.sub.close(linger=0)
         self.push.close(linger=1000)
         self._ctx.term()

@@ -45,6 +45,7 @@ class BootstrapInfo:
     store_port: int
     heartbeat_timeout_s: float
     threads_per_worker: int | None
+    broadcast_ring: str = ""  # /dev/shm path of the broadcast ring (local workers), or ""
 
 
 @wire_message(11)

@@ -116,6 +116,7 @@ class ZmqExecutor:
             store_port=self.store.port,
             heartbeat_timeout_s=self.heartbeat_timeout_s,
             threads_per_worker=self.threads_per_worker,
+            broadcast_ring=self.channel.ring.path if self.channel.ring is not None else "",
         )
 
     def start(self) -> None:
@@ -147,6 +148,8 @@ class ZmqExecutor:
                 ready[msg.rank] = msg
                 self._last_heartbeat[msg.rank] = time.monotonic()
         self.workers = [ready[r] for r in range(self.world_size)]
+        if self.channel.ring is not None:
+            self.channel.ring.unlink()  # every worker has mapped it: nothing stays in /dev/shm
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, daemon=True)
         self._heartbeat_thread.start()
         logger.info("all %d workers ready", self.world_size)

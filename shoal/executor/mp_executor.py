@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+from shoal.comm.shm_ring import platform_supported as shm_ring_supported
 from shoal.executor.base import ZmqExecutor
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,9 @@ class MpExecutor(ZmqExecutor):
 
     def __init__(self, parallel, **kwargs):
         super().__init__(parallel, **kwargs)
+        # every worker is on this host: plans go through a shared-memory ring
+        if shm_ring_supported() and os.environ.get("SHOAL_NO_SHM_RING") != "1":
+            self.channel.use_ring(self.world_size, alive=self.check_alive)
         self.procs: list[subprocess.Popen] = []
 
     def _launch_workers(self) -> None:

@@ -125,7 +125,8 @@ class Worker:
         self.info = info
         self.world_size = info.world_size
         self.heartbeat_timeout_s = info.heartbeat_timeout_s
-        self.channel = WorkerChannel(info.broadcast_address, info.return_address)
+        self.channel = WorkerChannel(info.broadcast_address, info.return_address,
+                                     ring_path=info.broadcast_ring, reader=args.rank)
         self.device = pick_device(args.local_rank)
         if self.device.type == "cpu":
             cores = pin_to_cores(args.local_rank, args.local_world_size)
