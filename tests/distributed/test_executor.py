@@ -97,3 +97,14 @@ def test_workers_exit_when_the_driver_is_killed(tmp_path):
         assert _gone(pids, timeout_s=10)
     finally:
         driver.kill()
+
+
+def test_plans_and_calls_through_the_shared_memory_ring(monkeypatch):
+    monkeypatch.setenv("SHOAL_SHM_RING", "1")
+    with MpExecutor(ParallelConfig(tp_size=2), threads_per_worker=1) as ex:
+        ex.start()
+        assert ex.channel.ring is not None and not os.path.exists(ex.channel.ring.path)
+        assert [r.tp_sum for r in ex.call(CollectiveCheck(numel=3))] == [[3.0] * 3] * 2
+        big = "y" * (3 << 20)  # spans many slots of the ring
+        assert ex.call(Echo(big)) == [Echo(big)] * 2
+    assert _gone(ex.pids)
