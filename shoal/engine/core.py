@@ -205,7 +205,7 @@ class EngineCore:
         """
         requests = requests_of(msg)
         self.scheduler.check_admission(len(requests))
-        self.scheduler.check_request(requests[0])  # same prompt and limits: same verdict
+        # checks the leader before queueing it; the followers share its prompt and limits
         self.scheduler.add_request(requests[0], bounded=False)
         if len(requests) > 1 and self.config.cache.enable_prefix_caching:
             self._followers[requests[0].req_id] = list(requests[1:])
@@ -273,7 +273,7 @@ class EngineCore:
         changed = self.scheduler.update_from_output(plan, result)
         if result.prompt_logprobs:
             self._collect_prompt_logprobs(result.prompt_logprobs)
-        spans = result.token_spans()
+        spans = result.spans
         for request in changed:
             kept = request.num_new_output_tokens
             new_ids = request.output_token_ids[len(request.output_token_ids) - kept:]

@@ -11,6 +11,7 @@ nothing else: it has no dependency beyond numpy and the wire registry.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -156,8 +157,9 @@ class StepResult:
     expert_counts: np.ndarray | None = None
     num_sampled: np.ndarray | None = None  # int32 [len(req_ids)]; None = one token each
 
-    def token_spans(self) -> dict[int, tuple[int, int]]:
-        """req_id -> (first row, number of tokens) in the flat token arrays."""
+    @functools.cached_property
+    def spans(self) -> dict[int, tuple[int, int]]:
+        """req_id -> (first row, number of tokens) in the flat token arrays (built once)."""
         if self.num_sampled is None:
             return {rid: (i, 1) for i, rid in enumerate(self.req_ids)}
         spans, row = {}, 0

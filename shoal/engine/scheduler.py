@@ -300,7 +300,7 @@ class Scheduler:
         self._in_flight_step_ids.popleft()
         tokens = result.sampled_token_ids
         tokens = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
-        spans = result.token_spans()
+        spans = result.spans
         changed = []
         for rid, num_scheduled in zip(plan.scheduled_req_ids, plan.num_scheduled_tokens):
             self._release_in_flight(rid, num_scheduled)

@@ -288,7 +288,7 @@ class ModelRunner:
     def _append_sampled(self, result: StepResult) -> None:
         """Async scheduling: the tokens this rank sampled join their requests now."""
         tokens = result.sampled_token_ids.tolist()
-        for rid, (first, count) in result.token_spans().items():
+        for rid, (first, count) in result.spans.items():
             state = self.requests[rid]
             new = tokens[first : first + count]
             state.token_ids.extend(new)
