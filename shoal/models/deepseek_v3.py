@@ -19,10 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from shoal.models.llama import AttentionFlags
+from shoal.models.llama import LayerBuild
 from shoal.models.mla import MLAAttention, MLAKVCacheSpec
 from shoal.models.moe_model import MoECausalLM, expert_impl_for
-from shoal.models.rope import RotaryEmbedding
 from shoal.moe.layer import MoEConfig
 from shoal.moe.router import RouterConfig
 from shoal.parallel.context import ParallelContext
@@ -74,16 +73,8 @@ class DeepseekV3ForCausalLM(MoECausalLM):
         )
 
     @classmethod
-    def make_attention(
-        cls,
-        config: Any,
-        layer_idx: int,
-        ctx: ParallelContext,
-        dtype: torch.dtype,
-        rotary: RotaryEmbedding,
-        flags: AttentionFlags,
-    ) -> nn.Module:
-        return MLAAttention(config, ctx, dtype, rotary)
+    def make_attention(cls, build: LayerBuild, layer_idx: int) -> nn.Module:
+        return MLAAttention(build.config, build.ctx, build.dtype, build.rotary)
 
     def bind_kv_cache(self, caches: list[torch.Tensor]) -> None:
         """Give each local layer its latent cache (``[pages, page_size, latent_dim]``)."""

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from shoal.config import DTYPES
 from shoal.models.attention import AttentionMetadata, PagedAttention, StepTensors
 from shoal.models.kv_spec import KVCacheSpec
 from shoal.models.rope import RotaryEmbedding, rope_parameters
+from shoal.moe.experts import ACTIVATIONS
 from shoal.parallel.context import ParallelContext
 from shoal.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
 from shoal.parallel.linear import (
@@ -34,12 +35,8 @@ from shoal.parallel.linear import (
 from shoal.parallel.loader import load_checkpoint, remap_stacked
 from shoal.parallel.pipeline import IntermediateTensors, partition_layers
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
+# torch dtype of each explicit ``ModelConfig.dtype`` name ("auto" is resolved per device)
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES if name != "auto"}
 # (fused parameter fragment, checkpoint fragment, shard id)
 STACKED_PARAMS = [
     (".qkv_proj", ".q_proj", "q"),
@@ -58,6 +55,17 @@ class AttentionFlags:
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over each q and k head before RoPE
+
+
+@dataclass(frozen=True)
+class LayerBuild:
+    """What every layer of one model build shares: handed to the families' build hooks."""
+
+    config: Any  # the HF config
+    ctx: ParallelContext
+    dtype: torch.dtype
+    rotary: RotaryEmbedding
+    flags: AttentionFlags
 
 
 def head_dim_of(config: Any) -> int:
@@ -96,16 +104,9 @@ class RMSNorm(nn.Module):
 class LlamaAttention(nn.Module):
     """Self-attention over this rank's heads; o_proj sums the ranks' partial outputs."""
 
-    def __init__(
-        self,
-        config: Any,
-        layer_idx: int,
-        ctx: ParallelContext,
-        dtype: torch.dtype,
-        rotary: RotaryEmbedding,
-        flags: AttentionFlags,
-    ) -> None:
+    def __init__(self, build: LayerBuild, layer_idx: int) -> None:
         super().__init__()
+        config, ctx, dtype, flags = build.config, build.ctx, build.dtype, build.flags
         hidden, hd = config.hidden_size, head_dim_of(config)
         self.head_dim = hd
         self.qkv_proj = QKVParallelLinear(
@@ -131,7 +132,7 @@ class LlamaAttention(nn.Module):
         if flags.qk_norm:
             self.q_norm = RMSNorm(hd, config.rms_norm_eps, ctx, dtype)
             self.k_norm = RMSNorm(hd, config.rms_norm_eps, ctx, dtype)
-        self.rotary_emb = rotary
+        self.rotary_emb = build.rotary
         self.attn = PagedAttention(
             part.num_local_heads,
             part.num_local_kv_heads,
@@ -209,18 +210,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaDecoderLayer(DecoderLayer):
-    def __init__(
-        self,
-        config: Any,
-        layer_idx: int,
-        ctx: ParallelContext,
-        dtype: torch.dtype,
-        rotary: RotaryEmbedding,
-        flags: AttentionFlags,
-    ) -> None:
-        super().__init__(config, ctx, dtype,
-                         LlamaAttention(config, layer_idx, ctx, dtype, rotary, flags),
-                         LlamaMLP(config, ctx, dtype))
+    def __init__(self, build: LayerBuild, layer_idx: int) -> None:
+        super().__init__(build.config, build.ctx, build.dtype,
+                         LlamaAttention(build, layer_idx),
+                         LlamaMLP(build.config, build.ctx, build.dtype))
 
 
 class LlamaModel(nn.Module):
@@ -264,8 +257,8 @@ class LlamaForCausalLM(nn.Module):
         pp_layer_partition: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype}")
+        if dtype not in TORCH_DTYPES.values():
+            raise ValueError(f"dtype must be one of {tuple(TORCH_DTYPES.values())}, got {dtype}")
         self.config = config
         self.ctx = ctx
         self.dtype = dtype
@@ -279,7 +272,7 @@ class LlamaForCausalLM(nn.Module):
             dtype,
             self.start_layer,
             self.end_layer,
-            lambda i, rotary: self.make_layer(config, i, ctx, dtype, rotary, flags),
+            lambda i, rotary: self.make_layer(LayerBuild(config, ctx, dtype, rotary, flags), i),
         )
         self.lm_head = None
         if ctx.pp.is_last:
@@ -302,17 +295,9 @@ class LlamaForCausalLM(nn.Module):
         return AttentionFlags(qkv_bias=bias, o_bias=bias)
 
     @classmethod
-    def make_layer(
-        cls,
-        config: Any,
-        layer_idx: int,
-        ctx: ParallelContext,
-        dtype: torch.dtype,
-        rotary: RotaryEmbedding,
-        flags: AttentionFlags,
-    ) -> nn.Module:
+    def make_layer(cls, build: LayerBuild, layer_idx: int) -> nn.Module:
         """One decoder layer; MoE families override this to put an MoE block in."""
-        return LlamaDecoderLayer(config, layer_idx, ctx, dtype, rotary, flags)
+        return LlamaDecoderLayer(build, layer_idx)
 
     def bind_kv_cache(self, caches: list[torch.Tensor]) -> None:
         """Give each local layer its cache tensor (from ``kv_cache_spec.allocate``)."""

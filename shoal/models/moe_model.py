@@ -23,13 +23,12 @@ import torch
 from torch import nn
 
 from shoal.models.llama import (
-    AttentionFlags,
     DecoderLayer,
+    LayerBuild,
     LlamaAttention,
     LlamaForCausalLM,
     LlamaMLP,
 )
-from shoal.models.rope import RotaryEmbedding
 from shoal.moe.layer import MoEConfig, MoELayer
 from shoal.parallel.context import ParallelContext
 
@@ -72,36 +71,21 @@ class MoECausalLM(LlamaForCausalLM):
         return True
 
     @classmethod
-    def make_attention(
-        cls,
-        config: Any,
-        layer_idx: int,
-        ctx: ParallelContext,
-        dtype: torch.dtype,
-        rotary: RotaryEmbedding,
-        flags: AttentionFlags,
-    ) -> nn.Module:
-        return LlamaAttention(config, layer_idx, ctx, dtype, rotary, flags)
+    def make_attention(cls, build: LayerBuild, layer_idx: int) -> nn.Module:
+        return LlamaAttention(build, layer_idx)
 
     @classmethod
     def make_dense_mlp(cls, config: Any, ctx: ParallelContext, dtype: torch.dtype) -> nn.Module:
         return LlamaMLP(config, ctx, dtype)
 
     @classmethod
-    def make_layer(
-        cls,
-        config: Any,
-        layer_idx: int,
-        ctx: ParallelContext,
-        dtype: torch.dtype,
-        rotary: RotaryEmbedding,
-        flags: AttentionFlags,
-    ) -> nn.Module:
+    def make_layer(cls, build: LayerBuild, layer_idx: int) -> nn.Module:
+        config, ctx, dtype = build.config, build.ctx, build.dtype
         if cls.is_moe_layer(config, layer_idx):
             mlp: nn.Module = MoELayer(cls.moe_config(config, ctx), ctx, dtype)
         else:
             mlp = cls.make_dense_mlp(config, ctx, dtype)
-        attention = cls.make_attention(config, layer_idx, ctx, dtype, rotary, flags)
+        attention = cls.make_attention(build, layer_idx)
         return MoEDecoderLayer(config, layer_idx, ctx, dtype, attention, mlp)
 
     @property

@@ -6,6 +6,8 @@ import logging
 import psutil
 import torch
 
+from shoal.models.llama import TORCH_DTYPES
+
 logger = logging.getLogger(__name__)
 
 
@@ -55,7 +57,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             dtype, why = torch.float32, "CPU without native bf16 (no AVX512-BF16/AMX)"
         logger.info("dtype auto -> %s: %s", str(dtype).removeprefix("torch."), why)
         return dtype
-    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name not in table:
+    if name not in TORCH_DTYPES:
         raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {name!r}")
-    return table[name]
+    return TORCH_DTYPES[name]
