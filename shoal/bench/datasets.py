@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from transformers import AutoTokenizer
+
 DATASET_NAMES = ("random", "sharegpt", "prefix-repetition", "custom")
 
 
@@ -198,8 +200,6 @@ def load_tokenizer(path: str | None) -> Tokenizer | None:
         return None
     if not any(Path(path, n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
         return None
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(path)
 
 

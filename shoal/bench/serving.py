@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import numpy as np
+import uvloop
 from tqdm import tqdm
 
 from shoal.bench.arrivals import arrival_offsets
@@ -141,13 +142,7 @@ def run_serve_benchmark(cfg: ServeBenchConfig, samples: list[SampleRequest],
     if not samples:
         raise ValueError("no requests to send")
     specs = _specs(cfg, samples, tokenizer)
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    records, duration, overhead = runner(_run(cfg, specs))
+    records, duration, overhead = uvloop.run(_run(cfg, specs))
     result = summarize(records, duration, slos=cfg.goodput,
                        percentile_metrics=list(cfg.percentile_metrics),
                        percentiles=list(cfg.metric_percentiles))

@@ -23,22 +23,30 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import uvicorn
 from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
+from transformers import AutoConfig
 
 import shoal
-from shoal.config import EngineConfig
 from shoal.checkpoint.default_model import DEFAULT_MODEL_ALIASES, resolve_model
 from shoal.checkpoint.hf import eos_token_ids, load_tokenizer, model_max_len
+from shoal.config import EngineConfig
 from shoal.serve.chat import ChatServing
 from shoal.serve.completions import CompletionServing
 from shoal.serve.engine_client import AsyncEngineClient, EngineDeadError
 from shoal.serve.metrics import ServerMetrics
-from shoal.serve.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body
+from shoal.serve.openai_protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse_body,
+)
 from shoal.serve.serving import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -165,8 +173,6 @@ def build_app(settings: ServerSettings) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST
-
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/version")
@@ -200,8 +206,6 @@ def build_app(settings: ServerSettings) -> FastAPI:
 
 def served_model(config: EngineConfig, name: str | None) -> ServedModel:
     """Resolve the checkpoint (the default model converts on first use) and its names."""
-    from transformers import AutoConfig
-
     root = resolve_model(config.model.model)
     hf_config = AutoConfig.from_pretrained(root)
     max_len = model_max_len(hf_config, config.model.max_model_len)
@@ -219,8 +223,6 @@ def served_model(config: EngineConfig, name: str | None) -> ServedModel:
 
 def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> None:
     """Serve until interrupted (the ``shoal serve`` command)."""
-    import uvicorn
-
     engine_config = bounded_queue(engine_config)
     scheduler = engine_config.scheduler
     os.environ.setdefault("SHOAL_LOG_LEVEL", getattr(args, "log_level", "WARNING").upper())

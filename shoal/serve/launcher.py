@@ -18,6 +18,8 @@ import time
 import urllib.error
 import urllib.request
 
+import psutil
+
 logger = logging.getLogger(__name__)
 
 
@@ -85,8 +87,6 @@ class ServerProcess:
 
     def core_pid(self) -> int | None:
         """The engine-core child process's pid (for tests that kill it)."""
-        import psutil
-
         if self.proc is None:
             return None
         for child in psutil.Process(self.proc.pid).children():

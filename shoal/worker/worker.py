@@ -23,7 +23,9 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import msgpack
 import torch
+import zmq
 
 from shoal.comm.bootstrap import default_backend, destroy_distributed, init_distributed
 from shoal.comm.channel import WorkerChannel, request_bootstrap
@@ -100,9 +102,6 @@ def pin_to_cores(local_rank: int, local_world_size: int) -> list[int]:
 
 
 def _versions() -> dict[str, str]:
-    import msgpack
-    import zmq
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,

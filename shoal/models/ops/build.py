@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch.utils import cpp_extension
 
 from shoal.errors import ShoalError
 
@@ -72,7 +73,6 @@ def load_kernel(name: str) -> None:
     """Build (first use) and load ``csrc/<name>.cpp``, which registers ``torch.ops.shoal.*``."""
     source = CSRC / f"{name}.cpp"
     _compiler()
-    from torch.utils import cpp_extension
 
     digest = hashlib.sha256()
     for part in (source.read_bytes(), torch.__version__.encode(), _cpu_flags().encode(),
