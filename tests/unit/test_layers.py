@@ -108,3 +108,43 @@ def test_the_checker_catches_upward_and_cross_process_imports():
     assert violations_of("worker", worker_from_scheduler, "w.py")
     assert not violations_of("worker", "from shoal.engine.plan import StepPlan\n", "w.py")
     assert not violations_of("frontend", "from shoal.engine.core import EngineCore\n", "f.py")
+
+
+# A function-local import is allowed only for an optional extra (the module is
+# not installed by `make setup`) or where deferring it is the point (a lazy
+# package attribute, a version report that must not load torch into a client).
+LOCAL_IMPORT_OK = {
+    "ray", "matplotlib", "fcntl",  # optional extras / POSIX-only
+    "shoal/__init__.py:shoal",  # PEP 562 lazy LLM/SamplingParams
+    "shoal/bench/environment.py:*",  # versions of what is installed, loaded only to report
+    "shoal/checkpoint/default_model.py:transformers",  # the [convert] extra's path
+}
+
+
+def local_imports(tree: ast.AST):
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    yield from ((node.lineno, a.name) for a in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    yield node.lineno, node.module
+
+
+def local_import_violations(rel: str, source: str) -> list[str]:
+    found = []
+    for lineno, module in local_imports(ast.parse(source)):
+        top = module.split(".")[0]
+        if top in LOCAL_IMPORT_OK or f"{rel}:{top}" in LOCAL_IMPORT_OK or f"{rel}:*" in LOCAL_IMPORT_OK:
+            continue
+        found.append(f"{rel}:{lineno} imports {module} inside a function")
+    return found
+
+
+def test_no_function_local_import_dodges_a_dependency():
+    violations = []
+    for path in ROOT.rglob("*.py"):
+        rel = str(path.relative_to(ROOT.parent))
+        violations += local_import_violations(rel, path.read_text())
+    assert not violations, "\n".join(violations)
+    assert local_import_violations("shoal/serve/x.py", "def f():\n    import uvicorn\n")
