@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from shoal.parallel.context import ParallelContext
-from shoal.parallel.linear import check_shape, copy_checked, default_weight_loader, new_parameter
+from shoal.parallel.linear import (
+    PackableLinear,
+    check_shape,
+    copy_checked,
+    default_weight_loader,
+    new_parameter,
+)
 from shoal.parallel.partition import split_range, split_sizes
 
 
@@ -56,7 +62,7 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(VocabParallelEmbedding, PackableLinear):
     """Output projection to the vocabulary, split by vocabulary rows like the embedding.
 
     ``forward`` returns float32 logits over the full vocabulary on every tp rank.
@@ -81,7 +87,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight, self.bias).float()  # [N, local_vocab]
+        logits = self.matmul(hidden, self.bias).float()  # [N, local_vocab]
         return self.tp.all_gather_uneven(logits, self.vocab_sizes, dim=-1)  # [N, vocab]
 
 

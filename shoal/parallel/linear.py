@@ -8,6 +8,12 @@
 - RowParallelLinear: input features split; partial outputs summed with
   ``ctx.tp.all_reduce``; the bias is added once, after the sum.
 
+On CPUs with native bfloat16 (AVX512-BF16/AMX), :func:`prepack_weights` reorders
+each bf16 weight once, after loading, into oneDNN's blocked layout; the layers then
+multiply through ``mkldnn._linear_pointwise`` (1.6-1.8x faster than ``F.linear`` for
+2-64 rows here). The plain weight stays (loaders, MLA's absorbed projections, tied
+embeddings read it), so packing costs one more copy of the linear weights.
+
 A weight loader is called as ``weight_loader(param, loaded, shard_id=None)`` where
 ``loaded`` is a safetensors slice (``safe_open(...).get_slice(name)``) or a tensor; it
 indexes ``loaded`` with the rank's range only, so no rank reads rows it does not own.
@@ -27,6 +33,47 @@ from shoal.parallel.context import ParallelContext
 from shoal.parallel.partition import HeadPartition, partition_heads, split_range, split_sizes
 
 WeightLoader = Callable[[nn.Parameter, Any, Any], None]
+
+
+def prepack_available(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether :func:`prepack_weights` packs for this dtype and device (CPU bf16 with oneDNN)."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           packed: torch.Tensor | None) -> torch.Tensor:
+    """``x W^T + b`` through the prepacked weight when there is one."""
+    if packed is None:
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
+class PackableLinear(nn.Module):
+    """A layer whose ``weight`` [out, in] may be prepacked for the CPU (see module doc)."""
+
+    packed_weight: torch.Tensor | None = None
+
+    def prepack(self) -> None:
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return matmul(x, self.weight, bias, self.packed_weight)
+
+
+def prepack_weights(model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
+    """Prepack every linear layer of ``model`` when :func:`prepack_available`; how many."""
+    if not prepack_available(dtype, device):
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, PackableLinear)
+              and m.weight.dtype == dtype and m.weight.dim() == 2]
+    for layer in layers:
+        layer.prepack()
+    return len(layers)
 
 
 def loaded_shape(loaded: Any) -> tuple[int, ...]:
@@ -70,7 +117,7 @@ def new_parameter(
     return param
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(PackableLinear):
     """``y = x W^T + b`` with W's rows (output features) split over tp ranks."""
 
     def __init__(
@@ -99,13 +146,13 @@ class ColumnParallelLinear(nn.Module):
         copy_checked(param.data, loaded[self.out_start : self.out_end], "column-parallel rows")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)  # [T, local_out]
+        out = self.matmul(x, self.bias)  # [T, local_out]
         if self.gather_output:
             out = self.tp.all_gather_uneven(out, self.output_sizes_per_rank, dim=-1)
         return out
 
 
-class MergedColumnParallelLinear(nn.Module):
+class MergedColumnParallelLinear(PackableLinear):
     """Several column-parallel projections of the same input stored as one matrix.
 
     Shard ``i`` (``output_sizes[i]`` features in the checkpoint) is split over tp on its
@@ -146,10 +193,10 @@ class MergedColumnParallelLinear(nn.Module):
         copy_checked(dst, loaded[base + start : base + end], f"merged column shard {i}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # [T, sum(local_sizes)]
+        return self.matmul(x, self.bias)  # [T, sum(local_sizes)]
 
 
-class QKVParallelLinear(nn.Module):
+class QKVParallelLinear(PackableLinear):
     """q, k and v projections as one matrix; rank r holds ``[q_r | k_r | v_r]``.
 
     Heads are divided by KV group (``partition_heads``); with tp > KV heads a KV head
@@ -214,10 +261,10 @@ class QKVParallelLinear(nn.Module):
             copy_checked(dst, loaded[base + start : base + end], f"qkv shard {sid}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # [T, q_size + 2 * kv_size]
+        return self.matmul(x, self.bias)  # [T, q_size + 2 * kv_size]
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(PackableLinear):
     """``y = sum_r x_r W_r^T + b``: W's columns (input features) split over tp ranks.
 
     Args:
@@ -257,8 +304,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)  # [T, out]
-        out = F.linear(x, self.weight)  # [T, out], partial sum of this rank
+            return self.matmul(x, self.bias)  # [T, out]
+        out = self.matmul(x, None)  # [T, out], partial sum of this rank
         if self.reduce_results:
             out = self.tp.all_reduce(out)
         elif not self.tp.is_first:

@@ -29,8 +29,10 @@ from shoal.engine.control import (
 from shoal.engine.plan import NewRequestData, StepPlan, StepResult
 from shoal.models.attention import AttentionMetadata
 from shoal.models.compiled import compile_model
+from shoal.models.ops.build import kernels_enabled
 from shoal.models.registry import build_model
 from shoal.parallel.context import ParallelContext
+from shoal.parallel.linear import prepack_weights
 from shoal.parallel.pipeline import IntermediateTensors
 from shoal.worker.device import resolve_dtype
 from shoal.worker.kv_connector import KVConnectorWorker, create_worker_connector
@@ -86,6 +88,12 @@ class ModelRunner:
         # about a minute per worker, so opt-in (SHOAL_COMPILE=1) until it wins
         self.compiled = compile_model(
             self.model, args.enforce_eager or os.environ.get("SHOAL_COMPILE") != "1")
+        # eager on CPU bf16: linear weights reordered once for oneDNN (parallel/linear.py)
+        self.num_prepacked = 0
+        if self.compiled is None and kernels_enabled():
+            self.num_prepacked = prepack_weights(self.model, self.dtype, self.device)
+            if self.num_prepacked:
+                logger.info("prepacked %d linear weights for oneDNN", self.num_prepacked)
         self.load_seconds = time.perf_counter() - started
         self.page_size = 0
         self.num_pages = 0
