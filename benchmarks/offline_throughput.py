@@ -50,10 +50,11 @@ def workload(num_requests: int, seed: int = 0) -> list[tuple[list[int], int]]:
     return out
 
 
-def run_shoal(model: str, name: str, requests, kv_bytes: int) -> dict:
+def run_shoal(model: str, name: str, requests, kv_bytes: int, dtype: str = "auto",
+              async_scheduling: bool | None = None) -> dict:
     layout = LAYOUTS[name]
     with LLM(model, kv_cache_memory=kv_bytes, max_num_seqs=64, max_num_batched_tokens=2048,
-             **layout) as llm:
+             dtype=dtype, async_scheduling=async_scheduling, **layout) as llm:
         prompts = [p for p, _ in requests]
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in requests]
         llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
@@ -63,10 +64,14 @@ def run_shoal(model: str, name: str, requests, kv_bytes: int) -> dict:
         elapsed = time.perf_counter() - t0
         stats = llm.engine.core.worker_stats()
         core = llm.stats()
+        resolved = llm.engine.core.load_info[0].dtype
+        async_on = llm.engine.core.async_scheduling
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     in_tokens = sum(len(p) for p in prompts)
     record = {
         "system": f"shoal-{name}",
+        "dtype": resolved,
+        "async_scheduling": async_on,
         "elapsed_s": round(elapsed, 2),
         "output_tokens_per_s": round(out_tokens / elapsed, 1),
         "total_tokens_per_s": round((out_tokens + in_tokens) / elapsed, 1),
@@ -74,17 +79,21 @@ def run_shoal(model: str, name: str, requests, kv_bytes: int) -> dict:
         "max_plans_in_flight": core.max_plans_in_flight,
     }
     if name.startswith("pp"):
-        # idle fraction per stage: time between steps / wall time, from tp-rank-0 of each stage
-        record["stage_idle_fraction"] = [
-            round(s.idle_s / max(1e-9, s.idle_s + s.forward_s), 3) for s in stats
-        ]
+        # per stage (tp-rank-0 of each): idle between steps, blocked in recv on the previous
+        # stage inside a step, and computing, as fractions of the stage's wall time
+        walls = [max(1e-9, s.idle_s + s.forward_s) for s in stats]
+        record["stage_idle_fraction"] = [round(s.idle_s / w, 3) for s, w in zip(stats, walls)]
+        record["stage_recv_wait_fraction"] = [
+            round(s.recv_wait_s / w, 3) for s, w in zip(stats, walls)]
+        record["stage_compute_fraction"] = [
+            round((s.forward_s - s.recv_wait_s) / w, 3) for s, w in zip(stats, walls)]
     return record
 
 
-def run_transformers(model: str, requests, batch_size: int = 16) -> dict:
+def run_transformers(model: str, requests, batch_size: int = 16, dtype: str = "float32") -> dict:
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
     pad = hf.generation_config.pad_token_id or 0
     t0 = time.perf_counter()
     out_tokens = 0
@@ -100,7 +109,8 @@ def run_transformers(model: str, requests, batch_size: int = 16) -> dict:
         out_tokens += sum(n for _, n in batch)  # only what each request asked for counts
     elapsed = time.perf_counter() - t0
     in_tokens = sum(len(p) for p, _ in requests)
-    return {"system": f"transformers-batch{batch_size}", "elapsed_s": round(elapsed, 2),
+    return {"system": f"transformers-batch{batch_size}", "dtype": dtype,
+            "elapsed_s": round(elapsed, 2),
             "output_tokens_per_s": round(out_tokens / elapsed, 1),
             "total_tokens_per_s": round((out_tokens + in_tokens) / elapsed, 1)}
 
@@ -185,17 +195,25 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=128)
     parser.add_argument("--kv-cache-memory", type=int, default=2 << 30)
     parser.add_argument("--shared-prefix", action="store_true")
+    parser.add_argument("--dtypes", nargs="+", default=["auto"],
+                        help="dtypes shoal runs in (auto: bfloat16 where the CPU has it)")
+    parser.add_argument("--async-off-too", action="store_true",
+                        help="also run each shoal case with async scheduling off")
     parser.add_argument("--peer-dtypes", nargs="+", default=["float32"],
-                        help="dtypes vLLM runs in (e.g. float32 bfloat16)")
+                        help="dtypes vLLM and transformers run in (e.g. float32 bfloat16)")
     args = parser.parse_args()
     model = resolve_model(args.model)
     requests = workload(args.num_requests)
     base = {"bench": "offline_throughput", "model": os.path.basename(model),
             "num_requests": args.num_requests, "workload": "prompt U(64,512), output U(32,256)"}
     for name in args.layouts:
-        emit({**base, **run_shoal(model, name, requests, args.kv_cache_memory)})
+        for dtype in args.dtypes:
+            for async_scheduling in ((None, False) if args.async_off_too else (None,)):
+                emit({**base, **run_shoal(model, name, requests, args.kv_cache_memory, dtype,
+                                          async_scheduling)})
     if "transformers" in args.peers:
-        emit({**base, **run_transformers(model, requests)})
+        for dtype in args.peer_dtypes:
+            emit({**base, **run_transformers(model, requests, dtype=dtype)})
     if "deepspeed" in args.peers:
         record = run_deepspeed(model, args.num_requests)
         if record is not None:
