@@ -58,6 +58,7 @@ from shoal.errors import ProtocolError
 from shoal.parallel.context import ParallelContext
 from shoal.parallel.mesh import build_mesh
 from shoal.worker.device import device_memory, pick_device
+from shoal.worker.fault_inject import FaultInjector
 from shoal.worker.model_runner import ModelRunner
 from shoal.worker.null_runner import NullRunner
 
@@ -146,6 +147,7 @@ class Worker:
                 mesh, args.rank, self.device, info.enable_expert_parallel
             )
         self.runner = None  # created by LOAD_MODEL
+        self._fault = FaultInjector.from_environ(args.rank)  # a test hook; None normally
         self._running = True
         self._stopped = threading.Event()
         self._last_driver_contact = time.monotonic()
@@ -241,6 +243,8 @@ class Worker:
 
     def _on_step(self, plan: StepPlan) -> None:
         try:
+            if self._fault is not None:
+                self._fault.before_step()
             result = self._need_runner().execute(plan)
         except Exception:
             logger.exception("rank %d: step %d failed", self.rank, plan.step_id)

@@ -1,0 +1,170 @@
+"""Supervision: a worker group that fails is replaced and its requests finish as if nothing
+happened (real worker processes, real kill -9, transformers as the oracle).
+
+Faults come from outside (``kill -9`` of a worker pid between engine steps) or from the
+worker's test hook (``SHOAL_FAULT_INJECT``: raise / hang / exit on one rank's Nth step,
+once per test thanks to ``SHOAL_FAULT_ONCE``).
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import psutil
+import pytest
+
+from factories import hf_greedy, tiny_checkpoint
+from shoal import LLM, SamplingParams
+from shoal.config import (CacheConfig, EngineConfig, ExecutorConfig, FaultToleranceConfig,
+                          ModelConfig, ParallelConfig, SchedulerConfig)
+from shoal.errors import EngineDeadError
+from shoal.frontend.llm_engine import LLMEngine
+
+pytestmark = pytest.mark.timeout(300)
+
+MAX_TOKENS = 12
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint("llama", tmp_path_factory.mktemp("ckpt"), max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = random.Random(3)
+    return [[rng.randrange(1, 211) for _ in range(rng.randint(3, 20))] for _ in range(6)]
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, prompts):
+    return hf_greedy(checkpoint, prompts, MAX_TOKENS)
+
+
+@pytest.fixture
+def inject(monkeypatch, tmp_path):
+    """Arm the worker hook for workers started from now on (one firing per test)."""
+    def arm(action: str, rank: int, step: int) -> None:
+        monkeypatch.setenv("SHOAL_FAULT_INJECT", f"{action}:{rank}:{step}")
+        monkeypatch.setenv("SHOAL_FAULT_ONCE", str(tmp_path / "fault-fired"))
+    return arm
+
+
+def _gone(pids, timeout_s=10.0) -> bool:
+    def alive(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not any(alive(p) for p in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def make_engine(checkpoint, fault=None, **parallel) -> LLMEngine:
+    return LLMEngine(EngineConfig(
+        model=ModelConfig(model=checkpoint),
+        parallel=ParallelConfig(**parallel),
+        cache=CacheConfig(page_size=4, kv_cache_memory=1 << 21),
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32),
+        executor=ExecutorConfig(threads_per_worker=1),
+        fault=fault or FaultToleranceConfig(),
+    ))
+
+
+def run(engine: LLMEngine, prompts, kill_rank: int | None = None, kill_at_step: int = 0):
+    """Generate; optionally kill -9 a worker after a step. Returns (outputs, streamed ids)."""
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, GREEDY)
+    done, streamed, steps = {}, {str(i): [] for i in range(len(prompts))}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            streamed[out.request_id] += out.delta_token_ids[0]
+            if out.finished:
+                done[int(out.request_id)] = out
+        steps += 1
+        if kill_rank is not None and steps == kill_at_step:
+            os.kill(engine.core.executor.pids[kill_rank], signal.SIGKILL)
+        engine.core.scheduler.check_invariants()
+    outputs = [done[i].outputs[0].token_ids for i in range(len(prompts))]
+    return outputs, [streamed[str(i)] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("layout,rank", [(dict(tp_size=2), 1), (dict(pp_size=2), 0)],
+                         ids=["tp2-kill-rank1", "pp2-kill-rank0"])
+def test_kill_9_of_a_worker_mid_generation_changes_no_token(checkpoint, prompts, reference,
+                                                            layout, rank):
+    engine = make_engine(checkpoint, **layout)
+    old_pids = list(engine.core.executor.pids)
+    try:
+        outputs, streamed = run(engine, prompts, kill_rank=rank, kill_at_step=5)
+        stats = engine.stats()
+        new_pids = list(engine.core.executor.pids)
+    finally:
+        engine.shutdown()
+    assert outputs == reference
+    assert streamed == reference  # each token delivered exactly once, none lost
+    assert stats.num_worker_restarts == 1
+    assert stats.num_requeued_requests > 0 and stats.num_recomputed_tokens > 0
+    assert stats.recovery_seconds > 0
+    assert not set(new_pids) & set(old_pids)
+    assert _gone(old_pids + new_pids)
+
+
+def test_a_hung_step_is_caught_by_the_step_timeout(checkpoint, prompts, reference, inject):
+    inject("hang", 1, 4)  # rank 1 never finishes its 4th step; its heartbeats go on
+    engine = make_engine(checkpoint, FaultToleranceConfig(step_timeout_s=4.0), tp_size=2)
+    try:
+        outputs, streamed = run(engine, prompts)
+        stats = engine.stats()
+        pids = list(engine.core.executor.pids)
+    finally:
+        engine.shutdown()
+    assert outputs == reference and streamed == reference
+    assert stats.num_worker_restarts == 1
+    assert _gone(pids)
+
+
+def test_offline_llm_recovers_from_an_exception_in_a_step(checkpoint, prompts, reference, inject):
+    inject("raise", 0, 3)  # pp stage 0 raises in its 3rd step
+    with LLM(checkpoint, pipeline_parallel_size=2, block_size=4, kv_cache_memory=1 << 21,
+             threads_per_worker=1) as llm:
+        outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        stats = llm.stats()
+    assert [o.outputs[0].token_ids for o in outputs] == reference
+    assert all(o.error is None for o in outputs)
+    assert stats.num_worker_restarts == 1
+
+
+def test_with_restarts_off_generate_keeps_finished_outputs_and_fails_the_rest(
+        checkpoint, prompts, reference, inject):
+    inject("exit", 1, 6)  # rank 1 dies before its 6th step
+    short = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    params = [short, GREEDY] * (len(prompts) // 2)
+    llm = LLM(checkpoint, tensor_parallel_size=2, block_size=4, kv_cache_memory=1 << 21,
+              threads_per_worker=1, max_worker_restarts=0)
+    pids = list(llm.engine.core.executor.pids)
+    try:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        assert len(outputs) == len(prompts)
+        for i, out in enumerate(outputs):
+            if i % 2 == 0:  # finished before the fault: kept whole
+                assert out.error is None and out.outputs[0].token_ids == reference[i][:2]
+            else:
+                assert out.finished and out.outputs[0].finish_reason == "error"
+                assert "restarts are off" in out.error and "rank 1" in out.error
+                # what was generated before the fault is kept, and is right
+                got = out.outputs[0].token_ids
+                assert got == reference[i][:len(got)]
+        with pytest.raises(EngineDeadError, match="restarts are off"):
+            llm.generate(prompts[:1], GREEDY, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert _gone(pids)
