@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 
 import psutil
@@ -147,3 +148,41 @@ def test_with_restarts_off_generate_keeps_finished_outputs_and_fails_the_rest(
     finally:
         llm.shutdown()
     assert _gone(pids)
+
+
+def test_sigstop_of_a_worker_for_15_s_is_a_stall_not_a_death(checkpoint, prompts, reference,
+                                                              caplog):
+    """Silence beyond the heartbeat timeout from a live process: logged, nothing restarted."""
+    engine = LLMEngine(EngineConfig(
+        model=ModelConfig(model=checkpoint), parallel=ParallelConfig(tp_size=2),
+        cache=CacheConfig(page_size=4, kv_cache_memory=1 << 21),
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32),
+        executor=ExecutorConfig(threads_per_worker=1, heartbeat_timeout_s=5.0),
+    ))
+    pid = engine.core.executor.pids[1]
+    try:
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, GREEDY)
+        for _ in range(3):
+            engine.step()
+        os.kill(pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        resume = threading.Timer(15.0, os.kill, (pid, signal.SIGCONT))
+        resume.start()
+        try:
+            done = {}
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        done[int(out.request_id)] = out.outputs[0].token_ids
+        finally:
+            resume.join()
+            os.kill(pid, signal.SIGCONT)
+        assert time.monotonic() - stopped_at >= 15.0
+        stats = engine.stats()
+        assert engine.core.executor.pids[1] == pid
+    finally:
+        engine.shutdown()
+    assert [done[i] for i in range(len(prompts))] == reference
+    assert stats.num_worker_restarts == 0
+    assert "stalled, not dead" in caplog.text
