@@ -186,3 +186,30 @@ def test_sigstop_of_a_worker_for_15_s_is_a_stall_not_a_death(checkpoint, prompts
     assert [done[i] for i in range(len(prompts))] == reference
     assert stats.num_worker_restarts == 0
     assert "stalled, not dead" in caplog.text
+
+
+def test_a_lost_plan_is_detected_at_once_by_its_sequence_number(checkpoint, prompts, reference,
+                                                                caplog):
+    """A broadcast that never arrives: the next plan's step id shows the gap; no silent wait."""
+    engine = make_engine(checkpoint, FaultToleranceConfig(step_timeout_s=120.0))
+    inner = engine.core.executor.inner
+    real_submit, dropped = inner.submit, []
+
+    def lossy_submit(plan):
+        if plan.step_id == 4 and not dropped:
+            dropped.append(plan.step_id)
+            return 0  # the message is lost on the way
+        return real_submit(plan)
+
+    inner.submit = lossy_submit
+    try:
+        outputs, streamed = run(engine, prompts)
+        stats = engine.stats()
+    finally:
+        engine.shutdown()
+    assert dropped == [4]
+    assert outputs == reference and streamed == reference
+    assert stats.num_worker_restarts == 1
+    # caught by the workers' sequence check, not by the (120 s) step timeout
+    assert "step 5 came after step 3; a broadcast was lost" in caplog.text
+    assert "--step-timeout" not in caplog.text
