@@ -140,7 +140,9 @@ class ExecutorConfig:
     host: str | None = None  # address the driver binds for remote workers (tcp)
     bootstrap_port: int = 0  # 0 = chosen by the OS; external launchers need a fixed one
     threads_per_worker: int | None = None  # torch intra-op threads; None = the worker's cores
-    heartbeat_timeout_s: float = 10.0
+    # silence beyond this is a dead worker for remote (ray/external) workers; a local (mp)
+    # worker whose process is alive is only stalled: the step timeout acts on it
+    heartbeat_timeout_s: float = 30.0
     start_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -156,6 +158,30 @@ class ExecutorConfig:
     def kwargs(self) -> dict:
         """As keyword arguments of an executor's constructor."""
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class FaultToleranceConfig:
+    """What the engine does when a worker dies or a step hangs (``[fault-tolerance]``).
+
+    A failed worker group is replaced and its requests recomputed, at most
+    ``max_worker_restarts`` times within any ``restart_window_s`` seconds; beyond
+    that (or with 0) the engine fails its requests with a clear error.
+    """
+
+    max_worker_restarts: int = 3
+    restart_window_s: float = 600.0
+    step_timeout_s: float = 60.0  # a step without a result this long: the group is restarted
+
+    def __post_init__(self) -> None:
+        if (not isinstance(self.max_worker_restarts, int) or isinstance(self.max_worker_restarts, bool)
+                or self.max_worker_restarts < 0):
+            raise ValueError(
+                f"max_worker_restarts must be an integer >= 0, got {self.max_worker_restarts!r}")
+        if not self.restart_window_s > 0:
+            raise ValueError(f"restart_window_s must be positive, got {self.restart_window_s!r}")
+        if not self.step_timeout_s > 0:
+            raise ValueError(f"step_timeout_s must be positive, got {self.step_timeout_s!r}")
 
 
 KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
@@ -195,6 +221,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
+    fault: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

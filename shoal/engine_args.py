@@ -20,6 +20,7 @@ from shoal.config import (
     CacheConfig,
     EngineConfig,
     ExecutorConfig,
+    FaultToleranceConfig,
     KVTransferConfig,
     ModelConfig,
     ParallelConfig,
@@ -33,6 +34,7 @@ SECTIONS: dict[str, type] = {
     "scheduler": SchedulerConfig,
     "executor": ExecutorConfig,
     "kv_transfer": KVTransferConfig,
+    "fault": FaultToleranceConfig,
 }
 
 
@@ -138,10 +140,19 @@ ENGINE_ARGS: tuple[EngineArg, ...] = (
               "`shoal worker --driver-addr HOST:PORT` (default: any free port, logged)"),
     EngineArg("threads_per_worker", "executor", "threads_per_worker", int,
               "torch threads per CPU worker (default: the cores it is pinned to)"),
-    EngineArg("worker_heartbeat_timeout_s", "executor", "heartbeat_timeout_s", float,
-              "a worker silent this long is dead"),
+    EngineArg("worker_heartbeat_timeout", "executor", "heartbeat_timeout_s", float,
+              "seconds: a remote worker silent this long is dead (a local one whose process "
+              "is alive is only stalled; the step timeout acts on it)",
+              aliases=("worker_heartbeat_timeout_s",)),
     EngineArg("worker_start_timeout_s", "executor", "start_timeout_s", float,
               "how long the driver waits for every worker to join"),
+    EngineArg("max_worker_restarts", "fault", "max_worker_restarts", int,
+              "replace a failed worker group (and recompute its requests) at most this often "
+              "within --restart-window; 0 = fail the requests instead"),
+    EngineArg("restart_window", "fault", "restart_window_s", float,
+              "seconds over which --max-worker-restarts is counted"),
+    EngineArg("step_timeout", "fault", "step_timeout_s", float,
+              "seconds: a step with no result this long (workers alive) restarts the group"),
     EngineArg("kv_transfer_config", "kv_transfer", "", str,
               'KV connector as JSON, e.g. {"kv_connector": "...", "kv_role": "kv_both"}',
               convert=_kv_transfer),

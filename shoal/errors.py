@@ -27,6 +27,11 @@ class WorkerError(ShoalError):
     """A worker raised while running a command; the message holds its traceback."""
 
 
+class EngineDeadError(ShoalError):
+    """The engine cannot serve any more: its core process is gone, or its workers failed
+    beyond the restart budget (``--max-worker-restarts``). Requests in flight end with it."""
+
+
 class ModelNotAvailableError(ShoalError):
     """The model could not be found or fetched (for example: offline with an empty cache)."""
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from typing import Any, Protocol
 
 import numpy as np
@@ -35,9 +36,10 @@ from shoal.engine.core_io import AddRequest, CoreStats, TokenDelta, TokenLogprob
 from shoal.engine.kv_connector import create_scheduler_connector
 from shoal.engine.kv_manager import KVCacheManager
 from shoal.engine.plan import StepPlan, StepResult
+from shoal.engine.recovery import RecoveryStats, RestartPolicy
 from shoal.engine.request import Request
 from shoal.engine.scheduler import Scheduler
-from shoal.errors import RequestError, ShoalError
+from shoal.errors import EngineDeadError, RequestError, ShoalError, WorkerDiedError, WorkerError
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,13 @@ class Executor(Protocol):
     def check_alive(self) -> None: ...
 
     def shutdown(self) -> None: ...
+
+    # optional: ``restart()`` replaces a failed worker group with a fresh, started one
+    # (``shoal.executor.supervisor.SupervisedExecutor``); without it a failure is final
+
+
+# what a failed worker group raises from the executor: the group is replaced
+WORKER_FAULTS = (WorkerDiedError, WorkerError, TimeoutError)
 
 
 def resolve_async_scheduling(config: EngineConfig) -> bool:
@@ -117,12 +126,19 @@ class EngineCore:
         max_model_len: the context length served.
         executor: started here; shut down by :meth:`shutdown` (or if start-up fails).
         runner: the workers' runner (``RunnerKind.NULL``: no model, for control-plane tests).
-        step_timeout_s: a step without a result for this long (workers alive) is an error.
+        step_timeout_s: a step without a result for this long (workers alive) is a failed
+            worker group (default: ``config.fault.step_timeout_s``).
+
+    Recovery: when a worker dies, a step raises on a rank, or a step outlasts the step
+    timeout, the executor replaces the whole group (``restart``), the new group loads
+    the model and the same number of KV pages, and every request in flight is requeued
+    and recomputed from its prompt plus its delivered tokens, within the restart budget
+    of ``config.fault``; beyond it every call raises :class:`EngineDeadError`.
     """
 
     def __init__(self, config: EngineConfig, model_path: str, max_model_len: int,
                  executor: Executor, runner: RunnerKind = RunnerKind.MODEL,
-                 step_timeout_s: float = 600.0, null_step_ms: float = 0.0):
+                 step_timeout_s: float | None = None, null_step_ms: float = 0.0):
         if config.parallel.dp_size > 1:
             # the mesh and the all-to-all MoE dispatcher know dp, but the engine does not
             # yet split requests over data-parallel groups (one output rank per group)
@@ -132,7 +148,11 @@ class EngineCore:
                 "use tensor/pipeline/expert parallelism (data_parallel_size=1)"
             )
         self.config = config
-        self.step_timeout_s = step_timeout_s
+        self.step_timeout_s = step_timeout_s or config.fault.step_timeout_s
+        self.restarts = RestartPolicy(config.fault.max_worker_restarts,
+                                      config.fault.restart_window_s)
+        self.recovery = RecoveryStats()
+        self.dead_reason: str | None = None
         self.max_model_len = max_model_len
         self.executor = executor
         self._closed = False
@@ -141,7 +161,7 @@ class EngineCore:
         try:
             connector = create_scheduler_connector(kv_transfer)
             self.executor.start()
-            self.load_info: list[ModelInfo] = self.executor.call(LoadModel(
+            self._load_model = LoadModel(
                 model=model_path,
                 dtype=config.model.dtype,
                 seed=config.model.seed,
@@ -152,7 +172,8 @@ class EngineCore:
                 kv_connector_config=kv_transfer.kv_connector_extra_config,
                 async_scheduling=self.async_scheduling,
                 null_step_ms=null_step_ms,
-            ))
+            )
+            self.load_info: list[ModelInfo] = self.executor.call(self._load_model)
             self.num_pages = self._agree_on_pages()
             page_size = config.cache.page_size
             self.executor.call(InitKVCache(num_pages=self.num_pages, page_size=page_size))
@@ -203,6 +224,7 @@ class EngineCore:
         recomputing. Raises RequestError (OverloadedError when the queue is full) and
         queues nothing when the request cannot be served.
         """
+        self._check_not_dead()
         requests = requests_of(msg)
         self.scheduler.check_admission(len(requests))
         # checks the leader before queueing it; the followers share its prompt and limits
@@ -253,21 +275,33 @@ class EngineCore:
     # -- stepping -------------------------------------------------------------------------
 
     def step(self) -> list[TokenDelta]:
-        """Fill the pipeline with plans, then apply the oldest result."""
+        """Fill the pipeline with plans, then apply the oldest result.
+
+        A failed worker group is replaced inside this call (the step then returns no
+        tokens); raises EngineDeadError when the restart budget is spent.
+        """
+        self._check_not_dead()
         deltas = self._release_followers() if self._followers else []
-        while len(self.in_flight) < self.max_in_flight:
-            plan = self.scheduler.schedule()
-            if plan is None:
-                break
-            self.plan_bytes += self.executor.submit(plan)
-            self.in_flight.append(plan)
-        self.max_plans_in_flight_seen = max(self.max_plans_in_flight_seen, len(self.in_flight))
-        if not self.in_flight:
-            return deltas
         try:
-            result = self.executor.get_result(timeout_s=self.step_timeout_s)
-        except TimeoutError:
-            raise ShoalError(self._stuck_report()) from None
+            while len(self.in_flight) < self.max_in_flight:
+                plan = self.scheduler.schedule()
+                if plan is None:
+                    break
+                self.in_flight.append(plan)  # before submit: a failed submit is requeued too
+                self.plan_bytes += self.executor.submit(plan)
+            self.max_plans_in_flight_seen = max(self.max_plans_in_flight_seen,
+                                                len(self.in_flight))
+            if not self.in_flight:
+                return deltas
+            try:
+                result = self.executor.get_result(timeout_s=self.step_timeout_s)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"no result for step {self.in_flight[0].step_id} within "
+                    f"{self.step_timeout_s:g} s (--step-timeout)") from None
+        except WORKER_FAULTS as exc:
+            self._recover(exc)
+            return deltas
         plan = self.in_flight.popleft()
         self.experts.add(result.expert_counts)
         changed = self.scheduler.update_from_output(plan, result)
@@ -333,20 +367,67 @@ class EngineCore:
             out.append(TokenLogprob(token, float(result.logprobs[row]), top))
         return out
 
-    def _stuck_report(self) -> str:
-        """Why a step got no result although every worker is alive (a protocol bug)."""
-        plan = self.in_flight[0]
+    # -- recovery -------------------------------------------------------------------------
+
+    def check_alive(self) -> None:
+        """Check the workers while idle; a dead one is replaced (or EngineDeadError)."""
+        self._check_not_dead()
         try:
-            steps = [s.steps for s in self.executor.call(Command.GET_STATS, timeout_s=10)]
-        except Exception as exc:  # the report must not hide the original problem
-            steps = f"unavailable ({exc})"
-        return (f"no result for step {plan.step_id} within {self.step_timeout_s:.0f} s although "
-                f"every worker is alive; steps executed per rank: {steps}")
+            self.executor.check_alive()
+        except WORKER_FAULTS as exc:
+            self._recover(exc)
+
+    def _check_not_dead(self) -> None:
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+
+    def _recover(self, cause: BaseException) -> None:
+        """Replace the worker group and requeue every request in flight for recompute."""
+        started = time.monotonic()
+        self.in_flight.clear()
+        requeued, lost_tokens = self.scheduler.requeue_after_worker_loss()
+        restart = getattr(self.executor, "restart", None)
+        while True:
+            if restart is None or not self.restarts.allow():
+                self._die(cause)
+            logger.warning("worker group failed (%s); replacing it and recomputing %d requests "
+                           "(%s)", _first_line(cause), requeued, self.restarts.describe())
+            try:
+                restart()
+                self.executor.call(self._load_model)
+                self.executor.call(InitKVCache(num_pages=self.num_pages,
+                                               page_size=self.config.cache.page_size))
+                break
+            except WORKER_FAULTS as exc:  # the replacement failed too: try again, within budget
+                cause = exc
+        elapsed = time.monotonic() - started
+        stats = self.recovery
+        stats.num_restarts += 1
+        stats.recovery_seconds += elapsed
+        stats.last_recovery_seconds = elapsed
+        stats.num_requeued_requests += requeued
+        stats.num_recomputed_tokens += lost_tokens
+        logger.warning("worker group replaced in %.1f s; %d requests requeued, %d tokens to "
+                       "recompute", elapsed, requeued, lost_tokens)
+
+    def _die(self, cause: BaseException) -> None:
+        """Out of restarts: stop every worker and fail from now on (raises EngineDeadError)."""
+        budget = ("worker restarts are off (--max-worker-restarts 0)"
+                  if self.restarts.max_restarts == 0 or not hasattr(self.executor, "restart")
+                  else f"the restart budget is spent: {self.restarts.describe()}")
+        self.dead_reason = f"the workers failed and {budget}: {_first_line(cause)}"
+        logger.error("engine dead: %s", self.dead_reason)
+        try:
+            self.executor.shutdown()
+        except Exception:
+            logger.debug("shutdown after a fatal worker failure failed", exc_info=True)
+        raise EngineDeadError(self.dead_reason) from cause
 
     # -- info -----------------------------------------------------------------------------
 
     def stats(self) -> CoreStats:
         s = self.scheduler.stats
+        r = self.recovery
         return CoreStats(
             num_running=s.num_running,
             num_waiting=s.num_waiting,
@@ -359,6 +440,10 @@ class EngineCore:
             max_plans_in_flight=self.max_plans_in_flight_seen,
             plan_bytes=self.plan_bytes,
             expert_counts=self.experts.totals,
+            num_worker_restarts=r.num_restarts,
+            recovery_seconds=r.recovery_seconds,
+            num_requeued_requests=r.num_requeued_requests,
+            num_recomputed_tokens=r.num_recomputed_tokens,
         )
 
     def worker_stats(self) -> list:
@@ -368,3 +453,11 @@ class EngineCore:
         if not self._closed:
             self._closed = True
             self.executor.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    """One line for logs and errors: a remote traceback shrinks to its first and last lines."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"

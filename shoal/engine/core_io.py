@@ -117,6 +117,12 @@ class CoreStats:
     expert_counts: np.ndarray | None = None
     max_plans_in_flight: int = 0
     plan_bytes: int = 0
+    # fault tolerance (totals since start): worker groups replaced, seconds spent
+    # replacing them, requests requeued and tokens recomputed by those restarts
+    num_worker_restarts: int = 0
+    recovery_seconds: float = 0.0
+    num_requeued_requests: int = 0
+    num_recomputed_tokens: int = 0
 
 
 @wire_message(23)

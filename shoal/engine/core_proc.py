@@ -98,7 +98,7 @@ class CoreServer:
                 # nothing ran and nothing is in flight: wait a little instead of spinning
                 idle_poll = 0.005 if not deltas and not core.in_flight else IDLE_POLL_S
             elif not got_inputs:
-                core.executor.check_alive()  # raises WorkerDiedError: workers died while idle
+                core.check_alive()  # replaces workers that died while idle (or raises)
 
     def _read_inputs(self, timeout_s: float) -> bool:
         """Handle every pending input; wait up to ``timeout_s`` for the first."""

@@ -463,6 +463,34 @@ class Scheduler:
         self.total_scheduled_tokens += self.step_num_scheduled_tokens
         return plan
 
+    def requeue_after_worker_loss(self) -> tuple[int, int]:
+        """The workers and their KV cache are gone: requeue every running request.
+
+        Each goes back to the front of the queue in admission order and is recomputed
+        from its prompt plus the tokens it has already generated, exactly as after a
+        preemption (so its outputs continue with no token lost or repeated); plans in
+        flight are forgotten and the prefix cache is dropped (its pages are lost).
+
+        Returns:
+            (requests requeued, tokens whose KV must be computed again).
+        """
+        running, self.running = self.running, []
+        lost_tokens = 0
+        for request in running:
+            lost_tokens += request.num_computed_tokens
+            self.kv.free(request)
+            request.status = RequestStatus.PREEMPTED
+            request.num_computed_tokens = 0
+        self.waiting.extendleft(reversed(running))
+        self.kv.reset_prefix_cache()
+        self._worker_views.clear()
+        self._pending_finished_ids = []
+        self._in_flight.clear()
+        self._in_flight_plans.clear()
+        self._pending_samples.clear()
+        self._in_flight_step_ids.clear()
+        return len(running), lost_tokens
+
     def check_invariants(self) -> None:
         """Raise AssertionError if scheduler and KV bookkeeping disagree (tests, debugging)."""
         self.kv.check_invariants()

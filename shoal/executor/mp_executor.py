@@ -12,8 +12,10 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 from shoal.comm.shm_ring import platform_supported as shm_ring_supported
+from shoal.errors import WorkerDiedError
 from shoal.executor.base import ZmqExecutor
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ class MpExecutor(ZmqExecutor):
         if shm_ring_supported() and os.environ.get("SHOAL_SHM_RING") == "1":
             self.channel.use_ring(self.world_size, alive=self.check_alive)
         self.procs: list[subprocess.Popen] = []
+        self._stalled: set[int] = set()  # ranks silent beyond the heartbeat timeout, alive
 
     def _launch_workers(self) -> None:
         env = dict(os.environ)
@@ -56,6 +59,31 @@ class MpExecutor(ZmqExecutor):
 
     def _dead_ranks(self) -> list[int]:
         return [rank for rank, proc in enumerate(self.procs) if proc.poll() is not None]
+
+    def _check_heartbeats(self) -> None:
+        """Silence from a live local process is a stall (a starved or stopped worker), not a
+        death: it is logged, and only the step timeout acts on it. A dead process is caught
+        by ``_dead_ranks`` within a poll interval."""
+        now = time.monotonic()
+        for rank, last in self._last_heartbeat.items():
+            silent = now - last > self.heartbeat_timeout_s
+            if silent and self.procs[rank].poll() is not None:
+                raise WorkerDiedError(f"worker rank {rank} died", rank=rank)
+            if silent and rank not in self._stalled:
+                self._stalled.add(rank)
+                logger.warning("worker rank %d (pid %d) sent no heartbeat for %.1f s but is "
+                               "alive: stalled, not dead", rank, self.procs[rank].pid, now - last)
+            elif not silent and rank in self._stalled:
+                self._stalled.discard(rank)
+                logger.warning("worker rank %d is heard from again", rank)
+
+    def kill_workers(self) -> None:
+        """SIGKILL every worker now (a failed group: survivors may be stuck in a collective)."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.procs:
+            proc.wait()
 
     def _stop_workers(self, timeout_s: float) -> None:
         for proc in self.procs:

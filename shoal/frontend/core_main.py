@@ -10,11 +10,11 @@ import os
 import sys
 
 from shoal.engine.core_proc import serve_core
-from shoal.executor.factory import create_executor
+from shoal.executor.supervisor import create_supervised_executor
 
 
 def main(argv: list[str] | None = None) -> int:
-    return serve_core(argv, create_executor)
+    return serve_core(argv, create_supervised_executor)
 
 
 if __name__ == "__main__":

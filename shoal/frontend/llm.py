@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 from tqdm import tqdm
 
 from shoal.engine_args import engine_config, executor_kwargs_options
+from shoal.errors import EngineDeadError
 from shoal.frontend.llm_engine import LLMEngine
 from shoal.frontend.outputs import RequestOutput
 from shoal.engine.sampling_params import SamplingParams
@@ -54,7 +55,13 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); outputs in prompt order."""
+        """Generate for every prompt (text or token ids); outputs in prompt order.
+
+        A failed worker group is replaced and its requests recomputed (within
+        ``max_worker_restarts``). Beyond that budget the outputs that finished are
+        returned whole, and every other one ends with ``finish_reason == "error"`` and
+        the reason in ``RequestOutput.error``; later calls raise EngineDeadError.
+        """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
@@ -100,8 +107,13 @@ class LLM:
             results: list[RequestOutput | None] = [None] * len(order)
             bar = tqdm(total=len(order), desc="generate", disable=not use_tqdm or len(order) < 2)
             with bar:
-                while self.engine.has_unfinished_requests():
-                    for output in self.engine.step():
+                dead = False
+                while not dead and self.engine.has_unfinished_requests():
+                    try:
+                        outputs = self.engine.step()
+                    except EngineDeadError as exc:  # keep what finished; the rest fail
+                        outputs, dead = self.engine.fail_unfinished(str(exc)), True
+                    for output in outputs:
                         if output.finished and output.request_id in order:
                             results[order[output.request_id]] = output
                             bar.update(1)

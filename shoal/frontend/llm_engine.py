@@ -18,7 +18,7 @@ from shoal.checkpoint.hf import eos_token_ids, load_tokenizer, model_max_len
 from shoal.config import EngineConfig
 from shoal.engine.core import EngineCore
 from shoal.engine.core_io import CoreStats
-from shoal.executor.factory import create_executor
+from shoal.executor.supervisor import create_supervised_executor
 from shoal.frontend.input_processor import InputProcessor
 from shoal.frontend.output_processor import OutputProcessor
 from shoal.frontend.outputs import RequestOutput
@@ -40,7 +40,7 @@ class LLMEngine:
         self.inputs = InputProcessor(self.tokenizer, int(self.hf_config.vocab_size),
                                      self.max_model_len, self.eos_token_ids)
         self.core = EngineCore(config, self.model_path, self.max_model_len,
-                               executor=create_executor(config))
+                               executor=create_supervised_executor(config))
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
@@ -74,6 +74,10 @@ class LLMEngine:
         if processed.stopped:
             self.core.finish(processed.stopped, "stop")
         return processed.outputs
+
+    def fail_unfinished(self, error: str) -> list[RequestOutput]:
+        """Outputs of every unfinished request, ended with ``error`` (the engine is dead)."""
+        return self.processor.fail_all(error)
 
     def stats(self) -> CoreStats:
         """The core's gauges and counters (expert routing totals included for MoE models)."""

@@ -185,6 +185,23 @@ class OutputProcessor:
             delta_token_ids=deltas_ids,
         )
 
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """End every request with ``error`` (the engine died); their outputs, in order.
+
+        Completions that finished keep their reason; the others end with "error" and
+        keep what they generated.
+        """
+        now = time.monotonic()
+        outputs = []
+        for parent in list(self._parents.values()):
+            for child in parent.children.values():
+                if not child.completion.finished:
+                    child.completion.finish_reason = "error"
+            output = self._make_output(parent, now)
+            output.error = error
+            outputs.append(output)
+        return outputs
+
     def abort(self, request_id: str) -> list[int]:
         """Forget a request; returns its child ids for the core to abort."""
         parent = self._parents.get(request_id)

@@ -65,3 +65,6 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     delta_text: list[str] = field(default_factory=list)
     delta_token_ids: list[list[int]] = field(default_factory=list)
+    # set when the engine could not finish the request (its unfinished completions then
+    # carry finish_reason "error" and keep the tokens generated before the failure)
+    error: str | None = None

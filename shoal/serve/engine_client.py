@@ -28,7 +28,7 @@ from shoal.comm.codec import decode, encode
 from shoal.engine.control import Shutdown
 from shoal.engine.core_io import AbortRequests, CoreOutputs, EngineFailure, EngineReady
 from shoal.config import EngineConfig
-from shoal.errors import ProtocolError, ShoalError
+from shoal.errors import EngineDeadError, ProtocolError, ShoalError
 from shoal.frontend.input_processor import InputProcessor
 from shoal.frontend.output_processor import OutputProcessor
 from shoal.frontend.outputs import RequestOutput
@@ -39,10 +39,6 @@ logger = logging.getLogger(__name__)
 
 MAX_OUTPUT_BYTES = 256 << 20
 WATCH_INTERVAL_S = 0.2
-
-
-class EngineDeadError(ShoalError):
-    """The engine-core process is gone; nothing can be served."""
 
 
 class RequestRejectedError(ShoalError):

@@ -75,7 +75,17 @@ class ServerMetrics:
             "MoE: tokens routed to each expert of each layer (empty for dense models, or while "
             "the model runner does not report expert counts).",
             labels + ["layer", "expert"], registry=r)
-        self._last = {"queries": 0, "hits": 0, "preemptions": 0}
+        # fault tolerance: worker groups replaced and what it cost
+        self.worker_restarts = counter("shoal:worker_restarts",
+                                       "Failed worker groups replaced by a fresh one.")
+        self.recovery_seconds = counter("shoal:worker_recovery_seconds",
+                                        "Seconds spent replacing failed worker groups.")
+        self.requeued = counter("shoal:requeued_requests",
+                                "Requests re-queued for recompute by worker restarts.")
+        self.recomputed = counter("shoal:recomputed_tokens",
+                                  "Tokens whose KV was lost with a worker group and recomputed.")
+        self._last = {"queries": 0, "hits": 0, "preemptions": 0, "restarts": 0,
+                      "recovery": 0.0, "requeued": 0, "recomputed": 0}
         self._expert_totals: np.ndarray | None = None
 
     # -- requests ------------------------------------------------------------------------------
@@ -119,7 +129,11 @@ class ServerMetrics:
         self.num_pages.set(stats.num_pages)
         for key, total, metric in (("queries", stats.prefix_cache_queries, self.prefix_queries),
                                    ("hits", stats.prefix_cache_hits, self.prefix_hits),
-                                   ("preemptions", stats.num_preemptions, self.preemptions)):
+                                   ("preemptions", stats.num_preemptions, self.preemptions),
+                                   ("restarts", stats.num_worker_restarts, self.worker_restarts),
+                                   ("recovery", stats.recovery_seconds, self.recovery_seconds),
+                                   ("requeued", stats.num_requeued_requests, self.requeued),
+                                   ("recomputed", stats.num_recomputed_tokens, self.recomputed)):
             if total > self._last[key]:
                 metric.inc(total - self._last[key])
                 self._last[key] = total

@@ -60,6 +60,7 @@ from shoal.errors import ProtocolError
 from shoal.parallel.context import ParallelContext
 from shoal.parallel.mesh import build_mesh
 from shoal.worker.device import device_memory, pick_device
+from shoal.worker.fault_inject import FaultInjector
 from shoal.worker.model_runner import ModelRunner
 from shoal.worker.null_runner import NullRunner
 
@@ -145,6 +146,8 @@ class Worker:
                 mesh, args.rank, self.device, info.enable_expert_parallel
             )
         self.runner = None  # created by LOAD_MODEL
+        self._fault = FaultInjector.from_environ(args.rank)  # a test hook; None normally
+        self._last_step_id: int | None = None  # plans are numbered 0, 1, 2, ... by the driver
         self._running = True
         self._stopped = threading.Event()
         self._last_driver_contact = time.monotonic()
@@ -239,7 +242,18 @@ class Worker:
         self.channel.send(reply)
 
     def _on_step(self, plan: StepPlan) -> None:
+        last, self._last_step_id = self._last_step_id, plan.step_id
+        if last is not None and plan.step_id != last + 1:
+            # a lost (or duplicated) broadcast: running on would desynchronise the ranks'
+            # request state and collectives, so say so at once; the driver replaces the group
+            error = (f"plan sequence broken on rank {self.rank}: step {plan.step_id} came "
+                     f"after step {last}; a broadcast was lost or repeated")
+            logger.error(error)
+            self.channel.send(WorkerFailure(self.rank, plan.step_id, error))
+            return
         try:
+            if self._fault is not None:
+                self._fault.before_step()
             result = self._need_runner().execute(plan)
         except Exception:
             logger.exception("rank %d: step %d failed", self.rank, plan.step_id)

@@ -47,7 +47,7 @@ DRIVER = textwrap.dedent("""
         print(json.dumps(kw), flush=True)
 
     llm = LLM(ckpt, tensor_parallel_size=2, distributed_executor_backend="external",
-              block_size=4, kv_cache_memory=1 << 22,
+              block_size=4, kv_cache_memory=1 << 22, max_worker_restarts=0,
               executor_kwargs={"host": host, "bootstrap_port": int(port), "threads_per_worker": 1,
                                "heartbeat_timeout_s": float(hb)})
     try:
@@ -161,7 +161,9 @@ def test_driver_and_workers_on_two_hosts(tmp_path, two_hosts):
         cut_at = time.time()
         ip("-n", ns_d, "link", "set", veth_d, "down")
         failure = next_json(lines, 60)
-        assert failure["error"] == "WorkerDiedError", failure
+        # restarts off: the documented end of the engine ([fault-tolerance])
+        assert failure["error"] == "EngineDeadError", failure
+        assert "restarts are off" in failure["message"], failure
         assert "heartbeat" in failure["message"] and failure["in_flight"] > 0, failure
         print(f"in-flight requests failed {failure['at'] - cut_at:.1f} s after the link went down")
         assert failure["at"] - cut_at < 10.0, "in-flight requests were not failed within 10 s"

@@ -81,6 +81,17 @@ def load_kernel(name: str) -> None:
     tag = digest.hexdigest()[:16]
     build_dir = cache_root() / "kernels" / f"{name}-{tag}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    built = build_dir / f"shoal_{name}_{tag}.so"
+    if built.exists():
+        # the tag hashes the source, torch, flags and CPU: a built library is current.
+        # Loading it directly skips torch's build lock, which a process killed while
+        # holding it (kill -9 of a starting worker) leaves behind for everyone to wait on.
+        try:
+            torch.ops.load_library(str(built))
+            logger.info("loaded C++ kernel %s from %s", name, built)
+            return
+        except (RuntimeError, OSError) as exc:  # a torn file from a killed build: rebuild
+            logger.warning("could not load %s (%s); rebuilding it", built, exc)
     try:
         cpp_extension.load(
             name=f"shoal_{name}_{tag}",
