@@ -12,8 +12,10 @@ from typing import Iterable, Sequence
 from tqdm import tqdm
 
 from shoal.engine_args import engine_config, executor_kwargs_options
+from shoal.frontend.generation_defaults import default_sampling_params
 from shoal.frontend.llm_engine import LLMEngine
 from shoal.frontend.outputs import RequestOutput
+from shoal.frontend.prompts import PromptType, parse_prompts
 from shoal.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -48,18 +50,25 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the checkpoint's generation_config.json defaults (vLLM's)."""
+        return default_sampling_params(self.engine.generation_defaults)
+
     def generate(
         self,
-        prompts: Prompt | Sequence[Prompt],
+        prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); outputs in prompt order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        """Generate for every prompt; outputs in prompt order.
+
+        A prompt is text, a token-id list, ``{"prompt": text}`` or
+        ``{"prompt_token_ids": [...]}``; bad ones raise a ValueError naming the field.
+        ``sampling_params=None`` takes the checkpoint's generation defaults.
+        """
+        prompts = parse_prompts(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         else:
