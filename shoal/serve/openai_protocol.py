@@ -133,7 +133,7 @@ class _SamplingBody(_Body):
                 allowed_token_ids=self.allowed_token_ids,
                 bad_words=self.bad_words,
                 structured_outputs=structured,
-                max_tokens=max_tokens,
+                max_tokens=max_tokens if max_tokens is not None else defaults.get("max_tokens"),
                 min_tokens=self.min_tokens,
                 stop=self.stop,
                 stop_token_ids=self.stop_token_ids,
