@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("SHOAL_API_KEY"))
+    p.add_argument("--uvicorn-log-level", default=None,
+                   choices=("critical", "error", "warning", "info", "debug", "trace"),
+                   help="uvicorn's log level; info shows an access log line per request "
+                        "(default: --log-level)")
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="no INFO line per received request")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate text for prompts, streamed to the terminal")

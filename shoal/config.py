@@ -111,6 +111,9 @@ class SchedulerConfig:
             _positive("max_waiting_requests", self.max_waiting_requests)
 
 
+POOLING = ("last", "mean", "cls")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which checkpoint to serve and in which dtype."""
@@ -121,8 +124,17 @@ class ModelConfig:
     seed: int = 0
     served_model_name: str | None = None
     enforce_eager: bool = False  # no compiled/captured step: plain eager torch
+    # sampling defaults: "auto" = the checkpoint's generation_config.json, "vllm" = none,
+    # else a directory holding a generation_config.json
+    generation_config: str = "auto"
+    pooling: str = "last"  # embeddings: last, mean or cls token's hidden state
 
     def __post_init__(self) -> None:
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            raise ValueError("generation_config must be 'auto', 'vllm' or a directory, "
+                             f"got {self.generation_config!r}")
+        if self.pooling not in POOLING:
+            raise ValueError(f"pooling must be one of {POOLING}, got {self.pooling!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.max_model_len is not None:

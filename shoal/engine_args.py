@@ -99,6 +99,12 @@ ENGINE_ARGS: tuple[EngineArg, ...] = (
               "the model name clients send (default: the checkpoint's)"),
     EngineArg("enforce_eager", "model", "enforce_eager", bool,
               "run the model eagerly: no compiled step, no CUDA graphs"),
+    EngineArg("generation_config", "model", "generation_config", str,
+              "sampling defaults: auto = the checkpoint's generation_config.json, "
+              "vllm = none, or a directory holding one"),
+    EngineArg("pooling", "model", "pooling", str,
+              "embeddings: which hidden state to pool (normalised)",
+              choices=("last", "mean", "cls")),
     EngineArg("tensor_parallel_size", "parallel", "tp_size", int, "tensor-parallel ranks",
               aliases=("-tp", "tp")),
     EngineArg("pipeline_parallel_size", "parallel", "pp_size", int, "pipeline stages",

@@ -40,6 +40,15 @@ class SamplingOptions:
     # masks them while fewer than min_tokens tokens have been generated
     min_tokens: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
+    # logits processors, applied before penalties (vLLM's order)
+    logit_bias_ids: list[int] = field(default_factory=list)  # added to these logits ...
+    logit_bias_values: list[float] = field(default_factory=list)  # ... these values
+    allowed_token_ids: list[int] = field(default_factory=list)  # empty = every token
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # token sequences never ended
+    # structured output (shoal.worker.structured_output): "" = free; json, json_object,
+    # regex, choice or grammar, with the schema / pattern / JSON choice list / EBNF
+    structured_kind: str = ""
+    structured_spec: str = ""
 
 
 @dataclass

@@ -15,6 +15,7 @@ min-p are then reset to "off"), a temperature in ``(1e-5, 1e-2)`` is raised to
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +34,55 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on the output (vLLM's ``StructuredOutputsParams``): set exactly one.
+
+    Args:
+        json: a JSON schema (dict or JSON text): the output is JSON valid against it.
+        regex: the output matches this regular expression.
+        choice: the output is exactly one of these strings.
+        grammar: an EBNF grammar (xgrammar/GBNF syntax, start symbol ``root``).
+        json_object: any JSON object (OpenAI's ``response_format: json_object``).
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        set_ = [n for n in ("json", "regex", "choice", "grammar", "json_object")
+                if getattr(self, n) not in (None, False)]
+        if len(set_) != 1:
+            raise ValueError("structured_outputs must set exactly one of json, regex, choice, "
+                             f"grammar, json_object; got {set_ or 'none'}")
+        if self.choice is not None and (
+                not isinstance(self.choice, list) or not self.choice
+                or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError(f"choice must be a non-empty list of strings, got {self.choice!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError(f"json must be a schema (dict or JSON text), got {self.json!r}")
+
+    def kind_and_spec(self) -> tuple[str, str]:
+        """The wire form: (kind, spec text) for the worker's grammar engine."""
+        if self.json is not None:
+            spec = self.json if isinstance(self.json, str) else json.dumps(self.json)
+            return "json", spec
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", json.dumps(self.choice)
+        if self.grammar is not None:
+            return "grammar", self.grammar
+        return "json_object", ""
 
 
 def _check_range(name: str, value: object, lo: float, hi: float, valid: str) -> None:
@@ -63,6 +113,10 @@ class SamplingParams:
         prompt_logprobs: top logprobs to return per prompt token.
         skip_special_tokens: leave special tokens out of the text.
         include_stop_str_in_output: keep the matched stop string at the end of the text.
+        logit_bias: token id -> value in [-100, 100] added to its logit before sampling.
+        allowed_token_ids: only these tokens may be sampled.
+        bad_words: words never generated (each tokenized with and without a leading space).
+        structured_outputs: a grammar the output follows (JSON schema, regex, choice, EBNF).
     """
 
     n: int = 1
@@ -83,6 +137,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         # stop becomes list[str], stop_token_ids list[int], top_k 0 -> -1, seed -1 -> None
@@ -161,6 +219,31 @@ class SamplingParams:
             raise ValueError(
                 f"stop_token_ids must be a list of non-negative integers or None, got {ids!r}"
             )
+        self._validate_processors()
+
+    def _validate_processors(self) -> None:
+        bias = self.logit_bias
+        if bias is not None:
+            if not isinstance(bias, dict):
+                raise ValueError(f"logit_bias must map token ids to numbers, got {bias!r}")
+            for token, value in bias.items():
+                if not _is_int(token) or token < 0:
+                    raise ValueError(f"logit_bias keys must be token ids >= 0, got {token!r}")
+                _check_range("logit_bias", value, -100.0, 100.0,
+                             f"in [-100, 100] (token {token})")
+        allowed = self.allowed_token_ids
+        if allowed is not None and (not isinstance(allowed, list) or not allowed
+                                    or not all(_is_int(t) and t >= 0 for t in allowed)):
+            raise ValueError(
+                f"allowed_token_ids must be a non-empty list of token ids, got {allowed!r}")
+        words = self.bad_words
+        if words is not None and (not isinstance(words, list)
+                                  or not all(isinstance(w, str) and w for w in words)):
+            raise ValueError(f"bad_words must be a list of non-empty strings, got {words!r}")
+        so = self.structured_outputs
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            raise ValueError(
+                f"structured_outputs must be a StructuredOutputsParams, got {type(so).__name__}")
 
     @property
     def is_greedy(self) -> bool:
@@ -176,6 +259,9 @@ class SamplingParams:
                 until ``min_tokens`` tokens have been generated.
         """
         eos = [] if self.ignore_eos else list(eos_token_ids)
+        kind, spec = ("", "")
+        if self.structured_outputs is not None:
+            kind, spec = self.structured_outputs.kind_and_spec()
         stop_ids = sorted(set(self.stop_token_ids) | set(eos))  # type: ignore[arg-type]
         return SamplingOptions(
             temperature=0.0 if self.is_greedy else float(self.temperature),
@@ -190,6 +276,11 @@ class SamplingParams:
             prompt_logprobs=self.prompt_logprobs,
             min_tokens=self.min_tokens,
             stop_token_ids=stop_ids,
+            logit_bias_ids=[int(t) for t in (self.logit_bias or {})],
+            logit_bias_values=[float(v) for v in (self.logit_bias or {}).values()],
+            allowed_token_ids=sorted(set(self.allowed_token_ids or ())),
+            structured_kind=kind,
+            structured_spec=spec,
         )
 
     def replace(self, **changes: object) -> SamplingParams:

@@ -17,6 +17,7 @@ import numpy as np
 from shoal.engine.core_io import AddRequest
 from shoal.engine.sampling_params import SamplingParams
 from shoal.errors import RequestError
+from shoal.frontend.constraints import constrain
 
 
 @dataclass
@@ -110,7 +111,8 @@ class InputProcessor:
             child = params
             if index and params.seed is not None:
                 child = params.replace(seed=params.seed + index)
-            sampling.append(child.to_options(self.eos_token_ids))
+            options = child.to_options(self.eos_token_ids)
+            sampling.append(constrain(options, child, self.tokenizer, self.vocab_size))
         core_request = AddRequest(
             request_id=request_id,
             req_ids=list(req_ids),

@@ -11,11 +11,13 @@ from typing import Iterable, Sequence
 
 from tqdm import tqdm
 
+from shoal.engine.sampling_params import SamplingParams
 from shoal.engine_args import engine_config, executor_kwargs_options
 from shoal.errors import EngineDeadError
+from shoal.frontend.generation_defaults import default_sampling_params
 from shoal.frontend.llm_engine import LLMEngine
 from shoal.frontend.outputs import RequestOutput
-from shoal.engine.sampling_params import SamplingParams
+from shoal.frontend.prompts import PromptType, parse_prompts
 
 Prompt = str | list[int]
 Message = dict[str, str]
@@ -49,24 +51,30 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the checkpoint's generation_config.json defaults (vLLM's)."""
+        return default_sampling_params(self.engine.generation_defaults)
+
     def generate(
         self,
-        prompts: Prompt | Sequence[Prompt],
+        prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); outputs in prompt order.
+        """Generate for every prompt; outputs in prompt order.
+
+        A prompt is text, a token-id list, ``{"prompt": text}`` or
+        ``{"prompt_token_ids": [...]}``; bad ones raise a ValueError naming the field.
+        ``sampling_params=None`` takes the checkpoint's generation defaults.
 
         A failed worker group is replaced and its requests recomputed (within
         ``max_worker_restarts``). Beyond that budget the outputs that finished are
         returned whole, and every other one ends with ``finish_reason == "error"`` and
         the reason in ``RequestOutput.error``; later calls raise EngineDeadError.
         """
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        prompts = parse_prompts(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         else:

@@ -18,11 +18,12 @@ from shoal.checkpoint.hf import eos_token_ids, load_tokenizer, model_max_len
 from shoal.config import EngineConfig
 from shoal.engine.core import EngineCore
 from shoal.engine.core_io import CoreStats
+from shoal.engine.sampling_params import SamplingParams
 from shoal.executor.supervisor import create_supervised_executor
+from shoal.frontend.generation_defaults import load_generation_defaults
 from shoal.frontend.input_processor import InputProcessor
 from shoal.frontend.output_processor import OutputProcessor
 from shoal.frontend.outputs import RequestOutput
-from shoal.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class LLMEngine:
         self.hf_config = AutoConfig.from_pretrained(self.model_path)
         self.max_model_len = model_max_len(self.hf_config, config.model.max_model_len)
         self.eos_token_ids = eos_token_ids(self.model_path, self.tokenizer)
+        self.generation_defaults = load_generation_defaults(self.model_path,
+                                                            config.model.generation_config)
         self.inputs = InputProcessor(self.tokenizer, int(self.hf_config.vocab_size),
                                      self.max_model_len, self.eos_token_ids)
         self.core = EngineCore(config, self.model_path, self.max_model_len,
@@ -53,7 +56,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int],
                     params: SamplingParams | None = None, arrival_time: float | None = None) -> None:
         """Queue a request; raises RequestError (a ValueError) for requests that cannot run."""
-        params = params or SamplingParams()
+        params = params or SamplingParams(**self.generation_defaults)
         if self.processor.has_request(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
         req_ids = [next(self._ids) for _ in range(params.n)]

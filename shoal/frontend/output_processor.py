@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from shoal.frontend.detokenizer import IncrementalDetokenizer, StopStringChecker
 from shoal.engine.core_io import TokenDelta
-from shoal.frontend.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from shoal.engine.sampling_params import SamplingParams
+from shoal.frontend.detokenizer import IncrementalDetokenizer, StopStringChecker
+from shoal.frontend.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 
 @dataclass

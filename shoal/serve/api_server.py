@@ -39,7 +39,10 @@ from shoal.checkpoint.hf import eos_token_ids, load_tokenizer, model_max_len
 from shoal.config import EngineConfig
 from shoal.serve.chat import ChatServing
 from shoal.serve.completions import CompletionServing
+from shoal.frontend.generation_defaults import load_generation_defaults
+from shoal.serve.banner import banner_lines, log_banner
 from shoal.serve.engine_client import AsyncEngineClient, EngineDeadError
+from shoal.serve.tokenize import DetokenizeRequest, TokenizeRequest, TokenizeServing
 from shoal.serve.metrics import ServerMetrics
 from shoal.serve.openai_protocol import (
     APIError,
@@ -63,6 +66,9 @@ class ServerSettings:
     model: ServedModel
     api_key: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
+    host: str = "127.0.0.1"  # for the start-up banner's address
+    port: int | None = None
+    disable_log_requests: bool = False
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -136,8 +142,15 @@ def build_app(settings: ServerSettings) -> FastAPI:
         except BaseException:
             await engine.stop()
             raise
-        state["completions"] = CompletionServing(engine, settings.model, tokenizer)
-        state["chat"] = ChatServing(engine, settings.model, tokenizer)
+        defaults = load_generation_defaults(settings.model.root, config.model.generation_config)
+        for name, cls in (("completions", CompletionServing), ("chat", ChatServing),
+                          ("tokenize", TokenizeServing)):
+            serving = state[name] = cls(engine, settings.model, tokenizer)
+            serving.generation_defaults = defaults
+            serving.log_requests = not settings.disable_log_requests
+        port = "?" if settings.port is None else settings.port
+        log_banner(banner_lines(config, settings.model.name, settings.model.root, engine.info,
+                                f"http://{settings.host}:{port}", route_list(app)))
         try:
             yield
         finally:
@@ -199,9 +212,30 @@ def build_app(settings: ServerSettings) -> FastAPI:
                           ChatCompletionRequest)
         return await state["chat"].create(body, request)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        body = parse_body(await read_body(request, settings.max_body_bytes), TokenizeRequest)
+        return state["tokenize"].tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        body = parse_body(await read_body(request, settings.max_body_bytes), DetokenizeRequest)
+        return state["tokenize"].detokenize(body)
+
     app.state.shoal = state
     app.state.metrics = metrics
     return app
+
+
+def route_list(app: FastAPI) -> list[str]:
+    """``METHOD /path`` of every route the app serves (for the banner)."""
+    routes = []
+    for route in app.routes:
+        methods = sorted(getattr(route, "methods", None) or ())
+        path = getattr(route, "path", None)
+        if path and methods:
+            routes.append(f"{'|'.join(m for m in methods if m != 'HEAD')} {path}")
+    return routes
 
 
 def served_model(config: EngineConfig, name: str | None) -> ServedModel:
@@ -230,13 +264,17 @@ def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> None:
         engine_config=engine_config,
         model=served_model(engine_config, getattr(args, "served_model_name", None)),
         api_key=getattr(args, "api_key", None) or None,
+        host=args.host,
+        port=args.port,
+        disable_log_requests=bool(getattr(args, "disable_log_requests", False)),
     )
     app = build_app(settings)
     # a backstop far above what the queue admits: beyond it uvicorn answers 503 itself
     limit = 2 * (scheduler.max_waiting_requests + scheduler.max_num_seqs) + 256
-    logger.info("serving %s on http://%s:%d", settings.model.name, args.host, args.port)
+    uvicorn_level = getattr(args, "uvicorn_log_level", None) or getattr(args, "log_level",
+                                                                         "warning")
     uvicorn.run(app, host=args.host, port=args.port, loop="uvloop",
-                log_level=getattr(args, "log_level", "warning").lower(),
+                log_level=uvicorn_level.lower(),
                 timeout_keep_alive=5, limit_concurrency=limit, timeout_graceful_shutdown=5)
 
 

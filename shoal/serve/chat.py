@@ -55,7 +55,7 @@ class ChatServing(OpenAIServing):
             max_tokens, max_param = body.max_completion_tokens, "max_completion_tokens"
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         try:
-            params = body.sampling_params(max_tokens, logprobs)
+            params = body.sampling_params(max_tokens, logprobs, self.generation_defaults)
         except APIError as exc:
             exc.param = {"logprobs": "top_logprobs", "max_tokens": max_param}.get(
                 exc.param, exc.param)

@@ -44,7 +44,7 @@ class CompletionServing(OpenAIServing):
     async def create(self, body: CompletionRequest, raw: Request) -> Response:
         body.check_unsupported()
         model = self.check_model(body.model)
-        params = body.sampling_params(body.max_tokens, body.logprobs)
+        params = body.sampling_params(body.max_tokens, body.logprobs, self.generation_defaults)
         prompts = self._prompts(body.prompt)
         for _, token_ids in prompts:
             self.check_prompt(token_ids, params.max_tokens, "prompt")

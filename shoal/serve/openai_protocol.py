@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shoal.engine.sampling_params import SamplingParams
+from shoal.errors import RequestError
+from shoal.serve.structured import logit_bias_of, structured_outputs_of
 
 
 class APIError(Exception):
@@ -80,6 +82,14 @@ class _SamplingBody(_Body):
     include_stop_str_in_output: bool = False
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # vLLM's extensions: logits processors and structured outputs (shoal.serve.structured)
+    allowed_token_ids: list[TokenId] | None = None
+    bad_words: list[str] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def check_unsupported(self) -> None:
         if self.n > MAX_N:
@@ -87,27 +97,43 @@ class _SamplingBody(_Body):
         if self.best_of is not None and self.best_of != self.n:
             raise bad_request("best_of different from n is not supported", "best_of",
                               "unsupported")
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported", "logit_bias", "unsupported")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true",
                               "stream_options")
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """The engine's SamplingParams; a ValueError becomes a 400 naming the field."""
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """The engine's SamplingParams; a ValueError becomes a 400 naming the field.
+
+        ``defaults`` (the checkpoint's generation_config.json) fill fields left unset.
+        """
+        defaults = defaults or {}
+
+        def pick(name: str, fallback: Any) -> Any:
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, fallback)
+
+        try:
+            structured, _ = structured_outputs_of(self)
+            logit_bias = logit_bias_of(self.logit_bias)
+        except RequestError as exc:
+            raise bad_request(str(exc), exc.param) from None
         try:
             return SamplingParams(
                 n=self.n,
-                temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p,
-                top_k=-1 if self.top_k is None else self.top_k,
-                min_p=0.0 if self.min_p is None else self.min_p,
+                temperature=pick("temperature", 1.0),
+                top_p=pick("top_p", 1.0),
+                top_k=pick("top_k", -1),
+                min_p=pick("min_p", 0.0),
                 seed=self.seed,
                 presence_penalty=self.presence_penalty or 0.0,
                 frequency_penalty=self.frequency_penalty or 0.0,
-                repetition_penalty=(1.0 if self.repetition_penalty is None
-                                    else self.repetition_penalty),
-                max_tokens=max_tokens,
+                repetition_penalty=pick("repetition_penalty", 1.0),
+                logit_bias=logit_bias,
+                allowed_token_ids=self.allowed_token_ids,
+                bad_words=self.bad_words,
+                structured_outputs=structured,
+                max_tokens=max_tokens if max_tokens is not None else defaults.get("max_tokens"),
                 min_tokens=self.min_tokens,
                 stop=self.stop,
                 stop_token_ids=self.stop_token_ids,
@@ -180,9 +206,6 @@ class ChatCompletionRequest(_SamplingBody):
         super().check_unsupported()
         if self.tools:
             raise bad_request("tools are not supported", "tools", "unsupported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise bad_request("only response_format {\"type\": \"text\"} is supported",
-                              "response_format", "unsupported")
         if self.top_logprobs and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs to be true", "top_logprobs")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -29,6 +30,8 @@ from shoal.serve.engine_client import (
 )
 from shoal.serve.logprobs import TokenTexts
 from shoal.serve.openai_protocol import APIError, bad_request
+
+logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
 
@@ -101,6 +104,9 @@ class OpenAIServing:
         self.model = model
         self.tokenizer = tokenizer
         self.token_texts = TokenTexts(tokenizer)
+        # sampling defaults from the checkpoint's generation_config.json (--generation-config)
+        self.generation_defaults: dict[str, Any] = {}
+        self.log_requests = True  # --disable-log-requests turns the per-request line off
 
     def check_model(self, name: str | None) -> str:
         """The model name to answer with; 404 for a model this server does not serve."""
@@ -135,10 +141,17 @@ class OpenAIServing:
     async def submit(self, request_id: str, prompt: str | None, token_ids: list[int],
                      params: SamplingParams, notify: asyncio.Event) -> RequestStream:
         """Hand a request to the engine; engine refusals become APIErrors."""
+        if self.log_requests:  # never the prompt text at INFO
+            logger.info("request %s: %d prompt tokens, n=%d, max_tokens=%s, temperature=%s%s",
+                        request_id, len(token_ids), params.n, params.max_tokens,
+                        params.temperature,
+                        ", structured" if params.structured_outputs is not None else "")
         try:
             return await self.engine.generate(request_id, prompt, token_ids, params, notify)
         except (RequestRejectedError, EngineDeadError) as exc:
             raise engine_error(exc, started=False) from None
+        except RequestError as exc:  # the input processor's checks (grammar, vocabulary)
+            raise bad_request(str(exc), exc.param, exc.code or "invalid_value") from None
         except ValueError as exc:  # a combination SamplingParams alone cannot judge
             raise bad_request(str(exc)) from None
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
+from shoal.checkpoint.hf import eos_token_ids, load_tokenizer
 from shoal.engine.control import (
     KVCacheInfo,
     KVCapacity,
@@ -38,6 +39,7 @@ from shoal.parallel.pipeline import IntermediateTensors
 from shoal.worker.device import resolve_dtype
 from shoal.worker.kv_connector import KVConnectorWorker, create_worker_connector
 from shoal.worker.sampler import Sampler, SamplingState, gather_logprobs
+from shoal.worker.structured_output import GrammarCache
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +110,7 @@ class ModelRunner:
         self.self_append = args.async_scheduling
         self.samples = self.is_output_rank or (self.self_append and ctx.pp.is_last)
         self.sampler = Sampler(seed=args.seed) if self.samples else None
+        self._grammar_cache: GrammarCache | None = None
         self.hidden_size = int(self.hf_config.hidden_size)
         # MoE layers of this stage, whose routed-token counts travel in each StepResult
         self.moe_layers = [m for m in self.model.modules() if hasattr(m, "reset_expert_counts")]
@@ -203,7 +206,12 @@ class ModelRunner:
         prompt = new.prompt_token_ids.tolist()
         sampling = None
         if self.samples:
-            sampling = SamplingState(new.sampling, new.prompt_token_ids, list(new.output_token_ids))
+            grammar = None
+            if new.sampling.structured_kind:
+                grammar = self._grammars().matcher(new.sampling.structured_kind,
+                                                   new.sampling.structured_spec)
+            sampling = SamplingState(new.sampling, new.prompt_token_ids,
+                                     list(new.output_token_ids), grammar=grammar)
         return _RequestState(
             token_ids=prompt + list(new.output_token_ids),
             page_ids=list(new.page_ids),
@@ -212,6 +220,17 @@ class ModelRunner:
             prompt_logprobs=new.sampling.prompt_logprobs,
             sampling=sampling,
         )
+
+    def _grammars(self) -> GrammarCache:
+        """The structured-output compiler over the model's tokenizer, built on first use."""
+        if self._grammar_cache is None:
+            tokenizer = load_tokenizer(self.load_args.model)
+            if tokenizer is None:
+                raise RuntimeError("structured output needs the model's tokenizer files")
+            vocab = int(self.hf_config.vocab_size)
+            self._grammar_cache = GrammarCache(
+                tokenizer, vocab, eos_token_ids(self.load_args.model, tokenizer))
+        return self._grammar_cache
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from shoal.engine.plan import SAMPLING_EPS, SamplingOptions
+from shoal.worker.structured_output import RequestGrammar, apply_grammars
 
 _MASK64 = (1 << 64) - 1
 _TOP_P_FIRST_CANDIDATES = 64  # top-p looks at this many best tokens first, then 8x more
@@ -82,6 +83,8 @@ class SamplingState:
     options: SamplingOptions
     prompt_token_ids: Sequence[int] | np.ndarray
     output_token_ids: list[int] = field(default_factory=list)
+    # the request's grammar matcher (structured output), advanced by every appended token
+    grammar: RequestGrammar | None = None
     # penalty bookkeeping: distinct output ids in first-seen order and their counts
     _prompt_ids: np.ndarray | None = field(default=None, init=False, repr=False)
     _out_ids: np.ndarray = field(
@@ -95,6 +98,9 @@ class SamplingState:
 
     def __post_init__(self) -> None:
         self.output_token_ids = list(self.output_token_ids)
+        if self.grammar is not None:  # a resumed request: replay what it generated
+            for token in self.output_token_ids:
+                self.grammar.accept(token)
 
     @property
     def is_greedy(self) -> bool:
@@ -113,8 +119,29 @@ class SamplingState:
         o = self.options
         return len(self.output_token_ids) < o.min_tokens and bool(o.stop_token_ids)
 
+    @property
+    def has_logits_processors(self) -> bool:
+        """True when logit_bias, allowed_token_ids, bad_words or a grammar applies."""
+        o = self.options
+        return bool(o.logit_bias_ids or o.allowed_token_ids or o.bad_words_ids
+                    or self.grammar is not None)
+
     def append_output(self, token_ids: Iterable[int]) -> None:
-        self.output_token_ids.extend(int(t) for t in token_ids)
+        new = [int(t) for t in token_ids]
+        self.output_token_ids.extend(new)
+        if self.grammar is not None:
+            for token in new:
+                self.grammar.accept(token)
+
+    def banned_by_bad_words(self) -> list[int]:
+        """Last tokens of bad words whose other tokens end the output (vLLM's rule)."""
+        out = self.output_token_ids
+        banned = []
+        for word in self.options.bad_words_ids:
+            prefix = word[:-1]
+            if not prefix or (len(out) >= len(prefix) and out[len(out) - len(prefix):] == prefix):
+                banned.append(word[-1])
+        return banned
 
     def prompt_ids(self) -> np.ndarray:
         """Distinct prompt token ids, int64 [P]; cached."""
@@ -224,6 +251,39 @@ def apply_penalties(
         flat.index_add_(
             0, torch.from_numpy(index).to(logits.device), torch.from_numpy(values).to(logits.device)
         )
+
+
+def apply_logits_processors(
+    logits: torch.Tensor, rows: Sequence[int], states: Sequence[SamplingState]
+) -> None:
+    """allowed_token_ids, bad_words, logit_bias, then grammar bitmasks, in place on [N, V].
+
+    Only the listed rows change, so free requests of a batch keep their logits bit for bit.
+    """
+    vocab = logits.shape[1]
+    device = logits.device
+    grammar_rows, grammars = [], []
+    for row, state in zip(rows, states):
+        o = state.options
+        if o.allowed_token_ids:
+            keep = torch.tensor([t for t in o.allowed_token_ids if t < vocab], dtype=torch.int64,
+                                device=device)
+            kept = logits[row, keep].clone()
+            logits[row].fill_(float("-inf"))
+            logits[row, keep] = kept
+        if o.bad_words_ids:
+            banned = [t for t in state.banned_by_bad_words() if t < vocab]
+            if banned:
+                logits[row, torch.tensor(banned, dtype=torch.int64, device=device)] = float("-inf")
+        if o.logit_bias_ids:
+            ids = torch.tensor(o.logit_bias_ids, dtype=torch.int64, device=device)
+            values = torch.tensor(o.logit_bias_values, dtype=logits.dtype, device=device)
+            logits[row].index_add_(0, ids, values)
+        if state.grammar is not None:
+            grammar_rows.append(row)
+            grammars.append(state.grammar)
+    if grammars:
+        apply_grammars(logits, grammar_rows, grammars)
 
 
 def _flat_index(
@@ -398,10 +458,13 @@ class Sampler:
         """min_tokens masking and penalties; a new tensor only if something applies."""
         short = [i for i, s in enumerate(states) if s.min_tokens_active]
         penalised = [i for i, s in enumerate(states) if s.has_penalties]
-        if not short and not penalised:
+        processed = [i for i, s in enumerate(states) if s.has_logits_processors]
+        if not short and not penalised and not processed:
             return logits
         logits = self._buffer(3, *logits.shape, logits.device).copy_(logits)
         vocab = logits.shape[1]
+        if processed:
+            apply_logits_processors(logits, processed, [states[i] for i in processed])
         for i in short:
             ids = [t for t in states[i].options.stop_token_ids if t < vocab]
             logits[i, torch.tensor(ids, dtype=torch.int64, device=logits.device)] = float("-inf")
