@@ -25,7 +25,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    args = ["--model", tiny_model, "--max-model-len", "512", "--kv-cache-memory", "20000000",
+    args = ["--dtype", "float32", "--model", tiny_model, "--max-model-len", "512", "--kv-cache-memory", "20000000",
             "--max-num-seqs", "16"]
     with ServerProcess(args) as srv:
         yield srv

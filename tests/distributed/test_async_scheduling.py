@@ -56,7 +56,7 @@ def workload():
 
 def run(checkpoint, async_scheduling, tp=1, pp=1, num_pages=None, abort_at=None):
     config = EngineConfig(
-        model=ModelConfig(model=checkpoint),
+        model=ModelConfig(model=checkpoint, dtype="float32"),
         parallel=ParallelConfig(tp_size=tp, pp_size=pp),
         cache=CacheConfig(page_size=PAGE, kv_cache_memory=1 << 22,
                           num_gpu_blocks_override=num_pages),

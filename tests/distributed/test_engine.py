@@ -38,7 +38,7 @@ def reference(checkpoint, prompts):
 
 def make_engine(checkpoint, tp=1, num_pages=None, budget=64, max_seqs=16):
     config = EngineConfig(
-        model=ModelConfig(model=checkpoint),
+        model=ModelConfig(model=checkpoint, dtype="float32"),
         parallel=ParallelConfig(tp_size=tp),
         cache=CacheConfig(page_size=PAGE, kv_cache_memory=1 << 22, num_gpu_blocks_override=num_pages),
         scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget),

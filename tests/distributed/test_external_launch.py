@@ -143,7 +143,7 @@ def run_with_launcher(script: str, env: dict, tmp_path, port: int) -> None:
                                 start_new_session=True)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-        with LLM(ckpt, tensor_parallel_size=2, distributed_executor_backend="external",
+        with LLM(ckpt, dtype="float32", tensor_parallel_size=2, distributed_executor_backend="external",
                  block_size=4, kv_cache_memory=1 << 22,
                  executor_kwargs={"host": "127.0.0.1", "bootstrap_port": port,
                                   "threads_per_worker": 1, "start_timeout_s": 240}) as llm:

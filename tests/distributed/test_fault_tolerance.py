@@ -71,7 +71,7 @@ def _gone(pids, timeout_s=10.0) -> bool:
 
 def make_engine(checkpoint, fault=None, **parallel) -> LLMEngine:
     return LLMEngine(EngineConfig(
-        model=ModelConfig(model=checkpoint),
+        model=ModelConfig(model=checkpoint, dtype="float32"),
         parallel=ParallelConfig(**parallel),
         cache=CacheConfig(page_size=4, kv_cache_memory=1 << 21),
         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32),
@@ -128,7 +128,7 @@ def test_with_restarts_off_generate_keeps_finished_outputs_and_fails_the_rest(
     inject("exit", 1, 6)  # rank 1 dies before its 6th step
     short = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     params = [short, GREEDY] * (len(prompts) // 2)
-    llm = LLM(checkpoint, tensor_parallel_size=2, block_size=4, kv_cache_memory=1 << 21,
+    llm = LLM(checkpoint, dtype="float32", tensor_parallel_size=2, block_size=4, kv_cache_memory=1 << 21,
               threads_per_worker=1, max_worker_restarts=0)
     pids = list(llm.engine.core.executor.pids)
     try:
@@ -154,7 +154,7 @@ def test_sigstop_of_a_worker_for_15_s_is_a_stall_not_a_death(checkpoint, prompts
                                                               caplog):
     """Silence beyond the heartbeat timeout from a live process: logged, nothing restarted."""
     engine = LLMEngine(EngineConfig(
-        model=ModelConfig(model=checkpoint), parallel=ParallelConfig(tp_size=2),
+        model=ModelConfig(model=checkpoint, dtype="float32"), parallel=ParallelConfig(tp_size=2),
         cache=CacheConfig(page_size=4, kv_cache_memory=1 << 21),
         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32),
         executor=ExecutorConfig(threads_per_worker=1, heartbeat_timeout_s=5.0),

@@ -20,7 +20,7 @@ LAYERS = 3
 
 
 def generate(checkpoint, **options):
-    with LLM(checkpoint, block_size=4, kv_cache_memory=1 << 22, max_num_seqs=2,
+    with LLM(checkpoint, dtype="float32", block_size=4, kv_cache_memory=1 << 22, max_num_seqs=2,
              executor_kwargs={"threads_per_worker": 1}, **options) as llm:
         outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
         return [o.outputs[0].token_ids for o in outs]

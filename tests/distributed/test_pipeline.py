@@ -17,7 +17,7 @@ def prompts(n, seed=3, vocab=211):
 
 
 def generate(checkpoint, batch, **layout):
-    with LLM(checkpoint, block_size=4, kv_cache_memory=1 << 22, max_num_seqs=8,
+    with LLM(checkpoint, dtype="float32", block_size=4, kv_cache_memory=1 << 22, max_num_seqs=8,
              executor_kwargs={"threads_per_worker": 1}, **layout) as llm:
         outs = llm.generate(batch, GREEDY, use_tqdm=False)
         return [o.outputs[0].token_ids for o in outs], llm.stats()

@@ -164,7 +164,7 @@ def test_llm_over_two_nodes_equals_transformers(cluster, tmp_path):
     ckpt = tiny_checkpoint("llama", tmp_path)
     prompts = [[5, 17, 42, 9], [100, 3, 77, 21, 8, 64, 150], [7]]
     params = SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True)
-    with LLM(ckpt, tensor_parallel_size=2, distributed_executor_backend="ray", block_size=4,
+    with LLM(ckpt, dtype="float32", tensor_parallel_size=2, distributed_executor_backend="ray", block_size=4,
              kv_cache_memory=1 << 22,
              executor_kwargs={"threads_per_worker": 1, "placement_strategy": "STRICT_SPREAD"}) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
@@ -181,7 +181,7 @@ def test_killed_actor_is_replaced_and_generation_completes(cluster, tmp_path):
 
     ckpt = tiny_checkpoint("llama", tmp_path)
     prompt, params = [5, 17, 42], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    llm = LLM(ckpt, tensor_parallel_size=2, distributed_executor_backend="ray", block_size=4,
+    llm = LLM(ckpt, dtype="float32", tensor_parallel_size=2, distributed_executor_backend="ray", block_size=4,
               kv_cache_memory=1 << 22, executor_kwargs={"threads_per_worker": 1})
     try:
         engine = llm.engine

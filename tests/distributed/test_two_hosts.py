@@ -46,7 +46,7 @@ DRIVER = textwrap.dedent("""
     def say(**kw):
         print(json.dumps(kw), flush=True)
 
-    llm = LLM(ckpt, tensor_parallel_size=2, distributed_executor_backend="external",
+    llm = LLM(ckpt, dtype="float32", tensor_parallel_size=2, distributed_executor_backend="external",
               block_size=4, kv_cache_memory=1 << 22, max_worker_restarts=0,
               executor_kwargs={"host": host, "bootstrap_port": int(port), "threads_per_worker": 1,
                                "heartbeat_timeout_s": float(hb)})

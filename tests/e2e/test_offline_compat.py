@@ -70,7 +70,7 @@ def llm(tmp_path_factory, smollm2_dir):
         shutil.copy(smollm2_dir / name, ckpt)
     with open(f"{ckpt}/generation_config.json", "w") as f:
         json.dump({"eos_token_id": 2, "temperature": 0.0, "max_new_tokens": 5}, f)
-    with LLM(ckpt, block_size=16, kv_cache_memory=1 << 24, max_num_seqs=8) as engine:
+    with LLM(ckpt, dtype="float32", block_size=16, kv_cache_memory=1 << 24, max_num_seqs=8) as engine:
         yield engine
 
 

@@ -50,7 +50,7 @@ def tiny_with_tokenizer(tmp_path, smollm2_dir) -> str:
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory, smollm2_dir):
     ckpt = tiny_with_tokenizer(tmp_path_factory.mktemp("tiny"), smollm2_dir)
-    args = ["--model", ckpt, "--max-model-len", "256", "--kv-cache-memory", str(8 << 20),
+    args = ["--dtype", "float32", "--model", ckpt, "--max-model-len", "256", "--kv-cache-memory", str(8 << 20),
             "--max-num-seqs", "16", "--served-model-name", "m"]
     with ServerProcess(args) as srv:
         srv.banner_log = srv.log_tail(20000)  # what was logged before /health answered

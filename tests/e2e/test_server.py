@@ -29,7 +29,7 @@ GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir):
-    args = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", str(50_000_000),
+    args = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", str(50_000_000),
             "--max-num-seqs", "32", "--api-key", API_KEY]
     with ServerProcess(args) as srv:
         yield srv

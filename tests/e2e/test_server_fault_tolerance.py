@@ -65,7 +65,7 @@ def model_dir(smollm2_dir, tmp_path_factory):
 
 
 def test_streams_survive_kill_9_of_a_worker(model_dir):
-    args = ["--model", str(model_dir), "--served-model-name", "m", "-tp", "2",
+    args = ["--dtype", "float32", "--model", str(model_dir), "--served-model-name", "m", "-tp", "2",
             "--max-model-len", "128", "--kv-cache-memory", str(1 << 21), "--block-size", "4",
             "--threads-per-worker", "1"]
     with ServerProcess(args) as server:

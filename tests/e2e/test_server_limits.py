@@ -33,7 +33,7 @@ PROMPT = [5, 6, 7, 8, 9, 10, 11, 12]
 def server(tmp_path_factory):
     model = tiny_checkpoint("llama", tmp_path_factory.mktemp("tiny"),
                             max_position_embeddings=MAX_MODEL_LEN)
-    args = ["--model", model, "--max-model-len", str(MAX_MODEL_LEN),
+    args = ["--dtype", "float32", "--model", model, "--max-model-len", str(MAX_MODEL_LEN),
             "--kv-cache-memory", str(NUM_PAGES * PAGE * BYTES_PER_TOKEN), "--block-size", str(PAGE),
             "--max-num-seqs", "1", "--max-waiting-requests", "1"]
     with ServerProcess(args) as srv:
