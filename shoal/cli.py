@@ -15,6 +15,7 @@ from shoal.engine.sampling_params import SamplingParams
 from shoal.engine_args import add_engine_args, engine_config_from_args
 from shoal.frontend.llm_engine import LLMEngine
 from shoal.serve.api_server import run_server
+from shoal.serve.limits import add_limit_args
 from shoal.worker.main import run_headless_worker
 from shoal.errors import ShoalError
 
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("SHOAL_API_KEY"))
+    add_limit_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate text for prompts, streamed to the terminal")

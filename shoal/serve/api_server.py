@@ -37,6 +37,8 @@ from shoal.checkpoint.hf import eos_token_ids, load_tokenizer, model_max_len
 from shoal.serve.chat import ChatServing
 from shoal.serve.completions import CompletionServing
 from shoal.serve.engine_client import AsyncEngineClient, EngineDeadError
+from shoal.serve.http_guard import ConcurrencyGuard, guarded_protocol
+from shoal.serve.limits import RequestLimits, limits_from_args, parse_request
 from shoal.serve.metrics import ServerMetrics
 from shoal.serve.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body
 from shoal.serve.serving import ServedModel
@@ -55,6 +57,8 @@ class ServerSettings:
     model: ServedModel
     api_key: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
+    limits: RequestLimits = RequestLimits()
+    max_concurrent_requests: int | None = None  # /v1 requests in flight (None: from config)
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -139,6 +143,10 @@ def build_app(settings: ServerSettings) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None)
     if settings.api_key:
         app.add_middleware(BearerAuth, api_key=settings.api_key)
+    scheduler = config.scheduler
+    concurrent = settings.max_concurrent_requests or (
+        2 * (scheduler.max_waiting_requests + scheduler.max_num_seqs) + 256)
+    app.add_middleware(ConcurrencyGuard, limit=concurrent)  # outermost: before auth work
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -184,13 +192,14 @@ def build_app(settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = parse_body(await read_body(request, settings.max_body_bytes), CompletionRequest)
+        body = await parse_request(request, CompletionRequest, settings.limits,
+                                   settings.max_body_bytes)
         return await state["completions"].create(body, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = parse_body(await read_body(request, settings.max_body_bytes),
-                          ChatCompletionRequest)
+        body = await parse_request(request, ChatCompletionRequest, settings.limits,
+                                   settings.max_body_bytes)
         return await state["chat"].create(body, request)
 
     app.state.shoal = state
@@ -222,20 +231,24 @@ def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> None:
     import uvicorn
 
     engine_config = bounded_queue(engine_config)
-    scheduler = engine_config.scheduler
     os.environ.setdefault("SHOAL_LOG_LEVEL", getattr(args, "log_level", "WARNING").upper())
     settings = ServerSettings(
         engine_config=engine_config,
         model=served_model(engine_config, getattr(args, "served_model_name", None)),
         api_key=getattr(args, "api_key", None) or None,
+        limits=limits_from_args(args),
+        max_concurrent_requests=getattr(args, "max_concurrent_requests", None),
     )
     app = build_app(settings)
-    # a backstop far above what the queue admits: beyond it uvicorn answers 503 itself
-    limit = 2 * (scheduler.max_waiting_requests + scheduler.max_num_seqs) + 256
+    # no uvicorn limit_concurrency: it counts open connections, so slow clients would make
+    # /health answer 503; ConcurrencyGuard caps /v1 requests and guarded_protocol sockets
+    protocol = guarded_protocol(getattr(args, "header_timeout", 10.0),
+                                getattr(args, "max_connections", 4096),
+                                getattr(args, "max_requests_per_connection", 1000))
     logger.info("serving %s on http://%s:%d", settings.model.name, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop",
+    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http=protocol,
                 log_level=getattr(args, "log_level", "warning").lower(),
-                timeout_keep_alive=5, limit_concurrency=limit, timeout_graceful_shutdown=5)
+                timeout_keep_alive=5, timeout_graceful_shutdown=5)
 
 
 __all__ = ["EngineDeadError", "ServerSettings", "build_app", "run_server", "served_model"]

@@ -66,7 +66,8 @@ class ChatServing(OpenAIServing):
         body.check_unsupported()
         model = self.check_model(body.model)
         params, max_param = self._params(body)
-        text, token_ids = self.render(body)
+        # the chat template and tokenizer grow with the input: a thread, never the event loop
+        text, token_ids = await asyncio.to_thread(self.render, body)
         self.check_prompt(token_ids, params.max_tokens, "messages", max_param)
         request_id = random_id("chatcmpl")
         notify = asyncio.Event()

@@ -45,7 +45,8 @@ class CompletionServing(OpenAIServing):
         body.check_unsupported()
         model = self.check_model(body.model)
         params = body.sampling_params(body.max_tokens, body.logprobs)
-        prompts = self._prompts(body.prompt)
+        # tokenizing grows with the input: a thread, never the event loop
+        prompts = await asyncio.to_thread(self._prompts, body.prompt)
         for _, token_ids in prompts:
             self.check_prompt(token_ids, params.max_tokens, "prompt")
         base_id = random_id("cmpl")
