@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from typing import Any
@@ -29,6 +28,7 @@ import zmq
 
 from shoal.comm.codec import DEFAULT_MAX_MESSAGE_BYTES, decode, encode
 from shoal.comm.security import ControlAuthenticator, ControlKeys, WorkerKeys, peer_rank
+from shoal.comm.socket_dirs import make_socket_dir
 from shoal.comm.shm_ring import ShmRing, pack_frames, unpack_frames
 from shoal.errors import ProtocolError
 
@@ -82,7 +82,7 @@ class DriverChannel:
             if self.keys is not None:
                 self.keys.apply_server(sock)
         if transport == "ipc":
-            self._ipc_dir = tempfile.mkdtemp(prefix="shoal-")
+            self._ipc_dir = make_socket_dir("driver")
             self.bootstrap_address = self._bind(self.bootstrap, f"ipc://{self._ipc_dir}/boot")
             self.broadcast_address = self._bind(self.broadcast, f"ipc://{self._ipc_dir}/bcast")
             self.return_address = self._bind(self.results, f"ipc://{self._ipc_dir}/ret")

@@ -37,7 +37,8 @@ from shoal.checkpoint.hf import eos_token_ids, load_tokenizer, model_max_len
 from shoal.serve.chat import ChatServing
 from shoal.serve.completions import CompletionServing
 from shoal.serve.engine_client import AsyncEngineClient, EngineDeadError
-from shoal.serve.http_guard import ConcurrencyGuard, guarded_protocol
+from shoal.serve.http_guard import (ConcurrencyGuard, GracefulServer, ServerLifecycle,
+                                    guarded_protocol)
 from shoal.serve.limits import RequestLimits, limits_from_args, parse_request
 from shoal.serve.metrics import ServerMetrics
 from shoal.serve.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body
@@ -146,7 +147,10 @@ def build_app(settings: ServerSettings) -> FastAPI:
     scheduler = config.scheduler
     concurrent = settings.max_concurrent_requests or (
         2 * (scheduler.max_waiting_requests + scheduler.max_num_seqs) + 256)
-    app.add_middleware(ConcurrencyGuard, limit=concurrent)  # outermost: before auth work
+    lifecycle = ServerLifecycle()
+    app.add_middleware(ConcurrencyGuard, limit=concurrent,  # outermost: before auth work
+                       lifecycle=lifecycle)
+    app.state.lifecycle = lifecycle
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -245,10 +249,19 @@ def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> None:
     protocol = guarded_protocol(getattr(args, "header_timeout", 10.0),
                                 getattr(args, "max_connections", 4096),
                                 getattr(args, "max_requests_per_connection", 1000))
+    shutdown_timeout = getattr(args, "shutdown_timeout", 30.0)
     logger.info("serving %s on http://%s:%d", settings.model.name, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http=protocol,
-                log_level=getattr(args, "log_level", "warning").lower(),
-                timeout_keep_alive=5, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop", http=protocol,
+                            log_level=getattr(args, "log_level", "warning").lower(),
+                            timeout_keep_alive=5,
+                            timeout_graceful_shutdown=shutdown_timeout + 10)  # a backstop
+
+    def end_all(reason: str) -> None:
+        engine = app.state.shoal.get("engine")
+        if engine is not None:
+            engine.fail_all(reason)
+
+    GracefulServer(config, app.state.lifecycle, end_all, shutdown_timeout).run()
 
 
 __all__ = ["EngineDeadError", "ServerSettings", "build_app", "run_server", "served_model"]

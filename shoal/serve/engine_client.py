@@ -18,12 +18,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import zmq
 import zmq.asyncio
 
+from shoal.comm.socket_dirs import make_socket_dir
 from shoal.comm.codec import decode, encode
 from shoal.engine.control import Shutdown
 from shoal.engine.core_io import AbortRequests, CoreOutputs, EngineFailure, EngineReady
@@ -158,7 +158,7 @@ class AsyncEngineClient:
     async def start(self) -> None:
         """Start the core process (it connects to sockets bound here); see ``wait_ready``."""
         loop = asyncio.get_running_loop()
-        self._tmpdir = tempfile.mkdtemp(prefix="shoal-api-")
+        self._tmpdir = make_socket_dir("api")  # stale ones of dead servers are removed
         self._sync_ctx = zmq.Context()
         self._async_ctx = zmq.asyncio.Context()
         self._push = self._sync_ctx.socket(zmq.PUSH)  # never blocks: no high-water mark
@@ -216,6 +216,10 @@ class AsyncEngineClient:
                 ctx.destroy(linger=0)
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def fail_all(self, reason: str) -> None:
+        """End every request in flight with ``reason`` (streams: an error event, [DONE])."""
+        self._mark_dead(reason, log=False)
 
     @property
     def healthy(self) -> bool:

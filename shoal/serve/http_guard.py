@@ -11,12 +11,21 @@
   counted, so probes and scrapers are answered while the API is saturated.
   (uvicorn's own ``limit_concurrency`` counts open connections, so half-open
   sockets made it answer 503 to ``/health`` too; it is not used.)
+- ``GracefulServer``: on SIGTERM/SIGINT it stops admissions (new ``/v1``
+  requests get 503, the listening socket closes), lets running requests and
+  streams finish for up to ``shutdown_timeout_s``, then ends every one that is
+  left through the engine client (a stream gets an error event, then
+  ``[DONE]``), so nothing is cut mid-event and no task is cancelled.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import uvicorn
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -82,22 +91,35 @@ def guarded_protocol(header_timeout_s: float = 10.0, max_connections: int = 4096
     return GuardedHttpProtocol
 
 
+@dataclass
+class ServerLifecycle:
+    """Shared by the middleware and the server: set when shutdown begins."""
+
+    draining: bool = False
+
+
 class ConcurrencyGuard:
     """Pure ASGI middleware: at most ``limit`` ``/v1`` requests in flight, else 503."""
 
-    def __init__(self, app: ASGIApp, limit: int):
+    def __init__(self, app: ASGIApp, limit: int, lifecycle: ServerLifecycle | None = None):
         if limit <= 0:
             raise ValueError(f"the concurrent request limit must be positive, got {limit}")
         self.app = app
         self.limit = limit
+        self.lifecycle = lifecycle or ServerLifecycle()
         self.active = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1"):
             await self.app(scope, receive, send)
             return
+        if self.lifecycle.draining:
+            await _unavailable(send, "the server is shutting down", "shutting_down")
+            return
         if self.active >= self.limit:
-            await _overloaded(send, self.limit)
+            await _unavailable(send, f"the server is handling {self.limit} requests, its "
+                               "limit (--max-concurrent-requests); retry shortly",
+                               "too_many_requests")
             return
         self.active += 1
         try:
@@ -106,12 +128,33 @@ class ConcurrencyGuard:
             self.active -= 1
 
 
-async def _overloaded(send: Send, limit: int) -> None:
-    body = json.dumps({"error": {
-        "message": f"the server is handling {limit} requests, its limit "
-                   "(--max-concurrent-requests); retry shortly",
-        "type": "server_overloaded", "param": None, "code": "too_many_requests"}}).encode()
+async def _unavailable(send: Send, message: str, code: str) -> None:
+    body = json.dumps({"error": {"message": message, "type": "server_overloaded",
+                                 "param": None, "code": code}}).encode()
     await send({"type": "http.response.start", "status": 503, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         (b"retry-after", str(RETRY_AFTER_S).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server with a drain phase: admissions stop, running work gets a deadline."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: ServerLifecycle,
+                 end_all: Callable[[str], None], shutdown_timeout_s: float):
+        super().__init__(config)
+        self.lifecycle = lifecycle
+        self.end_all = end_all
+        self.shutdown_timeout_s = shutdown_timeout_s
+
+    async def shutdown(self, sockets=None) -> None:
+        self.lifecycle.draining = True
+        logger.warning("shutting down: no new requests; running ones have %.0f s to finish",
+                       self.shutdown_timeout_s)
+        deadline = asyncio.get_running_loop().call_later(
+            self.shutdown_timeout_s, self.end_all,
+            f"the server is shutting down (--shutdown-timeout {self.shutdown_timeout_s:g} s)")
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()

@@ -67,6 +67,9 @@ def add_limit_args(parser: argparse.ArgumentParser) -> None:
                         "headers is closed")
     c.add_argument("--max-requests-per-connection", type=int, default=1000,
                    help="keep-alive requests on one connection")
+    c.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds running requests may take to finish after SIGTERM; "
+                        "then each ends with an error (streams: error event, [DONE])")
     c.add_argument("--max-concurrent-requests", type=int, default=None,
                    help="/v1 requests in flight before 503 + Retry-After (default: "
                         "2 x (max-num-seqs + max-waiting-requests) + 256); /health and "

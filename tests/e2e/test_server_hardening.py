@@ -27,7 +27,8 @@ from shoal.serve.launcher import ServerProcess
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 HEADER_TIMEOUT_S = 2
-MAX_CONCURRENT = 4
+MAX_CONCURRENT = 8
+SHUTDOWN_TIMEOUT_S = 2
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +40,12 @@ def server(tmp_path_factory, smollm2_dir):
             shutil.copy(smollm2_dir / name, model)
     args = ["--model", model, "--max-model-len", "512", "--kv-cache-memory", "20000000",
             "--max-num-seqs", "4", "--header-timeout", str(HEADER_TIMEOUT_S),
-            "--max-connections", "128", "--max-concurrent-requests", str(MAX_CONCURRENT)]
+            "--max-connections", "128", "--max-concurrent-requests", str(MAX_CONCURRENT),
+            "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
     with ServerProcess(args) as srv:
         yield srv
         log = srv.log_tail(200_000)
-    assert "Traceback" not in log, log[-4000:]
+    assert "Traceback" not in log, log[-4000:]  # also when the SIGTERM test did not run
 
 
 @pytest.fixture(scope="module")
@@ -160,13 +162,13 @@ def test_slow_header_clients_do_not_make_health_fail(server, http):
 
 
 def test_saturated_api_answers_503_while_health_answers(server, http):
-    body = {"prompt": [5, 6, 7], "max_tokens": 400, "ignore_eos": True, "stream": True}
+    body = {"prompt": [5, 6, 7], "max_tokens": 500, "ignore_eos": True, "stream": True}
     clients = [httpx.Client(base_url=server.url, timeout=120) for _ in range(MAX_CONCURRENT)]
     streams = [c.stream("POST", "/v1/completions", json=body) for c in clients]
     try:
         for s in streams:
             assert s.__enter__().status_code == 200
-        r = http.post("/v1/completions", json={"prompt": [5], "max_tokens": 1})
+        r = http.post("/v1/completions", json={"prompt": [5], "max_tokens": 1}, timeout=30)
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "too_many_requests"
         assert http.get("/health").status_code == 200
@@ -230,3 +232,61 @@ def test_fuzz_hostile_bodies_get_no_5xx(http, path):
 
     check()
     assert len(seen) >= 500
+
+
+# -- last: SIGTERM ends the shared server -------------------------------------------------------
+
+
+def test_sigterm_during_8_streams_ends_each_with_done(server):
+    """Each of 8 live streams gets its tokens or an error event, then [DONE]; no traceback,
+    no socket directory left behind."""
+    import glob
+    import os
+    import signal
+    import tempfile
+
+    import psutil
+
+    core_pids = [p.pid for p in psutil.Process(server.proc.pid).children()]
+    body = {"prompt": [5, 6, 7], "max_tokens": 500, "ignore_eos": True, "stream": True}
+    events: list[list[str]] = [[] for _ in range(8)]
+    started = threading.Barrier(9, timeout=60)
+
+    def consume(i: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()
+                for line in lines:
+                    if line.startswith("data:"):
+                        events[i].append(line[5:].strip())
+                        break
+                started.wait()
+                for line in lines:
+                    if line.startswith("data:"):
+                        events[i].append(line[5:].strip())
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    started.wait()
+    server.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=60)
+    # uvicorn re-raises the signal once it has shut down cleanly: exit by SIGTERM, or 0
+    assert server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    errors = 0
+    print("streams ended by the shutdown deadline:", end=" ")
+    for stream in events:
+        assert stream and stream[-1] == "[DONE]", stream[-3:]
+        last = json.loads(stream[-2])
+        if "error" in last:
+            errors += 1
+            assert "shutting down" in last["error"]["message"]
+        else:
+            assert last["choices"][0]["finish_reason"] == "length"
+    print(errors)
+    log = server.log_tail(200_000)
+    assert "Traceback" not in log, log[-4000:]
+    for pid in [server.proc.pid, *core_pids]:
+        assert not glob.glob(os.path.join(tempfile.gettempdir(), f"shoal-*-{pid}-*"))
