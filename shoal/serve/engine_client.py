@@ -210,7 +210,7 @@ class AsyncEngineClient:
                 logger.warning("engine core did not exit in %.0f s; killing it", timeout_s)
                 proc.kill()
                 await asyncio.to_thread(proc.wait, timeout_s)
-        self._mark_dead("the server is shutting down", log=False)
+        self._mark_dead("the server is shutting down", log=False, kind="shutdown")
         for ctx in (self._sync_ctx, self._async_ctx):
             if ctx is not None:
                 ctx.destroy(linger=0)
@@ -219,17 +219,19 @@ class AsyncEngineClient:
 
     def fail_all(self, reason: str) -> None:
         """End every request in flight with ``reason`` (streams: an error event, [DONE])."""
-        self._mark_dead(reason, log=False)
+        self._mark_dead(reason, log=False, kind="shutdown")
 
     @property
     def healthy(self) -> bool:
         return self.dead_reason is None and self.info is not None
 
-    def _mark_dead(self, reason: str, log: bool = True) -> None:
+    def _mark_dead(self, reason: str, log: bool = True, kind: str = "engine_dead") -> None:
         if self.dead_reason is not None:
             return
         self.dead_reason = reason
         self.metrics.set_healthy(False)
+        # gauges would otherwise freeze at their last values; failed requests are counted
+        self.metrics.engine_down(len(self._streams), kind)
         if log:
             logger.error("engine core is dead: %s", reason)
         error = EngineDeadError(reason)
