@@ -41,7 +41,7 @@ from shoal.serve.http_guard import (ConcurrencyGuard, GracefulServer, ServerLife
                                     guarded_protocol)
 from shoal.serve.limits import RequestLimits, limits_from_args, parse_request
 from shoal.serve.metrics import ServerMetrics
-from shoal.serve.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body
+from shoal.serve.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest
 from shoal.serve.serving import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -84,20 +84,6 @@ class BearerAuth:
                 await error_response(error)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes (413) before reading it all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the request body exceeds {limit} bytes", code="body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body exceeds {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def bounded_queue(config: EngineConfig) -> EngineConfig:

@@ -213,3 +213,20 @@ def test_ipc_driver_drops_forged_frames_and_binds_only_loopback(caplog):
             push.close()
         finally:
             ctx.destroy(linger=0)
+
+
+def test_a_stranger_at_the_store_cannot_stall_the_engine(tcp_engine):
+    """Garbage and big writes at the rendezvous store: the engine keeps answering."""
+    import datetime
+
+    import torch.distributed as dist
+
+    ex, _, _ = tcp_engine
+    raw_garbage(f"tcp://{ex.store_host}:{ex.store.port}")
+    stranger = dist.TCPStore(ex.store_host, ex.store.port, is_master=False,
+                             timeout=datetime.timedelta(seconds=10))
+    for i in range(3):
+        stranger.set(f"junk{i}", b"x" * (8 << 20))
+    ask(ex)
+    del stranger
+    ask(ex)
