@@ -135,7 +135,7 @@ def test_a_listener_without_the_key_reads_no_plan(tcp_engine):
         sock.close()
 
 
-def test_a_peer_without_the_key_cannot_inject(tcp_engine, caplog):
+def test_a_peer_without_the_key_cannot_inject(tcp_engine):
     ex, keys, ctx = tcp_engine
     failure = encode(WorkerFailure(rank=0, step_id=0, error="spoofed: engine, die"))
     plain = peer(ctx, zmq.PUSH, ex.channel.return_address)
