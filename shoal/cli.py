@@ -13,10 +13,11 @@ from shoal.bench.cli import add_bench_parser, run_bench
 from shoal.checkpoint.default_model import ensure_default_model
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine_args import add_engine_args, engine_config_from_args
+from shoal.errors import ShoalError
 from shoal.frontend.llm_engine import LLMEngine
 from shoal.serve.api_server import run_server
+from shoal.serve.limits import add_limit_args
 from shoal.worker.main import run_headless_worker
-from shoal.errors import ShoalError
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: --log-level)")
     p.add_argument("--disable-log-requests", action="store_true",
                    help="no INFO line per received request")
+    add_limit_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate text for prompts, streamed to the terminal")

@@ -2,11 +2,14 @@
 
 The driver hosts the rendezvous TCPStore itself (bound to port 0, so the OS picks
 a free port); workers connect to it. gloo on CPU, NCCL when every rank has a GPU.
+A TCPStore server listens on every interface by itself; the driver hands it a
+socket bound to the one interface its workers use (loopback for local workers).
 """
 from __future__ import annotations
 
 import datetime
 import logging
+import socket
 
 import torch
 import torch.distributed as dist
@@ -20,15 +23,30 @@ def default_backend(device: torch.device) -> str:
 
 
 def create_store_server(host: str, world_size: int, timeout_s: float = 300.0) -> dist.TCPStore:
-    """Start the rendezvous store in the driver; its ``.port`` is what workers dial."""
-    return dist.TCPStore(
-        host,
-        0,
-        world_size=None,
-        is_master=True,
-        timeout=datetime.timedelta(seconds=timeout_s),
-        wait_for_workers=False,
-    )
+    """Start the rendezvous store in the driver, listening on ``host`` only.
+
+    Its ``.port`` is what workers dial.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.bind(address)
+        listener.listen(128)
+        port = listener.getsockname()[1]
+        store = dist.TCPStore(
+            host,
+            port,
+            world_size=None,
+            is_master=True,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            wait_for_workers=False,
+            master_listen_fd=listener.fileno(),
+        )
+    except BaseException:
+        listener.close()
+        raise
+    listener.detach()  # the store owns the descriptor now
+    return store
 
 
 def init_distributed(

@@ -10,7 +10,9 @@ Three sockets, all bound by the driver at addresses chosen at run time:
 - return (PULL ← PUSH): replies, step results and worker heartbeats.
 
 Addresses are ipc:// in a private temporary directory on one host, tcp:// on a
-real interface address with an OS-chosen port when workers are remote.
+real interface address with an OS-chosen port when workers are remote. Every
+tcp link is CURVE-encrypted and authenticated (``shoal.comm.security``): the
+driver's sockets are CURVE servers that admit only its ranks' keys.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from typing import Any
@@ -26,6 +27,8 @@ from typing import Any
 import zmq
 
 from shoal.comm.codec import DEFAULT_MAX_MESSAGE_BYTES, decode, encode
+from shoal.comm.security import ControlAuthenticator, ControlKeys, WorkerKeys, peer_rank
+from shoal.comm.socket_dirs import make_socket_dir
 from shoal.comm.shm_ring import ShmRing, pack_frames, unpack_frames
 from shoal.errors import ProtocolError
 
@@ -54,11 +57,18 @@ class DriverChannel:
         host: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         bootstrap_port: int = 0,
+        keys: ControlKeys | None = None,
     ):
+        """``keys``: CURVE keys for tcp (required there: no tcp link goes unauthenticated)."""
         if transport not in ("ipc", "tcp"):
             raise ValueError(f"transport must be 'ipc' or 'tcp', got {transport!r}")
+        if transport == "tcp" and keys is None:
+            raise ValueError("a tcp control channel needs CURVE keys (ControlKeys.generate)")
         self.max_message_bytes = max_message_bytes
+        self.keys = keys if transport == "tcp" else None
+        self.last_peer: int | None = None  # the rank whose key sent the last message (tcp)
         self._ctx = zmq.Context()
+        self._auth = ControlAuthenticator(self._ctx, self.keys) if self.keys else None
         self._ipc_dir: str | None = None
         self._send_lock = threading.Lock()  # heartbeats come from another thread
         self.bootstrap = self._ctx.socket(zmq.REP)
@@ -69,8 +79,10 @@ class DriverChannel:
         self.results.setsockopt(zmq.RCVHWM, 0)
         for sock in (self.bootstrap, self.broadcast, self.results):
             sock.setsockopt(zmq.LINGER, 0)
+            if self.keys is not None:
+                self.keys.apply_server(sock)
         if transport == "ipc":
-            self._ipc_dir = tempfile.mkdtemp(prefix="shoal-")
+            self._ipc_dir = make_socket_dir("driver")
             self.bootstrap_address = self._bind(self.bootstrap, f"ipc://{self._ipc_dir}/boot")
             self.broadcast_address = self._bind(self.broadcast, f"ipc://{self._ipc_dir}/bcast")
             self.return_address = self._bind(self.results, f"ipc://{self._ipc_dir}/ret")
@@ -109,11 +121,14 @@ class DriverChannel:
             return None
         frames = self.bootstrap.recv_multipart(copy=False)
         try:
+            self.last_peer = peer_rank(frames[0]) if self.keys else None
             request = decode(frames, MAX_BOOTSTRAP_BYTES)
             reply = answer(request)
         except Exception as exc:
             self.bootstrap.send_multipart(encode(refuse(str(exc))))
-            raise
+            if isinstance(exc, ProtocolError):
+                raise
+            raise ProtocolError(f"bootstrap request refused: {exc}") from exc
         self.bootstrap.send_multipart(encode(reply))
         return request
 
@@ -130,7 +145,7 @@ class DriverChannel:
                 alive()
             if self.broadcast.poll(int(min(remaining, 0.1) * 1000)):
                 event = self.broadcast.recv()
-                if event[:1] == b"\x01":
+                if event == b"\x01":  # a subscription to everything (what workers send)
                     self._subscribers += 1
 
     def publish(self, msg: Any) -> int:
@@ -151,11 +166,14 @@ class DriverChannel:
         if not self._poller.poll(timeout_ms):
             return None
         frames = self.results.recv_multipart(copy=False)
+        self.last_peer = peer_rank(frames[0]) if self.keys else None
         return decode(frames, self.max_message_bytes)
 
     def close(self) -> None:
         for sock in (self.bootstrap, self.broadcast, self.results):
             sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
         self._ctx.term()
         if self.ring is not None:
             self.ring.unlink()
@@ -164,16 +182,20 @@ class DriverChannel:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
 
-def request_bootstrap(address: str, request: Any, timeout_s: float = 60.0) -> Any:
+def request_bootstrap(address: str, request: Any, timeout_s: float = 60.0,
+                      keys: WorkerKeys | None = None) -> Any:
     """A worker's first contact: send ``request`` to the driver's bootstrap socket.
 
-    Returns the driver's reply message (the caller checks its type).
+    Returns the driver's reply message (the caller checks its type). ``keys``: this
+    rank's CURVE keys (tcp drivers refuse anyone without them).
     """
     ctx = zmq.Context.instance()
     deadline = time.monotonic() + timeout_s
     while True:
         sock = ctx.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            keys.apply(sock)
         sock.connect(address)
         try:
             sock.send_multipart(encode(request))
@@ -195,14 +217,18 @@ class WorkerChannel:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         ring_path: str = "",
         reader: int = 0,
+        keys: WorkerKeys | None = None,
     ):
         self.max_message_bytes = max_message_bytes
+        self.keys = keys
         # broadcasts come through the driver's shared-memory ring when it has one
         self.ring = ShmRing.attach(ring_path, reader) if ring_path else None
         self._ctx = zmq.Context()
         self.sub = self._ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, 0)
         self.sub.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            keys.apply(self.sub)
         self.sub.connect(broadcast_address)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.push = self._new_push(return_address)
@@ -213,6 +239,8 @@ class WorkerChannel:
         sock = self._ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.LINGER, 1000)
+        if self.keys is not None:
+            self.keys.apply(sock)
         sock.connect(address)
         return sock
 

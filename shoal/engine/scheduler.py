@@ -144,12 +144,20 @@ class Scheduler:
             )
 
     def check_admission(self, count: int) -> None:
-        """Raise OverloadedError if ``count`` more requests would overflow the waiting queue."""
+        """Raise OverloadedError if ``count`` more requests would overflow the waiting queue.
+
+        Requests that arrived since the last step wait only until the next one when a
+        running slot is free for them, so free slots count as room: a burst of up to
+        ``max_num_seqs + max_waiting_requests`` is admitted into an idle engine.
+        """
         limit = self.config.max_waiting_requests
-        if limit is not None and len(self.waiting) + count > limit:
+        if limit is None:
+            return
+        free_slots = max(0, self.config.max_num_seqs - len(self.running))
+        if len(self.waiting) + count > limit + free_slots:
             raise OverloadedError(
-                f"the waiting queue is full: {len(self.waiting)} requests are waiting "
-                f"(max_waiting_requests={limit}); retry later"
+                f"the waiting queue is full: {len(self.waiting)} requests are waiting for "
+                f"{free_slots} free running slots (max_waiting_requests={limit}); retry later"
             )
 
     def abort_requests(self, req_ids: Iterable[int]) -> list[Request]:

@@ -18,6 +18,7 @@ from typing import Any
 from shoal.comm.bootstrap import create_store_server
 from shoal.comm.channel import DriverChannel
 from shoal.comm.codec import pack_value, unpack_value
+from shoal.comm.security import ControlKeys, sender_problem
 from shoal.engine.control import (
     COMMAND_OF,
     COMMANDS,
@@ -38,6 +39,9 @@ from shoal.errors import ProtocolError, WorkerDiedError, WorkerError
 from shoal.parallel.mesh import build_mesh
 
 logger = logging.getLogger(__name__)
+
+# what a worker may send the driver; anything else on the return socket is dropped
+WORKER_MESSAGES: tuple[type, ...] = (WorkerReady, Heartbeat, WorkerFailure, Reply, StepResult)
 
 
 class ZmqExecutor:
@@ -60,10 +64,14 @@ class ZmqExecutor:
         self.world_size = parallel.world_size
         self.mesh = build_mesh(parallel.dp_size, parallel.pp_size, parallel.tp_size)
         self.output_ranks = self.mesh.output_ranks()
+        self._output_rank_set = frozenset(self.output_ranks)
         self.start_timeout_s = start_timeout_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.threads_per_worker = threads_per_worker
-        self.channel = DriverChannel(self.transport, host, bootstrap_port=bootstrap_port)
+        # tcp links are CURVE-encrypted with keys made for this start (shoal.comm.security)
+        self.keys = self._control_keys(bootstrap_port) if self.transport == "tcp" else None
+        self.channel = DriverChannel(self.transport, host, bootstrap_port=bootstrap_port,
+                                     keys=self.keys)
         self.store_host = host or ("127.0.0.1" if self.transport == "ipc" else self._tcp_host())
         self.store = create_store_server(self.store_host, self.world_size)
         self.workers: list[WorkerReady] = []
@@ -75,6 +83,10 @@ class ZmqExecutor:
         self._heartbeat_thread: threading.Thread | None = None
         self._closed = False
         self.bytes_sent = 0
+
+    def _control_keys(self, bootstrap_port: int) -> ControlKeys:
+        """This start's CURVE keys (subclasses may read them from a shared file)."""
+        return ControlKeys.generate(self.world_size)
 
     def _tcp_host(self) -> str:
         return self.channel.bootstrap_address.split("//", 1)[1].rsplit(":", 1)[0]
@@ -104,6 +116,10 @@ class ZmqExecutor:
         if not 0 <= request.rank < self.world_size:
             raise ProtocolError(
                 f"bootstrap from rank {request.rank!r}; world size is {self.world_size}")
+        proven = self.channel.last_peer
+        if self.keys is not None and proven != request.rank:
+            raise ProtocolError(
+                f"bootstrap claims rank {request.rank} but was sent with rank {proven}'s key")
         return BootstrapInfo(
             world_size=self.world_size,
             tp_size=self.parallel.tp_size,
@@ -195,6 +211,11 @@ class ZmqExecutor:
                 continue
             if msg is None:
                 self._check_heartbeats()
+                continue
+            problem = sender_problem(msg, self.channel.last_peer, self.world_size,
+                                     WORKER_MESSAGES, self._output_rank_set)
+            if problem is not None:
+                logger.error("dropped a forged message on the return socket: %s", problem)
                 continue
             if isinstance(msg, Heartbeat):
                 self._last_heartbeat[msg.sender] = time.monotonic()

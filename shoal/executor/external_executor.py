@@ -22,11 +22,15 @@ long exits by itself, so a lost driver or a cut link leaves no process behind.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from pathlib import Path
 
 import zmq
 
+from shoal.comm.security import (KEY_FILE_ENV, ControlKeys, key_file_path, read_key_file,
+                                 write_key_file)
 from shoal.config import ParallelConfig
 from shoal.engine.control import BootstrapInfo, BootstrapRefusal, BootstrapRequest
 from shoal.errors import ProtocolError
@@ -49,12 +53,41 @@ class ExternalExecutor(ZmqExecutor):
         """
         if bootstrap_port < 0 or bootstrap_port > 65535:
             raise ValueError(f"driver port must be in 0..65535, got {bootstrap_port}")
+        self._written_key_file: Path | None = None
         super().__init__(parallel, host=host, bootstrap_port=bootstrap_port, **kwargs)
+        if self._written_key_file is None and not os.environ.get(KEY_FILE_ENV):
+            # the OS chose the port: the file is named after it now that it is known
+            port = int(self.driver_address.rsplit(":", 1)[1])
+            self._write_keys(key_file_path(port), self.keys)
         # report every worker's unsubscription (disconnect), not only the last one's
         self.channel.broadcast.setsockopt(zmq.XPUB_VERBOSER, 1)
         self._pids: dict[int, int] = {}  # rank -> pid of the worker that took it
         self._late_stop = threading.Event()
         self._late_thread: threading.Thread | None = None
+
+    def _control_keys(self, bootstrap_port: int) -> ControlKeys:
+        """Fresh keys, written (0600) where headless workers look before the port opens.
+
+        A file named by ``$SHOAL_CONTROL_KEY_FILE`` that already exists holds keys made
+        ahead of time (copied to every host by the operator) and is used as it is.
+        """
+        path = key_file_path(bootstrap_port)
+        if os.environ.get(KEY_FILE_ENV) and path.exists():
+            keys = read_key_file(path)
+            if sorted(keys.clients) != list(range(self.world_size)):
+                raise ValueError(f"control key file {path} has keys for ranks "
+                                 f"{sorted(keys.clients)}, not 0..{self.world_size - 1}")
+            return keys
+        keys = ControlKeys.generate(self.world_size)
+        if bootstrap_port or os.environ.get(KEY_FILE_ENV):
+            self._write_keys(path, keys)
+        return keys
+
+    def _write_keys(self, path: Path, keys: ControlKeys) -> None:
+        write_key_file(path, keys)
+        self._written_key_file = path
+        logger.warning("control-plane CURVE keys for the workers are in %s (mode 0600): "
+                       "every worker host must be able to read it", path)
 
     def _bootstrap_info(self, request: BootstrapRequest) -> BootstrapInfo:
         info = super()._bootstrap_info(request)
@@ -84,16 +117,25 @@ class ExternalExecutor(ZmqExecutor):
         while not self._late_stop.is_set():
             try:
                 self.channel.serve_bootstrap(answer, BootstrapRefusal, 0.2)
-            except ProtocolError as exc:
+            except ProtocolError as exc:  # late workers and garbage alike: refused, logged
                 logger.warning("refused a late worker: %s", exc)
-            except Exception:  # the socket is closing
-                return
+            except zmq.ZMQError:  # the socket is closing
+                if self._late_stop.is_set() or self._closed:
+                    return
+                logger.exception("bootstrap socket error after start-up")
+                time.sleep(0.2)
+            except Exception:  # never let a stray end this thread
+                logger.exception("unexpected error answering a late bootstrap request")
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         self._late_stop.set()
         if self._late_thread is not None:
             self._late_thread.join(timeout=2.0)
-        super().shutdown(timeout_s)
+        try:
+            super().shutdown(timeout_s)
+        finally:
+            if self._written_key_file is not None:  # keys live as long as this start
+                self._written_key_file.unlink(missing_ok=True)
 
     def _launch_workers(self) -> None:
         logger.warning(

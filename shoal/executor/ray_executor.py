@@ -229,7 +229,8 @@ class RayExecutor(ZmqExecutor):
             local_rank = seen.get(node, 0)
             seen[node] = local_rank + 1
             ref = actor.run.remote(WORKER_ENTRY, self.driver_address, rank, local_rank,
-                                   per_node[node], log_level)
+                                   per_node[node], log_level,
+                                   self.keys.for_rank(rank).to_dict())  # via Ray, not a file
             self._run_refs[ref] = rank
         logger.info("started %d Ray worker actors on nodes %s", self.world_size,
                     [n["ip"] for n in self.nodes])

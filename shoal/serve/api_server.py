@@ -37,20 +37,22 @@ import shoal
 from shoal.checkpoint.default_model import DEFAULT_MODEL_ALIASES, resolve_model
 from shoal.checkpoint.hf import eos_token_ids, load_tokenizer, model_max_len
 from shoal.config import EngineConfig
-from shoal.serve.chat import ChatServing
-from shoal.serve.completions import CompletionServing
 from shoal.frontend.generation_defaults import load_generation_defaults
 from shoal.serve.banner import banner_lines, log_banner
+from shoal.serve.chat import ChatServing
+from shoal.serve.completions import CompletionServing
 from shoal.serve.engine_client import AsyncEngineClient, EngineDeadError
-from shoal.serve.tokenize import DetokenizeRequest, TokenizeRequest, TokenizeServing
-from shoal.serve.metrics import ServerMetrics
-from shoal.serve.openai_protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    parse_body,
+from shoal.serve.http_guard import (
+    ConcurrencyGuard,
+    GracefulServer,
+    ServerLifecycle,
+    guarded_protocol,
 )
+from shoal.serve.limits import RequestLimits, limits_from_args, parse_request
+from shoal.serve.metrics import ServerMetrics
+from shoal.serve.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest
 from shoal.serve.serving import ServedModel
+from shoal.serve.tokenize import DetokenizeRequest, TokenizeRequest, TokenizeServing
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,8 @@ class ServerSettings:
     host: str = "127.0.0.1"  # for the start-up banner's address
     port: int | None = None
     disable_log_requests: bool = False
+    limits: RequestLimits = RequestLimits()
+    max_concurrent_requests: int | None = None  # /v1 requests in flight (None: from config)
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -93,20 +97,6 @@ class BearerAuth:
                 await error_response(error)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes (413) before reading it all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the request body exceeds {limit} bytes", code="body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body exceeds {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def bounded_queue(config: EngineConfig) -> EngineConfig:
@@ -160,6 +150,13 @@ def build_app(settings: ServerSettings) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None)
     if settings.api_key:
         app.add_middleware(BearerAuth, api_key=settings.api_key)
+    scheduler = config.scheduler
+    concurrent = settings.max_concurrent_requests or (
+        2 * (scheduler.max_waiting_requests + scheduler.max_num_seqs) + 256)
+    lifecycle = ServerLifecycle()
+    app.add_middleware(ConcurrencyGuard, limit=concurrent,  # outermost: before auth work
+                       lifecycle=lifecycle)
+    app.state.lifecycle = lifecycle
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -203,23 +200,26 @@ def build_app(settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = parse_body(await read_body(request, settings.max_body_bytes), CompletionRequest)
+        body = await parse_request(request, CompletionRequest, settings.limits,
+                                   settings.max_body_bytes)
         return await state["completions"].create(body, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = parse_body(await read_body(request, settings.max_body_bytes),
-                          ChatCompletionRequest)
+        body = await parse_request(request, ChatCompletionRequest, settings.limits,
+                                   settings.max_body_bytes)
         return await state["chat"].create(body, request)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
-        body = parse_body(await read_body(request, settings.max_body_bytes), TokenizeRequest)
-        return state["tokenize"].tokenize(body)
+        body = await parse_request(request, TokenizeRequest, settings.limits,
+                                   settings.max_body_bytes)
+        return await asyncio.to_thread(state["tokenize"].tokenize, body)
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
-        body = parse_body(await read_body(request, settings.max_body_bytes), DetokenizeRequest)
+        body = await parse_request(request, DetokenizeRequest, settings.limits,
+                                   settings.max_body_bytes)
         return state["tokenize"].detokenize(body)
 
     app.state.shoal = state
@@ -258,7 +258,6 @@ def served_model(config: EngineConfig, name: str | None) -> ServedModel:
 def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> None:
     """Serve until interrupted (the ``shoal serve`` command)."""
     engine_config = bounded_queue(engine_config)
-    scheduler = engine_config.scheduler
     os.environ.setdefault("SHOAL_LOG_LEVEL", getattr(args, "log_level", "WARNING").upper())
     settings = ServerSettings(
         engine_config=engine_config,
@@ -267,15 +266,29 @@ def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         disable_log_requests=bool(getattr(args, "disable_log_requests", False)),
+        limits=limits_from_args(args),
+        max_concurrent_requests=getattr(args, "max_concurrent_requests", None),
     )
     app = build_app(settings)
-    # a backstop far above what the queue admits: beyond it uvicorn answers 503 itself
-    limit = 2 * (scheduler.max_waiting_requests + scheduler.max_num_seqs) + 256
+    # no uvicorn limit_concurrency: it counts open connections, so slow clients would make
+    # /health answer 503; ConcurrencyGuard caps /v1 requests and guarded_protocol sockets
+    protocol = guarded_protocol(getattr(args, "header_timeout", 10.0),
+                                getattr(args, "max_connections", 4096),
+                                getattr(args, "max_requests_per_connection", 1000))
+    shutdown_timeout = getattr(args, "shutdown_timeout", 30.0)
     uvicorn_level = getattr(args, "uvicorn_log_level", None) or getattr(args, "log_level",
                                                                          "warning")
-    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop",
-                log_level=uvicorn_level.lower(),
-                timeout_keep_alive=5, limit_concurrency=limit, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=args.host, port=args.port, loop="uvloop", http=protocol,
+                            log_level=uvicorn_level.lower(),
+                            timeout_keep_alive=5,
+                            timeout_graceful_shutdown=shutdown_timeout + 10)  # a backstop
+
+    def end_all(reason: str) -> None:
+        engine = app.state.shoal.get("engine")
+        if engine is not None:
+            engine.fail_all(reason)
+
+    GracefulServer(config, app.state.lifecycle, end_all, shutdown_timeout).run()
 
 
 __all__ = ["EngineDeadError", "ServerSettings", "build_app", "run_server", "served_model"]

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from shoal.frontend.outputs import RequestOutput
 from shoal.engine.sampling_params import SamplingParams
+from shoal.frontend.outputs import RequestOutput
 from shoal.serve.engine_client import RequestStream
 from shoal.serve.logprobs import chat_logprobs
 from shoal.serve.openai_protocol import APIError, ChatCompletionRequest, bad_request
@@ -66,7 +66,8 @@ class ChatServing(OpenAIServing):
         body.check_unsupported()
         model = self.check_model(body.model)
         params, max_param = self._params(body)
-        text, token_ids = self.render(body)
+        # the chat template and tokenizer grow with the input: a thread, never the event loop
+        text, token_ids = await asyncio.to_thread(self.render, body)
         self.check_prompt(token_ids, params.max_tokens, "messages", max_param)
         request_id = random_id("chatcmpl")
         notify = asyncio.Event()

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from shoal.frontend.outputs import RequestOutput
 from shoal.engine.sampling_params import SamplingParams
+from shoal.frontend.outputs import RequestOutput
 from shoal.serve.engine_client import RequestStream
 from shoal.serve.logprobs import completion_logprobs
 from shoal.serve.openai_protocol import CompletionRequest, bad_request
@@ -45,7 +45,8 @@ class CompletionServing(OpenAIServing):
         body.check_unsupported()
         model = self.check_model(body.model)
         params = body.sampling_params(body.max_tokens, body.logprobs, self.generation_defaults)
-        prompts = self._prompts(body.prompt)
+        # tokenizing grows with the input: a thread, never the event loop
+        prompts = await asyncio.to_thread(self._prompts, body.prompt)
         for _, token_ids in prompts:
             self.check_prompt(token_ids, params.max_tokens, "prompt")
         base_id = random_id("cmpl")

@@ -18,21 +18,21 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import zmq
 import zmq.asyncio
 
 from shoal.comm.codec import decode, encode
+from shoal.comm.socket_dirs import make_socket_dir
+from shoal.config import EngineConfig
 from shoal.engine.control import Shutdown
 from shoal.engine.core_io import AbortRequests, CoreOutputs, EngineFailure, EngineReady
-from shoal.config import EngineConfig
+from shoal.engine.sampling_params import SamplingParams
 from shoal.errors import EngineDeadError, ProtocolError, ShoalError
 from shoal.frontend.input_processor import InputProcessor
 from shoal.frontend.output_processor import OutputProcessor
 from shoal.frontend.outputs import RequestOutput
-from shoal.engine.sampling_params import SamplingParams
 from shoal.serve.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class AsyncEngineClient:
     async def start(self) -> None:
         """Start the core process (it connects to sockets bound here); see ``wait_ready``."""
         loop = asyncio.get_running_loop()
-        self._tmpdir = tempfile.mkdtemp(prefix="shoal-api-")
+        self._tmpdir = make_socket_dir("api")  # stale ones of dead servers are removed
         self._sync_ctx = zmq.Context()
         self._async_ctx = zmq.asyncio.Context()
         self._push = self._sync_ctx.socket(zmq.PUSH)  # never blocks: no high-water mark
@@ -206,22 +206,28 @@ class AsyncEngineClient:
                 logger.warning("engine core did not exit in %.0f s; killing it", timeout_s)
                 proc.kill()
                 await asyncio.to_thread(proc.wait, timeout_s)
-        self._mark_dead("the server is shutting down", log=False)
+        self._mark_dead("the server is shutting down", log=False, kind="shutdown")
         for ctx in (self._sync_ctx, self._async_ctx):
             if ctx is not None:
                 ctx.destroy(linger=0)
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
 
+    def fail_all(self, reason: str) -> None:
+        """End every request in flight with ``reason`` (streams: an error event, [DONE])."""
+        self._mark_dead(reason, log=False, kind="shutdown")
+
     @property
     def healthy(self) -> bool:
         return self.dead_reason is None and self.info is not None
 
-    def _mark_dead(self, reason: str, log: bool = True) -> None:
+    def _mark_dead(self, reason: str, log: bool = True, kind: str = "engine_dead") -> None:
         if self.dead_reason is not None:
             return
         self.dead_reason = reason
         self.metrics.set_healthy(False)
+        # gauges would otherwise freeze at their last values; failed requests are counted
+        self.metrics.engine_down(len(self._streams), kind)
         if log:
             logger.error("engine core is dead: %s", reason)
         error = EngineDeadError(reason)

@@ -70,6 +70,12 @@ class ServerMetrics:
                                    "Prompt tokens found in the prefix cache.")
         self.preemptions = counter("shoal:num_preemptions", "Requests preempted.")
         self.healthy = gauge("shoal:engine_healthy", "1 while the engine core process is up.")
+        self._failure = Counter("shoal:request_failure",
+                                "Requests in flight that failed without finishing, by reason "
+                                "(engine_dead: the core or a worker died; shutdown).",
+                                labels + ["reason"], registry=r)
+        for reason in ("engine_dead", "shutdown"):
+            self._failure.labels(model_name, reason)
         self._experts = Counter(
             "shoal:expert_tokens_routed",
             "MoE: tokens routed to each expert of each layer (empty for dense models, or while "
@@ -121,6 +127,14 @@ class ServerMetrics:
 
     def set_healthy(self, healthy: bool) -> None:
         self.healthy.set(1 if healthy else 0)
+
+    def engine_down(self, num_failed: int, reason: str) -> None:
+        """The engine stopped with ``num_failed`` requests in flight: count them, zero gauges."""
+        if num_failed:
+            self._failure.labels(self._model_name, reason).inc(num_failed)
+        self.running.set(0)
+        self.waiting.set(0)
+        self.kv_usage.set(0)
 
     def engine_stats(self, stats: CoreStats) -> None:
         self.running.set(stats.num_running)

@@ -19,9 +19,9 @@ from typing import Any
 
 from starlette.requests import Request
 
-from shoal.frontend.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from shoal.engine.sampling_params import SamplingParams
 from shoal.errors import RequestError
+from shoal.frontend.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from shoal.serve.engine_client import (
     AsyncEngineClient,
     EngineDeadError,

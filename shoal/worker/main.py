@@ -20,6 +20,7 @@ import signal
 import sys
 from collections.abc import Mapping
 
+from shoal.comm.security import WorkerKeys, worker_keys_from_file
 from shoal.worker.launch_env import LaunchEnv, parse_driver_address, wait_for_driver
 from shoal.worker.worker import WorkerArgs, run_worker
 
@@ -76,10 +77,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_ray_worker(driver_address: str, rank: int, local_rank: int, local_world_size: int,
-                   log_level: str) -> bool:
-    """Inside a Ray actor: serve the driver until it says stop or goes silent."""
+                   log_level: str, keys: dict | None = None) -> bool:
+    """Inside a Ray actor: serve the driver until it says stop or goes silent.
+
+    ``keys``: this rank's CURVE keys (``WorkerKeys.to_dict()``), handed over by Ray.
+    """
     _log_to_stderr(rank, log_level)
-    return run_worker(WorkerArgs(driver_address, rank, local_rank, local_world_size))
+    worker_keys = WorkerKeys.from_dict(keys) if keys is not None else None
+    return run_worker(WorkerArgs(driver_address, rank, local_rank, local_world_size,
+                                 keys=worker_keys))
 
 
 def run_headless_worker(driver_addr: str, environ: Mapping[str, str] | None = None,
@@ -93,8 +99,10 @@ def run_headless_worker(driver_addr: str, environ: Mapping[str, str] | None = No
     logger.info("rank %d of %d (local %d of %d): joining the driver at %s", launch.rank,
                 launch.world_size, launch.local_rank, launch.local_world_size, address)
     wait_for_driver(address, wait_s)
+    # the driver wrote its keys when it bound its port (shoal.comm.security.key_file_path)
+    keys = worker_keys_from_file(launch.rank, int(address.rsplit(":", 1)[1]))
     return run_worker(WorkerArgs(address, launch.rank, launch.local_rank,
-                                 launch.local_world_size))
+                                 launch.local_world_size, keys=keys))
 
 
 if __name__ == "__main__":

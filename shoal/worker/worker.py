@@ -83,6 +83,7 @@ class WorkerArgs:
     local_rank: int = 0
     local_world_size: int = 1
     parent_pid: int | None = None  # exit when this process is gone (mp executor)
+    keys: WorkerKeys | None = None  # CURVE keys of this rank (tcp drivers require them)
 
 
 def pin_to_cores(local_rank: int, local_world_size: int) -> list[int]:
@@ -117,7 +118,8 @@ class Worker:
     def __init__(self, args: WorkerArgs):
         self.args = args
         self.rank = args.rank
-        info = request_bootstrap(args.driver_address, BootstrapRequest(args.rank, os.getpid()))
+        info = request_bootstrap(args.driver_address, BootstrapRequest(args.rank, os.getpid()),
+                                 keys=args.keys)
         if isinstance(info, BootstrapRefusal):
             raise ProtocolError(f"driver refused bootstrap: {info.reason}")
         if not isinstance(info, BootstrapInfo):
@@ -126,7 +128,8 @@ class Worker:
         self.world_size = info.world_size
         self.heartbeat_timeout_s = info.heartbeat_timeout_s
         self.channel = WorkerChannel(info.broadcast_address, info.return_address,
-                                     ring_path=info.broadcast_ring, reader=args.rank)
+                                     ring_path=info.broadcast_ring, reader=args.rank,
+                                     keys=args.keys)
         self.device = pick_device(args.local_rank)
         if self.device.type == "cpu":
             cores = pin_to_cores(args.local_rank, args.local_world_size)

@@ -135,6 +135,12 @@ def test_engine_death_fails_requests_and_health(server, http):
     r = http.post("/v1/completions", json=body())
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
     assert server.proc.poll() is None  # the API server itself is still up
+    metrics = {line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+               for line in http.get("/metrics").text.splitlines()
+               if line.startswith("shoal:") and "reason=\"engine_dead\"" in line
+               or line.startswith(("shoal:num_requests_running{", "shoal:kv_cache_usage_perc{"))}
+    assert metrics["shoal:request_failure_total"] == 2  # the stream and the waiting request
+    assert metrics["shoal:num_requests_running"] == 0 and metrics["shoal:kv_cache_usage_perc"] == 0
 
 
 def test_expert_counts_reach_the_metrics():

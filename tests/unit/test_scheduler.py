@@ -357,10 +357,26 @@ def test_admission_checks():
     scheduler.add_request(make_request(3, 10, max_tokens=7))  # 16 tokens of KV: fits exactly
     with pytest.raises(ValueError, match="already in use"):
         scheduler.add_request(make_request(3, 2))
-    full_queue = Scheduler(SchedulerConfig(max_waiting_requests=1), KVCacheManager(8, 4), 64)
-    full_queue.add_request(make_request(0, 2))
+    full_queue = Scheduler(SchedulerConfig(max_waiting_requests=1, max_num_seqs=1),
+                           KVCacheManager(8, 4), 64)
+    full_queue.add_request(make_request(0, 2))  # takes the free running slot next step
+    full_queue.add_request(make_request(1, 2))  # waits
     with pytest.raises(RequestError, match="queue is full"):
-        full_queue.add_request(make_request(1, 2))
+        full_queue.add_request(make_request(2, 2))
+
+
+def test_a_burst_fills_free_running_slots_and_the_waiting_queue():
+    """Arrivals between two steps: max_num_seqs + max_waiting_requests admitted, not 65."""
+    scheduler = Scheduler(SchedulerConfig(max_waiting_requests=64, max_num_seqs=128),
+                          KVCacheManager(4096, 4), 64)
+    for i in range(128 + 64):
+        scheduler.add_request(make_request(i, 2))
+    with pytest.raises(RequestError, match="queue is full"):
+        scheduler.add_request(make_request(999, 2))
+    scheduler.schedule()  # 128 run now; 64 wait; still no room
+    assert len(scheduler.running) == 128
+    with pytest.raises(RequestError, match="0 free running slots"):
+        scheduler.add_request(make_request(1000, 2))
 
 
 def test_nothing_to_run_gives_none():
