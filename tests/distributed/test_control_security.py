@@ -9,7 +9,6 @@ garbage, its frames are dropped and logged while the engine keeps answering.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import stat
 import subprocess
@@ -23,27 +22,25 @@ import zmq
 from shoal.comm.codec import decode, encode
 from shoal.comm.security import ControlKeys, key_file_path, read_key_file
 from shoal.config import ParallelConfig
-from shoal.engine.control import (BootstrapRefusal, BootstrapRequest, CollectiveCheck, Echo, Heartbeat,
-                                  WorkerFailure)
+from shoal.engine.control import (
+    BootstrapRefusal,
+    BootstrapRequest,
+    CollectiveCheck,
+    Echo,
+    Heartbeat,
+    WorkerFailure,
+)
 from shoal.executor.external_executor import ExternalExecutor
 from shoal.executor.mp_executor import MpExecutor
+from tests.distributed.processes import free_port, worker_env
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 SECRET = "another user's prompt: the launch code is 0000"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def worker_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE")}
-    env.update(OMP_NUM_THREADS="1", SHOAL_NO_PIN="1", **extra)
-    return env
 
 
 def raw_garbage(address: str) -> None:
@@ -90,7 +87,7 @@ def tcp_engine():
         time.sleep(0.3)  # both queue ahead of the real workers
         procs = [subprocess.Popen(
             [sys.executable, "-m", "shoal.cli", "worker", "--driver-addr", addr],
-            env=worker_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)),
+            env=worker_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), SHOAL_NO_PIN="1"),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             for rank in (0, 1)]
         ex.start()

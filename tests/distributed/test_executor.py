@@ -6,31 +6,17 @@ import sys
 import textwrap
 import time
 
-import psutil
 import pytest
 
-from shoal.engine.control import CollectiveCheck, Command, Echo
 from shoal.config import ParallelConfig
+from shoal.engine.control import CollectiveCheck, Command, Echo
 from shoal.errors import WorkerDiedError
 from shoal.executor.mp_executor import MpExecutor
+from tests.distributed.processes import pids_gone
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def _gone(pids, timeout_s=5.0):
-    """True once none of ``pids`` is a live process (zombies count as gone)."""
-    def alive(pid):
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not any(alive(p) for p in pids):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.mark.parametrize(
@@ -51,7 +37,7 @@ def test_collectives_across_worker_processes(layout, expected):
         replies = ex.call(CollectiveCheck(numel=4))
         assert [(r.tp_sum, r.pp_received) for r in replies] == expected
         assert ex.call(Echo("x: [1, two]")) == [Echo("x: [1, two]")] * len(expected)
-    assert _gone(ex.pids)
+    assert pids_gone(ex.pids)
 
 
 def test_kill_9_of_a_worker_raises_worker_died_naming_the_rank():
@@ -66,7 +52,7 @@ def test_kill_9_of_a_worker_raises_worker_died_naming_the_rank():
         assert time.monotonic() - start < 5.0
     finally:
         ex.shutdown()
-    assert _gone(ex.pids)
+    assert pids_gone(ex.pids)
 
 
 def test_malformed_broadcast_does_not_kill_workers():
@@ -94,7 +80,7 @@ def test_workers_exit_when_the_driver_is_killed(tmp_path):
         assert len(pids) == 2
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=10)
-        assert _gone(pids, timeout_s=10)
+        assert pids_gone(pids, timeout_s=10)
     finally:
         driver.kill()
 
@@ -107,4 +93,4 @@ def test_plans_and_calls_through_the_shared_memory_ring(monkeypatch):
         assert [r.tp_sum for r in ex.call(CollectiveCheck(numel=3))] == [[3.0] * 3] * 2
         big = "y" * (3 << 20)  # spans many slots of the ring
         assert ex.call(Echo(big)) == [Echo(big)] * 2
-    assert _gone(ex.pids)
+    assert pids_gone(ex.pids)

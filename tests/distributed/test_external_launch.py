@@ -12,18 +12,18 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from factories import hf_greedy, tiny_checkpoint
-from shoal.engine.control import CollectiveCheck
+
 from shoal.config import ParallelConfig
+from shoal.engine.control import CollectiveCheck
 from shoal.executor.external_executor import ExternalExecutor
 from shoal.worker.launch_env import LaunchEnv, parse_driver_address
+from tests.distributed.processes import free_port, worker_env
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -32,17 +32,8 @@ PROMPTS = [[5, 17, 42, 9], [100, 3, 77, 21, 8, 64, 150], [7]]
 MAX_TOKENS = 10
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def worker_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE")}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
-    return env
 
 
 # -- the launcher environment -------------------------------------------------------------------

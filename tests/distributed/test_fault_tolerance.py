@@ -13,15 +13,22 @@ import signal
 import threading
 import time
 
-import psutil
 import pytest
-
 from factories import hf_greedy, tiny_checkpoint
+
 from shoal import LLM, SamplingParams
-from shoal.config import (CacheConfig, EngineConfig, ExecutorConfig, FaultToleranceConfig,
-                          ModelConfig, ParallelConfig, SchedulerConfig)
+from shoal.config import (
+    CacheConfig,
+    EngineConfig,
+    ExecutorConfig,
+    FaultToleranceConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from shoal.errors import EngineDeadError
 from shoal.frontend.llm_engine import LLMEngine
+from tests.distributed.processes import pids_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -54,19 +61,6 @@ def inject(monkeypatch, tmp_path):
     return arm
 
 
-def _gone(pids, timeout_s=10.0) -> bool:
-    def alive(pid):
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not any(alive(p) for p in pids):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def make_engine(checkpoint, fault=None, **parallel) -> LLMEngine:
@@ -120,7 +114,7 @@ def test_failed_groups_are_replaced_and_no_token_changes(checkpoint, prompts, re
     assert stats.num_requeued_requests > 0 and stats.num_recomputed_tokens > 0
     assert stats.recovery_seconds > 0
     assert not set(last_pids) & set(first_pids)
-    assert _gone(first_pids + last_pids)
+    assert pids_gone(first_pids + last_pids)
 
 
 def test_with_restarts_off_generate_keeps_finished_outputs_and_fails_the_rest(
@@ -147,7 +141,7 @@ def test_with_restarts_off_generate_keeps_finished_outputs_and_fails_the_rest(
             llm.generate(prompts[:1], GREEDY, use_tqdm=False)
     finally:
         llm.shutdown()
-    assert _gone(pids)
+    assert pids_gone(pids)
 
 
 def test_sigstop_of_a_worker_for_15_s_is_a_stall_not_a_death(checkpoint, prompts, reference,
