@@ -54,6 +54,7 @@ def run_shoal(model: str, name: str, requests, kv_bytes: int, dtype: str = "auto
               async_scheduling: bool | None = None) -> dict:
     layout = LAYOUTS[name]
     with LLM(model, kv_cache_memory=kv_bytes, max_num_seqs=64, max_num_batched_tokens=2048,
+             enable_prefix_caching=False,  # as the peers run: the warm-up would hit the cache
              dtype=dtype, async_scheduling=async_scheduling, **layout) as llm:
         prompts = [p for p, _ in requests]
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in requests]
