@@ -41,10 +41,10 @@ STEP_TIMEOUT_S = 120.0  # a stalled lock-step fails with each rank's step count
 
 
 def make_config(ckpt: str, dp: int, tp: int = 1, ep: bool = True, num_pages: int | None = None,
-                **scheduler) -> EngineConfig:
+                pp: int = 1, **scheduler) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model=ckpt),
-        parallel=ParallelConfig(tp_size=tp, dp_size=dp, enable_expert_parallel=ep),
+        parallel=ParallelConfig(tp_size=tp, pp_size=pp, dp_size=dp, enable_expert_parallel=ep),
         cache=CacheConfig(page_size=PAGE, kv_cache_memory=1 << 22,
                           num_gpu_blocks_override=num_pages),
         scheduler=SchedulerConfig(**{"max_num_seqs": 8, "max_num_batched_tokens": 64,
@@ -182,6 +182,21 @@ def test_dp2_tp2_ep_matches_transformers(refs):
         assert_matches(done, ref["tokens"], skip={4})
         done = run(engine, ref["prompts"][:1], first_id=100)  # one alone: dp rank 1 idles
         assert_matches(done, ref["tokens"][:1])
+    finally:
+        engine.shutdown()
+
+
+def test_pp2_dp2_ep_matches_transformers(refs):
+    """Four processes: two pipeline stages per dp rank, each stage its own ep group."""
+    ref = refs["mixtral"]
+    engine = start(make_config(ref["ckpt"], dp=2, pp=2))
+    try:
+        done = run(engine, ref["prompts"], abort_after={2: 3})
+        assert_matches(done, ref["tokens"], skip={2})
+        done = run(engine, ref["prompts"][:1], first_id=100)  # one alone: dp rank 1 idles
+        assert_matches(done, ref["tokens"][:1])
+        stats = engine.core.worker_stats()
+        assert len({s.steps for s in stats}) == 1 and min(s.dummy_steps for s in stats) > 0
     finally:
         engine.shutdown()
 

@@ -47,8 +47,10 @@ def reference(smollm2_dir, prompts):
 
 def shoal_texts(model_dir, prompts, **layout):
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS)
+    # float32 like the transformers reference: dtype "auto" is bfloat16 on CPUs with native
+    # bf16 (AVX512-BF16/AMX), whose text differs from float32's after a few words
     with LLM(model_dir, kv_cache_memory=64 << 20, executor_kwargs={"threads_per_worker": 1},
-             **layout) as llm:
+             dtype="float32", **layout) as llm:
         return [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
