@@ -43,7 +43,7 @@ STEP_TIMEOUT_S = 120.0  # a stalled lock-step fails with each rank's step count
 def make_config(ckpt: str, dp: int, tp: int = 1, ep: bool = True, num_pages: int | None = None,
                 pp: int = 1, **scheduler) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(model=ckpt),
+        model=ModelConfig(model=ckpt, dtype="float32"),  # the oracle's dtype
         parallel=ParallelConfig(tp_size=tp, pp_size=pp, dp_size=dp, enable_expert_parallel=ep),
         cache=CacheConfig(page_size=PAGE, kv_cache_memory=1 << 22,
                           num_gpu_blocks_override=num_pages),
@@ -130,7 +130,7 @@ def refs(tmp_path_factory):
     out = {}
     for seed, (name, (arch, overrides)) in enumerate(FAMILIES.items()):
         ckpt = tiny_checkpoint(arch, root, seed=seed, **overrides)
-        prompts, tokens = clear_prompts(ckpt, [6, 3, 9, 11, 5, 17, 2], seed)
+        prompts, tokens = clear_prompts(ckpt, [6, 3, 9, 12, 5, 17, 2], seed)
         out[name] = dict(ckpt=ckpt, prompts=prompts, tokens=tokens)
     return out
 
