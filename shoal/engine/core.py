@@ -357,7 +357,7 @@ class EngineCore:
             steps = f"unavailable ({exc})"
         behind = ""
         if self.dp_results is not None:
-            behind = f"; dp ranks without a result: {self.dp_results.ranks_behind()}"
+            behind = f"; {self.dp_results.stall_report()}"
         return (f"no result for step {plan.step_id} within {self.step_timeout_s:.0f} s although "
                 f"every worker is alive; steps executed per rank: {steps}{behind}")
 

@@ -301,6 +301,7 @@ class DPResultGatherer:
         self._pending: list[collections.deque[StepResult]] = [
             collections.deque() for _ in range(dp_size)]
         self.last_parts: list[StepResult] = []  # the per-rank results of the last step
+        self.results_per_rank = [0] * dp_size  # results received from each dp rank
 
     def gather(self, step_id: int, get_result: Callable[[], StepResult]) -> StepResult:
         """The merged result of ``step_id``; ``get_result`` yields the next result of any rank."""
@@ -309,9 +310,14 @@ class DPResultGatherer:
             if not 0 <= result.dp_rank < self.dp_size:
                 raise ValueError(f"a result from dp rank {result.dp_rank}; dp size is {self.dp_size}")
             self._pending[result.dp_rank].append(result)
+            self.results_per_rank[result.dp_rank] += 1
         self.last_parts = [queue.popleft() for queue in self._pending]
         return merge_results(step_id, self.last_parts)
 
     def ranks_behind(self) -> list[int]:
         """Ranks that have not answered the step being waited for (for a stall report)."""
         return [rank for rank, queue in enumerate(self._pending) if not queue]
+
+    def stall_report(self) -> str:
+        return (f"steps answered per dp rank: {self.results_per_rank}; dp ranks without a "
+                f"result for this step: {self.ranks_behind()}")

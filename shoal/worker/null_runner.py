@@ -12,6 +12,7 @@ step that one dp rank skipped would stall the others: lock-step is tested for re
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -38,6 +39,10 @@ class NullRunner(ModelRunner):
         self.dp_rank = ctx.dp.rank_in_group
         self.ep_lockstep = ctx.dp.size > 1 and ctx.enable_expert_parallel and ctx.ep.size > 1
         self.tokens_seen_by_ep = 0  # tokens of every ep rank, summed over steps
+        # fault injection for the stall test: this rank skips the collective of an empty
+        # step, as a runtime that forgets the dummy batch would (the others then block)
+        self.skips_empty_collective = (
+            os.environ.get("SHOAL_TEST_SKIP_EMPTY_COLLECTIVE_RANK") == str(ctx.rank))
         self.page_size = 0
         self.num_pages = 0
         self.sampler = None
@@ -65,7 +70,7 @@ class NullRunner(ModelRunner):
                 tokens.append((state.token_ids[-1] + 1) % self.vocab_size)
                 if self.self_append:
                     state.token_ids.append(tokens[-1])
-        if self.ep_lockstep:
+        if self.ep_lockstep and not (self.skips_empty_collective and not plan.scheduled_req_ids):
             self._exchange_counts(sum(plan.num_scheduled_tokens))
         if self.step_s:
             time.sleep(self.step_s)  # stands in for a device step of this length

@@ -269,3 +269,28 @@ def test_lock_step_randomized_dp4():
         assert time.monotonic() - started < 300
     finally:
         core.shutdown()
+
+
+def test_a_rank_that_skips_its_dummy_step_is_reported_not_hung(monkeypatch):
+    """Fault injection: dp rank 1 skips the collective of its empty steps (the bug class of
+    runtimes whose idle ranks skip the dummy forward). Rank 0 then blocks in the all-to-all;
+    the engine must fail the step within its timeout, saying which rank is behind."""
+    monkeypatch.setenv("SHOAL_TEST_SKIP_EMPTY_COLLECTIVE_RANK", "1")
+    config = EngineConfig(
+        parallel=ParallelConfig(dp_size=2, enable_expert_parallel=True),
+        cache=CacheConfig(page_size=PAGE, num_gpu_blocks_override=16),
+        executor=ExecutorConfig(threads_per_worker=1),
+    )
+    core = EngineCore(config, "", 1 << 10, executor=create_executor(config),
+                      runner=RunnerKind.NULL, step_timeout_s=3.0)
+    try:
+        core.add_request(AddRequest("0", [0], np.asarray([1, 2, 3], np.int32), [SamplingOptions()],
+                                    4, [], [], 0, time.monotonic()))
+        with pytest.raises(ShoalError) as failure:
+            for _ in range(10):
+                core.step()
+        message = str(failure.value)
+        assert "steps answered per dp rank: [0, " in message, message
+        assert "without a result for this step: [0]" in message, message
+    finally:
+        core.shutdown()
