@@ -201,6 +201,22 @@ def test_pp2_dp2_ep_matches_transformers(refs):
         engine.shutdown()
 
 
+def test_dp4_ep_uneven_experts(tmp_path):
+    """dp4 EP, 4 processes: 6 experts over 4 ranks (2, 2, 1, 1) with a shared expert
+    (Qwen2-MoE), top-2; fewer requests than ranks at times, so some ranks hold no tokens."""
+    ckpt = tiny_checkpoint("qwen2_moe", tmp_path, seed=5, num_experts=6)
+    prompts, reference = clear_prompts(ckpt, [7, 2, 10, 4, 13], 5)
+    engine = start(make_config(ckpt, dp=4))
+    try:
+        done = run(engine, prompts, per_step=1)
+        assert_matches(done, reference)
+        assert sorted(engine.core.scheduler.requests_routed) == [1, 1, 1, 2]
+        stats = engine.core.worker_stats()
+        assert len({s.steps for s in stats}) == 1 and min(s.dummy_steps for s in stats) > 0
+    finally:
+        engine.shutdown()
+
+
 def test_dense_dp2_is_two_replicas(tmp_path):
     """A dense model with -dp 2: two replicas under one driver (no dummy steps needed)."""
     ckpt = tiny_checkpoint("llama", tmp_path)
