@@ -352,7 +352,8 @@ class EngineCore:
         """Why a step got no result although every worker is alive (a protocol bug)."""
         plan = self.in_flight[0]
         try:
-            steps = [s.steps for s in self.executor.call(Command.GET_STATS, timeout_s=min(10.0, self.step_timeout_s))]
+            wait_s = min(10.0, self.step_timeout_s)
+            steps = [s.steps for s in self.executor.call(Command.GET_STATS, timeout_s=wait_s)]
         except Exception as exc:  # the report must not hide the original problem
             steps = f"unavailable ({exc})"
         behind = ""
