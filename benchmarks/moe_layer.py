@@ -34,6 +34,7 @@ import torch.distributed as dist
 from common import emit
 
 from shoal.comm.bootstrap import create_store_server, init_distributed
+from shoal.engine.control import Command
 from shoal.moe.experts import EXPERT_IMPLS, grouped_mm_supported
 from shoal.moe.layer import MoEConfig, MoELayer
 from shoal.moe.router import RouterConfig
@@ -169,8 +170,18 @@ def bench_dispatchers(args: argparse.Namespace) -> None:
             emit({**row, "threads_per_rank": 1, "loadavg_1m": os.getloadavg()[0]})
 
 
-def bench_end_to_end(num_requests: int = 32, max_tokens: int = 64) -> None:
-    """Mixtral-shaped model (4 layers, hidden 512, 8 experts top-2) at tp=2: TP vs EP experts."""
+LAYOUTS = {  # name -> LLM(...) layout options, two workers each
+    "tp2": dict(tensor_parallel_size=2),
+    "tp2-ep": dict(tensor_parallel_size=2, enable_expert_parallel=True),
+    "dp2-ep": dict(data_parallel_size=2, enable_expert_parallel=True),
+}
+
+
+def bench_end_to_end(num_requests: int = 32, max_tokens: int = 64,
+                     layouts: list[str] | None = None) -> None:
+    """Mixtral-shaped model (4 layers, hidden 512, 8 experts top-2) on two workers:
+    tp2 (experts sharded), tp2 EP (experts whole, tokens replicated), dp2 EP
+    (data-parallel attention, all-to-all); then the cost of dummy steps on an idle dp rank."""
     import random
     import tempfile
 
@@ -189,18 +200,34 @@ def bench_end_to_end(num_requests: int = 32, max_tokens: int = 64) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     with tempfile.TemporaryDirectory() as ckpt:
         MixtralForCausalLM(config).save_pretrained(ckpt)
-        for ep in (False, True):
-            with LLM(ckpt, tensor_parallel_size=2, enable_expert_parallel=ep,
-                     kv_cache_memory=256 << 20) as llm:
+        for name in layouts or list(LAYOUTS):
+            with LLM(ckpt, kv_cache_memory=256 << 20, **LAYOUTS[name]) as llm:
                 llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
                 t0 = time.perf_counter()
                 outs = llm.generate(prompts, params, use_tqdm=False)
                 elapsed = time.perf_counter() - t0
-            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-            emit({"bench": "moe_end_to_end", "model": "mixtral-shaped-4L-512h-8e-top2",
-                  "tp": 2, "expert_parallel": ep, "requests": num_requests,
-                  "output_tokens_per_s": round(tokens / elapsed, 1),
-                  "elapsed_s": round(elapsed, 2), "loadavg_1m": os.getloadavg()[0]})
+                tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+                emit({"bench": "moe_end_to_end", "model": "mixtral-shaped-4L-512h-8e-top2",
+                      "layout": name, "requests": num_requests,
+                      "output_tokens_per_s": round(tokens / elapsed, 1),
+                      "elapsed_s": round(elapsed, 2), "loadavg_1m": os.getloadavg()[0]})
+                if name == "dp2-ep":
+                    _dummy_step_cost(llm, prompts[0], params)
+
+
+def _dummy_step_cost(llm, prompt: list[int], params) -> None:
+    """One request alone at dp2 EP: the idle rank's dummy steps against the busy rank's steps."""
+    core = llm.engine.core
+    core.executor.call(Command.RESET_STATS)
+    llm.generate([prompt], params, use_tqdm=False)
+    stats = core.worker_stats()
+    busy = max(stats, key=lambda s: s.tokens)
+    idle = min(stats, key=lambda s: s.tokens)
+    emit({"bench": "dp_dummy_step", "layout": "dp2-ep", "steps": busy.steps,
+          "busy_step_ms": round(busy.forward_s / max(1, busy.steps) * 1e3, 3),
+          "idle_dummy_steps": idle.dummy_steps,
+          "idle_dummy_step_ms": round(idle.dummy_s / max(1, idle.dummy_steps) * 1e3, 3),
+          "loadavg_1m": os.getloadavg()[0]})
 
 
 def main() -> None:
@@ -217,6 +244,10 @@ def main() -> None:
     )
     parser.add_argument("--skip", choices=["experts", "dispatcher", "end_to_end"], nargs="*",
                         default=[])
+    parser.add_argument("--layouts", choices=list(LAYOUTS), nargs="+", default=list(LAYOUTS),
+                        help="end to end: the two-worker layouts to compare")
+    parser.add_argument("--requests", type=int, default=32, help="end to end: requests")
+    parser.add_argument("--max-tokens", type=int, default=64, help="end to end: output tokens")
     args = parser.parse_args()
     if "experts" not in args.skip:
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -224,7 +255,7 @@ def main() -> None:
     if "dispatcher" not in args.skip:
         bench_dispatchers(args)
     if "end_to_end" not in args.skip:
-        bench_end_to_end()
+        bench_end_to_end(args.requests, args.max_tokens, args.layouts)
 
 
 if __name__ == "__main__":

@@ -103,8 +103,24 @@ class SchedulerConfig:
     max_waiting_requests: int | None = None
     # plan step N+1 while step N runs (None = wherever it is correct: pp_size == 1)
     async_scheduling: bool | None = None
+    # data-parallel routing (SGLang router's names and defaults): a request goes to the dp
+    # rank with the longest cached prefix when it covers more than cache_threshold of the
+    # prompt, unless that rank's load exceeds the least-loaded one's by more than
+    # balance_abs_threshold requests and balance_rel_threshold times
+    cache_threshold: float = 0.3
+    balance_abs_threshold: int = 64
+    balance_rel_threshold: float = 1.5
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.cache_threshold <= 1.0:
+            raise ValueError(f"cache_threshold must be in [0, 1], got {self.cache_threshold!r}")
+        if (not isinstance(self.balance_abs_threshold, int) or isinstance(self.balance_abs_threshold, bool)
+                or self.balance_abs_threshold < 0):
+            raise ValueError("balance_abs_threshold must be a non-negative integer, got "
+                             f"{self.balance_abs_threshold!r}")
+        if not self.balance_rel_threshold >= 1.0:
+            raise ValueError(
+                f"balance_rel_threshold must be at least 1.0, got {self.balance_rel_threshold!r}")
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         if self.max_waiting_requests is not None:

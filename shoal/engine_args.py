@@ -138,6 +138,15 @@ ENGINE_ARGS: tuple[EngineArg, ...] = (
     EngineArg("async_scheduling", "scheduler", "async_scheduling", bool,
               "plan the next step while the workers run this one (default: on where "
               "correct, i.e. without pipeline parallelism)"),
+    EngineArg("cache_threshold", "scheduler", "cache_threshold", float,
+              "data parallelism: route a request to the dp rank caching its longest prefix "
+              "when that prefix covers more than this fraction of the prompt (SGLang router's)"),
+    EngineArg("balance_abs_threshold", "scheduler", "balance_abs_threshold", int,
+              "data parallelism: ...unless that rank has this many more requests than the "
+              "least-loaded one (and balance_rel_threshold times as many)"),
+    EngineArg("balance_rel_threshold", "scheduler", "balance_rel_threshold", float,
+              "data parallelism: the relative load gap that sends a request to the "
+              "least-loaded dp rank instead"),
     EngineArg("driver_host", "executor", "host", str,
               "ray/external backends: the address workers dial to reach this driver "
               "(default: $SHOAL_HOST_IP, else this host's address)"),

@@ -196,6 +196,10 @@ class WorkerStats:
     idle_s: float = 0.0  # between steps (waiting for the next plan)
     recv_wait_s: float = 0.0  # blocked on the previous pipeline stage inside a step
     num_requests: int = 0
+    # data-parallel lock-step: steps this rank ran with no tokens (its MoE layers joined
+    # the expert-parallel collectives with an empty batch), and their time
+    dummy_steps: int = 0
+    dummy_s: float = 0.0
 
 
 @dataclass

@@ -32,10 +32,11 @@ from shoal.engine.control import (
     RunnerKind,
     WorkerReady,
 )
+from shoal.engine.dp_coordinator import DPResultGatherer, DPRouter, DPScheduler
 from shoal.engine.core_io import AddRequest, CoreStats, TokenDelta, TokenLogprob
 from shoal.engine.kv_connector import create_scheduler_connector
 from shoal.engine.kv_manager import KVCacheManager
-from shoal.engine.plan import StepPlan, StepResult
+from shoal.engine.plan import DPStepPlan, StepPlan, StepResult
 from shoal.engine.recovery import RecoveryStats, RestartPolicy
 from shoal.engine.request import Request
 from shoal.engine.scheduler import Scheduler
@@ -55,7 +56,7 @@ class Executor(Protocol):
     def call(self, command: Any, ranks: list[int] | None = None,
              timeout_s: float | None = None) -> list[Any]: ...
 
-    def submit(self, plan: StepPlan) -> int: ...
+    def submit(self, plan: StepPlan | DPStepPlan) -> int: ...
 
     def get_result(self, timeout_s: float | None = None) -> StepResult: ...
 
@@ -139,14 +140,10 @@ class EngineCore:
     def __init__(self, config: EngineConfig, model_path: str, max_model_len: int,
                  executor: Executor, runner: RunnerKind = RunnerKind.MODEL,
                  step_timeout_s: float | None = None, null_step_ms: float = 0.0):
-        if config.parallel.dp_size > 1:
-            # the mesh and the all-to-all MoE dispatcher know dp, but the engine does not
-            # yet split requests over data-parallel groups (one output rank per group)
+        if config.parallel.dp_size > 1 and config.kv_transfer.kv_connector:
             executor.shutdown()
-            raise ValueError(
-                f"data_parallel_size={config.parallel.dp_size} is not supported by the engine yet; "
-                "use tensor/pipeline/expert parallelism (data_parallel_size=1)"
-            )
+            raise ValueError("kv_transfer_config with data_parallel_size > 1 is not supported "
+                             "yet: the KV connector's scheduler half serves one KV cache")
         self.config = config
         self.step_timeout_s = step_timeout_s or config.fault.step_timeout_s
         self.restarts = RestartPolicy(config.fault.max_worker_restarts,
@@ -180,14 +177,27 @@ class EngineCore:
         except BaseException:
             self.executor.shutdown()
             raise
-        self.kv = KVCacheManager(self.num_pages, page_size, config.cache.enable_prefix_caching)
-        pp = config.parallel.pp_size
+        pp, dp = config.parallel.pp_size, config.parallel.dp_size
         # pipeline: one plan per stage; async: the next plan while the workers run one
         self.max_in_flight = 2 if self.async_scheduling else pp
         per_plan = -(-config.scheduler.max_num_seqs // pp)  # one micro-batch a stage
-        self.scheduler = Scheduler(config.scheduler, self.kv, max_model_len, per_plan, connector,
-                                   async_scheduling=self.async_scheduling)
-        self.in_flight: collections.deque[StepPlan] = collections.deque()
+        # one KV cache manager and scheduler per data-parallel rank (page ids are per rank)
+        self.kvs = [KVCacheManager(self.num_pages, page_size, config.cache.enable_prefix_caching)
+                    for _ in range(dp)]
+        schedulers = [Scheduler(config.scheduler, kv, max_model_len, per_plan,
+                                connector if dp == 1 else None,
+                                async_scheduling=self.async_scheduling) for kv in self.kvs]
+        self.kv = self.kvs[0]  # dp = 1: the cache; dp > 1: rank 0's (see self.kvs)
+        self.dp_results: DPResultGatherer | None = None
+        if dp == 1:
+            self.scheduler: Scheduler | DPScheduler = schedulers[0]
+        else:
+            sched = config.scheduler
+            router = DPRouter(dp, page_size, sched.cache_threshold, sched.balance_abs_threshold,
+                              sched.balance_rel_threshold)
+            self.scheduler = DPScheduler(schedulers, router, sched)
+            self.dp_results = DPResultGatherer(dp)
+        self.in_flight: collections.deque[StepPlan | DPStepPlan] = collections.deque()
         self.max_plans_in_flight_seen = 0
         self.plan_bytes = 0
         self.experts = ExpertCounter()
@@ -293,12 +303,19 @@ class EngineCore:
                                                 len(self.in_flight))
             if not self.in_flight:
                 return deltas
+            plan = self.in_flight[0]
             try:
-                result = self.executor.get_result(timeout_s=self.step_timeout_s)
+                if self.dp_results is None:
+                    result = self.executor.get_result(timeout_s=self.step_timeout_s)
+                else:
+                    result = self.dp_results.gather(
+                        plan.step_id,
+                        lambda: self.executor.get_result(timeout_s=self.step_timeout_s))
             except TimeoutError:
+                behind = "" if self.dp_results is None else f"; {self.dp_results.stall_report()}"
                 raise TimeoutError(
-                    f"no result for step {self.in_flight[0].step_id} within "
-                    f"{self.step_timeout_s:g} s (--step-timeout)") from None
+                    f"no result for step {plan.step_id} within {self.step_timeout_s:g} s "
+                    f"(--step-timeout){behind}") from None
         except WORKER_FAULTS as exc:
             self._recover(exc)
             return deltas
@@ -385,6 +402,8 @@ class EngineCore:
         """Replace the worker group and requeue every request in flight for recompute."""
         started = time.monotonic()
         self.in_flight.clear()
+        if self.dp_results is not None:
+            self.dp_results.reset()
         requeued, lost_tokens = self.scheduler.requeue_after_worker_loss()
         restart = getattr(self.executor, "restart", None)
         while True:

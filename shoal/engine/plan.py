@@ -143,6 +143,21 @@ class StepPlan:
     kv_connector_metadata: bytes = b""
 
 
+@wire_message(12)
+@dataclass
+class DPStepPlan:
+    """One lock-step of every data-parallel group: ``plans[d]`` is dp rank d's plan.
+
+    Every plan carries the same ``step_id``; a rank with nothing to run gets a plan
+    with no scheduled requests and still runs the step (its MoE layers join every
+    expert-parallel collective with zero tokens). Each dp group's output rank answers
+    with a StepResult whose ``dp_rank`` says which group it speaks for.
+    """
+
+    step_id: int
+    plans: list[StepPlan]
+
+
 @wire_message(5)
 @dataclass
 class StepResult:
@@ -165,6 +180,7 @@ class StepResult:
     # per-layer per-expert routed token counts since the last step (MoE models), [layers, experts]
     expert_counts: np.ndarray | None = None
     num_sampled: np.ndarray | None = None  # int32 [len(req_ids)]; None = one token each
+    dp_rank: int = 0  # the data-parallel group whose output rank sent it
 
     @functools.cached_property
     def spans(self) -> dict[int, tuple[int, int]]:

@@ -288,6 +288,14 @@ class Scheduler:
             return None
         return self._make_plan(scheduled)
 
+    def empty_plan(self) -> StepPlan:
+        """A plan that runs nothing (data-parallel lock-step: this rank has no work now).
+
+        It still carries the ids the workers must drop and takes the next step id, so
+        every dp rank's scheduler numbers its steps alike.
+        """
+        return self._make_plan([])
+
     def update_from_output(self, plan: StepPlan, result: StepResult) -> list[Request]:
         """Apply one plan's result: advance, append sampled tokens, stop, free.
 

@@ -13,7 +13,10 @@ computes and how each is sharded:
 * ``AllToAllEPDispatcher``: each ep rank holds different tokens (data-parallel
   attention). Token counts are exchanged first, rows are sent to the experts'
   owners with an uneven ``all_to_all_single``, computed, and sent back the same way.
-  Every rank joins every collective, even with no tokens at all.
+  Every rank joins every collective, even with no tokens at all. With tp inside each
+  dp rank (its tp ranks hold the same tokens) each tp rank dispatches only its slice of
+  the tokens and the tp group all-gathers the combined rows, so no expert row is
+  computed twice.
 
 Communication goes only through ``RankGroup`` methods. A shared expert may be
 sharded like ``shared_shard`` says: its partial output is added before ``reduce``,
@@ -32,6 +35,7 @@ import torch
 
 from shoal.comm.group import RankGroup
 from shoal.moe.placement import ExpertPlacement
+from shoal.parallel.partition import split_sizes
 
 
 @dataclass
@@ -48,6 +52,7 @@ class DispatchedTokens:
     send_splits: list[int] | None = None
     recv_splits: list[int] | None = None
     recv_order: torch.Tensor | None = None  # [N]
+    tp_token_counts: list[int] | None = None  # tokens each tp rank dispatched (tp slicing)
 
 
 @runtime_checkable
@@ -169,12 +174,15 @@ class ReplicatedEPDispatcher(_AllReduceDispatcher):
 class AllToAllEPDispatcher:
     """Whole experts placed over ep ranks that each hold their own tokens."""
 
-    def __init__(self, ep_group: RankGroup, placement: ExpertPlacement):
+    def __init__(self, ep_group: RankGroup, placement: ExpertPlacement,
+                 tp_group: RankGroup | None = None):
         if placement.ep_size != ep_group.size:
             raise ValueError(
                 f"placement is for {placement.ep_size} ranks, ep group has {ep_group.size}"
             )
         self.group = ep_group
+        # the tp ranks of one dp rank hold the same tokens: each dispatches a slice of them
+        self.tp = tp_group if tp_group is not None and tp_group.size > 1 else None
         self.placement = placement
         self.local_expert_ids = placement.local_expert_ids(ep_group.rank_in_group)
         self.expert_shard = (1, 0)
@@ -192,6 +200,12 @@ class AllToAllEPDispatcher:
     def dispatch(
         self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> DispatchedTokens:
+        tp_counts = None
+        if self.tp is not None:  # this tp rank's slice of the (replicated) tokens
+            tp_counts = split_sizes(hidden.shape[0], self.tp.size)
+            start = sum(tp_counts[: self.tp.rank_in_group])
+            end = start + tp_counts[self.tp.rank_in_group]
+            hidden, topk_ids, topk_weights = hidden[start:end], topk_ids[start:end], topk_weights[start:end]
         ep, max_local = self.group.size, self.placement.max_local_experts
         top_k = topk_ids.shape[-1]
         slots = self._slot_on(topk_ids.device)[topk_ids.reshape(-1)]  # [M]
@@ -228,6 +242,7 @@ class AllToAllEPDispatcher:
             send_splits=send_splits,
             recv_splits=recv_splits,
             recv_order=recv_order,
+            tp_token_counts=tp_counts,
         )
 
     def combine(self, expert_out: torch.Tensor, dispatched: DispatchedTokens) -> torch.Tensor:
@@ -236,9 +251,13 @@ class AllToAllEPDispatcher:
         back[dispatched.recv_order] = expert_out
         rows = expert_out.new_empty(sum(dispatched.send_splits), expert_out.shape[-1])  # [M, H]
         self.group.all_to_all_single(rows, back, dispatched.send_splits, dispatched.recv_splits)
-        return _weighted_sum(
+        out = _weighted_sum(
             rows, dispatched.token_index, dispatched.row_weights, dispatched.num_tokens
-        )
+        )  # [T_slice, H]
+        counts = dispatched.tp_token_counts
+        if counts is not None and sum(counts):  # every tp rank knows the counts: all or none
+            out = self.tp.all_gather_uneven(out, counts, dim=0)  # [T, H]
+        return out
 
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:
         return partial  # every token came home whole

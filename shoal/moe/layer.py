@@ -94,7 +94,7 @@ def make_dispatcher(
         layout = ExpertPlacement(num_experts, ctx.ep.size, placement)
         if ctx.dp.size == 1:
             return ReplicatedEPDispatcher(ctx.ep, layout)
-        return AllToAllEPDispatcher(ctx.ep, layout)
+        return AllToAllEPDispatcher(ctx.ep, layout, ctx.tp)
     return TPExpertsDispatcher(ctx.tp, num_experts)
 
 

@@ -117,7 +117,7 @@ def grouped_sigmoid_topk(
         ]  # [T, topk_group]
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_ids, 1.0)  # [T, n_group]
         expert_mask = (
-            group_mask.unsqueeze(-1).expand(-1, n_group, per_group).reshape(num_tokens, -1)
+            group_mask.unsqueeze(-1).expand(-1, n_group, per_group).reshape(num_tokens, num_experts)
         )
         choice = choice.masked_fill(~expert_mask.bool(), float("-inf"))  # [T, E]
     ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]  # [T, K]

@@ -114,6 +114,11 @@ class ModelRunner:
         self.hidden_size = int(self.hf_config.hidden_size)
         # MoE layers of this stage, whose routed-token counts travel in each StepResult
         self.moe_layers = [m for m in self.model.modules() if hasattr(m, "reset_expert_counts")]
+        # data-parallel attention with expert parallelism: the MoE all-to-alls span every dp
+        # rank, so a rank with no tokens still runs its MoE layers (on an empty batch) each step
+        self.dp_rank = ctx.dp.rank_in_group
+        self.ep_lockstep = (ctx.dp.size > 1 and ctx.enable_expert_parallel and ctx.ep.size > 1
+                            and bool(self.moe_layers))
         self.kv_connector: KVConnectorWorker | None = create_worker_connector(
             args.kv_connector, ctx.rank, args.kv_connector_config)
         self.reset_stats()
@@ -249,6 +254,8 @@ class ModelRunner:
             hidden = self._run(batch)
             if hidden is not None:
                 result = self._sample(plan.step_id, batch, hidden)
+        elif self.ep_lockstep:
+            self._dummy_step()
         if connector is not None:
             connector.wait_for_save()
             connector.clear_metadata()
@@ -258,12 +265,28 @@ class ModelRunner:
             counts = torch.stack([m.reset_expert_counts() for m in self.moe_layers])
             if result is not None:
                 result.expert_counts = counts.to("cpu", torch.int64).numpy()  # [layers, experts]
+        if result is not None:
+            result.dp_rank = self.dp_rank
         now = time.perf_counter()
         self._stats.steps += 1
         self._stats.tokens += len(batch.input_ids)
         self._stats.forward_s += now - began
         self._last_step_end = now
         return result
+
+    def _dummy_step(self) -> None:
+        """No tokens on this dp rank: join every MoE collective of this stage, in layer order.
+
+        Attention and the dense parts need nothing from other dp ranks (their collectives
+        stay inside this rank's tp group, which is idle as a whole), and the pipeline stages
+        of an idle rank skip their sends and receives alike, so only the MoE layers run.
+        """
+        began = time.perf_counter()
+        empty = torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)  # [0, H]
+        for layer in self.moe_layers:
+            layer(empty)
+        self._stats.dummy_steps += 1
+        self._stats.dummy_s += time.perf_counter() - began
 
     def _prepare(self, plan: StepPlan) -> _Batch:
         """The flat batch of this step: tokens, lengths, page tables, rows that sample."""

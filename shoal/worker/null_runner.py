@@ -5,12 +5,18 @@ and returns a deterministic "sampled" token per completed request, so the
 driver's scheduler, the codec and the ZeroMQ channels are exercised for real
 while the forward pass costs nothing. Used by benchmarks/control_plane.py and
 protocol tests; never by serving.
+
+With data parallelism and expert parallelism it joins one real all-to-all over the
+ep group per step (each rank's token count, as an MoE layer's count exchange), so a
+step that one dp rank skipped would stall the others: lock-step is tested for real.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
+import torch
 
 from shoal.engine.control import KVCacheInfo, KVCapacity, LoadModel, MeasureKVCapacity, ModelInfo
 from shoal.engine.plan import StepPlan, StepResult
@@ -30,6 +36,13 @@ class NullRunner(ModelRunner):
         self.self_append = args.async_scheduling
         self.samples = False  # no sampling state: the "token" is a function of the last one
         self.step_s = args.null_step_ms / 1e3
+        self.dp_rank = ctx.dp.rank_in_group
+        self.ep_lockstep = ctx.dp.size > 1 and ctx.enable_expert_parallel and ctx.ep.size > 1
+        self.tokens_seen_by_ep = 0  # tokens of every ep rank, summed over steps
+        # fault injection for the stall test: this rank skips the collective of an empty
+        # step, as a runtime that forgets the dummy batch would (the others then block)
+        self.skips_empty_collective = (
+            os.environ.get("SHOAL_TEST_SKIP_EMPTY_COLLECTIVE_RANK") == str(ctx.rank))
         self.page_size = 0
         self.num_pages = 0
         self.sampler = None
@@ -57,9 +70,22 @@ class NullRunner(ModelRunner):
                 tokens.append((state.token_ids[-1] + 1) % self.vocab_size)
                 if self.self_append:
                     state.token_ids.append(tokens[-1])
+        if self.ep_lockstep and not (self.skips_empty_collective and not plan.scheduled_req_ids):
+            self._exchange_counts(sum(plan.num_scheduled_tokens))
         if self.step_s:
             time.sleep(self.step_s)  # stands in for a device step of this length
         self._stats.steps += 1
+        if not plan.scheduled_req_ids:
+            self._stats.dummy_steps += 1
         if not self.is_output_rank:
             return None
-        return StepResult(plan.step_id, req_ids, np.asarray(tokens, dtype=np.int32))
+        return StepResult(plan.step_id, req_ids, np.asarray(tokens, dtype=np.int32),
+                          dp_rank=self.dp_rank)
+
+    def _exchange_counts(self, num_tokens: int) -> None:
+        """An MoE layer's first collective: every ep rank tells every other its row count."""
+        ep = self.ctx.ep
+        send = torch.full((ep.size,), num_tokens, dtype=torch.int64)
+        recv = torch.empty_like(send)
+        ep.all_to_all_single(recv, send)
+        self.tokens_seen_by_ep += int(recv.sum())

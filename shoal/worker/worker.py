@@ -55,7 +55,7 @@ from shoal.engine.control import (
     WorkerReady,
     WorkerStats,
 )
-from shoal.engine.plan import StepPlan
+from shoal.engine.plan import DPStepPlan, StepPlan
 from shoal.errors import ProtocolError
 from shoal.parallel.context import ParallelContext
 from shoal.parallel.mesh import build_mesh
@@ -167,6 +167,7 @@ class Worker:
         self._handlers: dict[type, Callable[[Any], None]] = {
             Call: self._on_call,
             StepPlan: self._on_step,
+            DPStepPlan: self._on_dp_step,
             Heartbeat: self._on_heartbeat,
             Shutdown: self._on_shutdown,
         }
@@ -264,6 +265,15 @@ class Worker:
             return
         if result is not None:
             self.channel.send(result)
+
+    def _on_dp_step(self, plan: DPStepPlan) -> None:
+        """Data-parallel lock-step: run this rank's group's plan (possibly an empty one)."""
+        dp_rank = self.ctx.dp.rank_in_group
+        if len(plan.plans) != self.ctx.dp.size:
+            self.channel.send(WorkerFailure(self.rank, plan.step_id, (
+                f"a step of {len(plan.plans)} dp plans for data_parallel_size={self.ctx.dp.size}")))
+            return
+        self._on_step(plan.plans[dp_rank])
 
     def _on_heartbeat(self, msg: Heartbeat) -> None:
         pass  # any message refreshes _last_driver_contact

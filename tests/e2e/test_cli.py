@@ -28,7 +28,7 @@ def test_generate_streams_text_and_chat_answers(smollm2_dir):
 def test_bad_flags_and_missing_model_are_clear_errors(tmp_path):
     out = shoal("generate", "hi", "-tp", "0")
     assert out.returncode == 2 and "tensor_parallel_size must be a positive integer" in out.stderr
-    out = shoal("generate", "hi", "-dp", "2")
-    assert out.returncode == 2 and "data_parallel_size=2 is not supported" in out.stderr
+    out = shoal("generate", "hi", "-dp", "2", "--balance-rel-threshold", "0.5")
+    assert out.returncode == 2 and "balance_rel_threshold must be at least 1.0" in out.stderr
     out = shoal("generate", "hi", "--model", str(tmp_path / "nope"))
     assert out.returncode == 2 and "nope" in out.stderr

@@ -47,8 +47,10 @@ def reference(smollm2_dir, prompts):
 
 def shoal_texts(model_dir, prompts, **layout):
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS)
+    # float32 like the transformers reference: dtype "auto" is bfloat16 on CPUs with native
+    # bf16 (AVX512-BF16/AMX), whose text differs from float32's after a few words
     with LLM(model_dir, kv_cache_memory=64 << 20, executor_kwargs={"threads_per_worker": 1},
-             **layout) as llm:
+             dtype="float32", **layout) as llm:
         return [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
@@ -89,9 +91,16 @@ def make_moe_copy(dense_dir, out_dir, num_experts=8):
     return out_dir
 
 
+@pytest.fixture(scope="module")
+def moe_dir(smollm2_dir, tmp_path_factory):
+    return make_moe_copy(smollm2_dir, tmp_path_factory.mktemp("moe") / "smollm2-moe")
+
+
+# tp2: experts over the tp ranks, tokens replicated (all-reduce); dp2: data-parallel
+# attention, each rank its own requests, tokens exchanged with all-to-all
+@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"data_parallel_size": 2}],
+                         ids=["tp2-ep", "dp2-ep"])
 def test_smollm2_as_moe_with_expert_parallelism_writes_the_dense_text(
-        smollm2_dir, prompts, reference, tmp_path):
-    moe_dir = make_moe_copy(smollm2_dir, tmp_path / "smollm2-moe")
-    texts = shoal_texts(str(moe_dir), prompts, tensor_parallel_size=2,
-                        enable_expert_parallel=True)
+        moe_dir, prompts, reference, layout):
+    texts = shoal_texts(str(moe_dir), prompts, enable_expert_parallel=True, **layout)
     assert texts == reference
