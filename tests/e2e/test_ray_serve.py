@@ -229,3 +229,19 @@ def test_an_offline_llm_that_can_never_be_placed_fails_at_once(serve_cluster, tm
     assert "they need CPU 4 in total but the cluster has 2" in message, message
     assert "--num-cpus-per-worker" in message and "fewer workers" in message
     assert time.monotonic() - started < 60  # at once, not after placement_timeout
+
+
+def test_a_placement_that_fits_only_later_waits_the_timeout_then_fails(serve_cluster, tmp_path):
+    """The config app holds 1.5 of 2 CPUs: one 1-CPU worker fits the cluster, not its free part."""
+    import ray
+
+    from shoal import LLM
+    from shoal.errors import PlacementError
+
+    ckpt = tiny_checkpoint("llama", tmp_path)
+    with pytest.raises(PlacementError, match="did not free them within 2 s") as info:
+        LLM(ckpt, dtype="float32", distributed_executor_backend="ray", kv_cache_memory=1 << 22,
+            placement_timeout=2)
+    assert "--placement-timeout" in str(info.value)
+    pending = [g for g in ray.util.placement_group_table().values() if g["state"] == "PENDING"]
+    assert pending == [], pending  # the waiting group was removed
