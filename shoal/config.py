@@ -30,6 +30,9 @@ class ParallelConfig:
     pp_layer_partition: tuple[int, ...] | None = None
     executor_backend: str = "mp"
     placement_strategy: str = "PACK"
+    # Ray: seconds to wait for a feasible placement group to fit; CPUs of one worker's bundle
+    placement_timeout_s: float = 30.0
+    num_cpus_per_worker: float = 1.0
 
     def __post_init__(self) -> None:
         _positive("tensor_parallel_size", self.tp_size)
@@ -45,6 +48,13 @@ class ParallelConfig:
                 f"placement strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
                 f"got {self.placement_strategy!r}"
             )
+        if not isinstance(self.placement_timeout_s, (int, float)) or not self.placement_timeout_s > 0:
+            raise ValueError(f"placement_timeout must be positive seconds, got {self.placement_timeout_s!r}")
+        if (not isinstance(self.num_cpus_per_worker, (int, float)) or isinstance(self.num_cpus_per_worker, bool)
+                or not self.num_cpus_per_worker > 0):
+            raise ValueError(
+                f"num_cpus_per_worker must be a positive number (fractions allowed, e.g. 0.5), "
+                f"got {self.num_cpus_per_worker!r}")
         if self.pp_layer_partition is not None:
             if len(self.pp_layer_partition) != self.pp_size:
                 raise ValueError(

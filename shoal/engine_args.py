@@ -121,6 +121,11 @@ ENGINE_ARGS: tuple[EngineArg, ...] = (
     EngineArg("placement_strategy", "parallel", "placement_strategy", str,
               "Ray placement group strategy",
               choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")),
+    EngineArg("placement_timeout", "parallel", "placement_timeout_s", float,
+              "Ray: seconds to wait for the cluster to fit the workers' placement group "
+              "(one that can never fit fails at once)", aliases=("placement_timeout_s",)),
+    EngineArg("num_cpus_per_worker", "parallel", "num_cpus_per_worker", float,
+              "Ray, CPU workers: CPUs reserved per worker actor (fractions allowed, e.g. 0.5)"),
     EngineArg("block_size", "cache", "page_size", int, "KV page size in tokens"),
     EngineArg("kv_cache_memory", "cache", "kv_cache_memory", int,
               "KV cache bytes per rank on CPU (default 1 GiB)"),
@@ -182,7 +187,9 @@ EXECUTOR_KWARG_NAMES = {"host": "driver_host", "bootstrap_port": "driver_port",
                         "threads_per_worker": "threads_per_worker",
                         "heartbeat_timeout_s": "worker_heartbeat_timeout_s",
                         "start_timeout_s": "worker_start_timeout_s",
-                        "placement_strategy": "placement_strategy"}
+                        "placement_strategy": "placement_strategy",
+                        "placement_timeout_s": "placement_timeout",
+                        "num_cpus_per_worker": "num_cpus_per_worker"}
 
 
 def _coerce(arg: EngineArg, value: Any, shown: str | None = None) -> Any:
@@ -199,6 +206,8 @@ def _coerce(arg: EngineArg, value: Any, shown: str | None = None) -> Any:
         result = False
     elif kind is float and isinstance(value, int) and not isinstance(value, bool):
         result = float(value)
+    elif kind is float and isinstance(value, str) and _is_float(value):
+        result = float(value)  # `serve run ... key=value` and YAML strings
     elif kind is int and isinstance(value, str) and value.strip().lstrip("-").isdigit():
         result = int(value)
     else:
@@ -206,6 +215,14 @@ def _coerce(arg: EngineArg, value: Any, shown: str | None = None) -> Any:
     if arg.choices is not None and result is not None and result not in arg.choices:
         raise ValueError(f"{shown} must be one of {arg.choices}, got {result!r}")
     return result
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def is_engine_option(name: str) -> bool:

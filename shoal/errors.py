@@ -19,6 +19,10 @@ class ProtocolError(ShoalError):
     """A wire message was malformed, of a wrong version, or too large."""
 
 
+class PlacementError(ShoalError):
+    """Ray cannot place the bundles asked for (never on this cluster, or not in time)."""
+
+
 class WorkerDiedError(ShoalError):
     """A worker process or actor died or stopped answering."""
 

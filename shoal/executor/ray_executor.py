@@ -8,8 +8,10 @@ the other executors, never Ray calls.
 - Cluster: an existing one through ``RAY_ADDRESS`` (``ray start --head`` ...),
   else a local instance started here; a ``ray.init`` made by the caller is kept.
 - Placement: one bundle per rank, ``{"GPU": 1}`` when the cluster has GPUs, else
-  ``{"CPU": 1}``, in a placement group of strategy ``PACK`` (default) or
-  ``SPREAD``. Inside a placement group already (a Ray Serve replica deployed with
+  ``{"CPU": num_cpus_per_worker}`` (default 1), in a placement group of strategy
+  ``PACK`` (default) or ``SPREAD``. Bundles that can never fit the cluster fail at
+  once, feasible ones that do not fit yet after ``placement_timeout_s``
+  (:mod:`shoal.executor.ray_placement`). Inside a placement group already (a Ray Serve replica deployed with
   ``placement_group_bundles``), the actors go into that group's bundles instead;
   a process started by such a replica (the engine-core process of the API
   server) names the group in ``SHOAL_RAY_PLACEMENT_GROUP``.
@@ -34,12 +36,12 @@ import time
 from typing import Any
 
 from shoal.config import ParallelConfig
-from shoal.errors import ShoalError, WorkerDiedError
+from shoal.errors import PlacementError, WorkerDiedError
 from shoal.executor.base import ZmqExecutor
+from shoal.executor.ray_placement import create_placement_group
 
 logger = logging.getLogger(__name__)
 
-PLACEMENT_TIMEOUT_S = 120.0
 PLACEMENT_GROUP_ENV = "SHOAL_RAY_PLACEMENT_GROUP"  # hex id of the group to place workers in
 
 
@@ -112,7 +114,8 @@ class RayExecutor(ZmqExecutor):
         host: str | None = None,
         placement_strategy: str | None = None,
         use_gpu: bool | None = None,
-        placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
+        placement_timeout_s: float | None = None,
+        num_cpus_per_worker: float | None = None,
         ray_init_kwargs: dict | None = None,
         **kwargs: Any,
     ):
@@ -120,7 +123,9 @@ class RayExecutor(ZmqExecutor):
             placement_strategy: overrides ``parallel.placement_strategy`` (PACK, SPREAD, ...).
             use_gpu: one GPU per actor; None = as the placement group reserved, else when
                 the cluster has GPUs.
-            placement_timeout_s: how long to wait for the cluster to fit the bundles.
+            placement_timeout_s: how long to wait for the cluster to fit feasible bundles
+                (overrides ``parallel.placement_timeout_s``); infeasible ones fail at once.
+            num_cpus_per_worker: CPUs per CPU worker actor (overrides the parallel config's).
             ray_init_kwargs: passed to ``ray.init`` when this executor starts Ray.
         """
         self.ray = connect_ray(**(ray_init_kwargs or {}))
@@ -130,7 +135,8 @@ class RayExecutor(ZmqExecutor):
         self.placement_strategy = placement_strategy or parallel.placement_strategy
         self._use_gpu_arg = use_gpu
         self.use_gpu = bool(use_gpu)  # settled when the bundles are chosen
-        self.placement_timeout_s = placement_timeout_s
+        self.placement_timeout_s = placement_timeout_s or parallel.placement_timeout_s
+        self.num_cpus_per_worker = float(num_cpus_per_worker or parallel.num_cpus_per_worker)
         self.placement_group = None
         self._owns_placement_group = False
         self.actors: list[Any] = []  # by rank
@@ -142,7 +148,17 @@ class RayExecutor(ZmqExecutor):
     # -- placement --------------------------------------------------------------------------
 
     def _bundle(self) -> dict[str, float]:
-        return {"GPU": 1.0} if self.use_gpu else {"CPU": 1.0}
+        return {"GPU": 1.0} if self.use_gpu else {"CPU": self.num_cpus_per_worker}
+
+    def _placement_hint(self) -> str:
+        hint = (f"Fix: fewer workers (tensor x pipeline x data parallel = {self.world_size}), "
+                f"a bigger cluster")
+        if not self.use_gpu:
+            hint += (f", or fewer CPUs per worker (--num-cpus-per-worker, now "
+                     f"{self.num_cpus_per_worker:g}; e.g. 0.5)")
+        if self.placement_strategy.startswith("STRICT"):
+            hint += ", or a placement strategy that is not STRICT_"
+        return hint + "."
 
     def _current_placement_group(self) -> Any:
         ray = self.ray
@@ -164,31 +180,25 @@ class RayExecutor(ZmqExecutor):
                 gpu_bundles = sum(b.get("GPU", 0) >= 1 for b in specs)
                 self.use_gpu = gpu_bundles >= self.world_size
             resource = "GPU" if self.use_gpu else "CPU"
-            fitting = [i for i, b in enumerate(specs) if b.get(resource, 0) >= 1]
+            need = 1.0 if self.use_gpu else self.num_cpus_per_worker
+            fitting = [i for i, b in enumerate(specs) if b.get(resource, 0) + 1e-9 >= need]
             if len(fitting) > self.world_size and fitting[0] == 0:
                 fitting = fitting[1:]  # bundle 0 holds the caller (a Serve replica)
             if len(fitting) < self.world_size:
-                raise ShoalError(
-                    f"the current placement group has {len(fitting)} bundles with {resource} >= 1 "
+                raise PlacementError(
+                    f"the current placement group has {len(fitting)} bundles with {resource} >= "
+                    f"{need:g} "
                     f"({specs}); world size {self.world_size} needs one per rank"
                 )
             self.placement_group = current
             logger.info("reusing the current placement group: bundles %s", fitting[: self.world_size])
             return fitting[: self.world_size]
-        from ray.util.placement_group import placement_group
-
         if self._use_gpu_arg is None:
             self.use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-        self.placement_group = placement_group(
-            [self._bundle() for _ in range(self.world_size)], strategy=self.placement_strategy
-        )
+        bundles = [self._bundle() for _ in range(self.world_size)]
+        self.placement_group = create_placement_group(
+            ray, bundles, self.placement_strategy, self.placement_timeout_s, self._placement_hint())
         self._owns_placement_group = True
-        if not self.placement_group.wait(timeout_seconds=self.placement_timeout_s):
-            raise ShoalError(
-                f"Ray could not place {self.world_size} bundles of {self._bundle()} "
-                f"({self.placement_strategy}) within {self.placement_timeout_s:.0f} s; "
-                f"cluster resources: {ray.cluster_resources()}, free: {ray.available_resources()}"
-            )
         return list(range(self.world_size))
 
     def _launch_workers(self) -> None:
@@ -204,7 +214,7 @@ class RayExecutor(ZmqExecutor):
                 placement_group_capture_child_tasks=True,
             )
             actors.append(actor_class.options(
-                num_cpus=0 if self.use_gpu else 1,
+                num_cpus=0 if self.use_gpu else self.num_cpus_per_worker,
                 num_gpus=1 if self.use_gpu else 0,
                 max_restarts=0,
                 scheduling_strategy=strategy,

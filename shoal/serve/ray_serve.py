@@ -17,7 +17,8 @@ Options (``args`` of the Serve config, keys with ``-`` or ``_``): every engine
 flag of ``shoal serve`` by its vLLM name (``model``, ``tensor-parallel-size``,
 ``block-size``, ...), ``served-model-name``, ``api-key``, and for the deployment:
 ``num-replicas``, ``autoscaling-config``, ``max-ongoing-requests``,
-``ray-actor-options`` (the replica's, default one CPU), ``placement-group-strategy``
+``ray-actor-options`` (the replica's, default one CPU; fractions such as 0.5 fit
+small machines), ``placement-group-strategy``
 (default PACK), ``accelerator`` (``GPU`` or ``CPU``; default: GPU when the cluster
 has one).
 """
@@ -30,6 +31,7 @@ from typing import Any
 from shoal.config import EngineConfig, ParallelConfig
 from shoal.engine_args import ENGINE_ARGS, engine_config, is_engine_option
 from shoal.executor.ray_executor import PLACEMENT_GROUP_ENV, import_ray
+from shoal.executor.ray_placement import check_placement
 from shoal.serve.api_server import ServerSettings, served_model
 from shoal.serve.api_server import build_app as build_fastapi_app
 
@@ -68,7 +70,8 @@ def placement_bundles(config: EngineConfig, accelerator: str,
         replica["GPU"] = float(replica_actor_options["num_gpus"])
     if config.parallel.executor_backend != "ray":  # workers are local processes of the core
         return [replica]
-    device = {"GPU": 1.0} if accelerator == "GPU" else {"CPU": 1.0}
+    device = ({"GPU": 1.0} if accelerator == "GPU"
+              else {"CPU": float(config.parallel.num_cpus_per_worker)})
     return [replica] + [dict(device) for _ in range(config.parallel.world_size)]
 
 
@@ -112,14 +115,50 @@ def plan_deployment(args: dict[str, Any], cluster_has_gpu: bool = False
     return config, deployment_options, api_key
 
 
+def initial_replicas(deployment_options: dict[str, Any]) -> int:
+    """How many replicas Serve starts with (``num_replicas``, else the autoscaling minimum)."""
+    autoscaling = deployment_options.get("autoscaling_config") or {}
+    if autoscaling:
+        return max(1, int(autoscaling.get("initial_replicas") or autoscaling.get("min_replicas") or 1))
+    replicas = deployment_options.get("num_replicas", 1)
+    return 1 if replicas in (None, "auto") else int(replicas)
+
+
+def check_replica_placement(ray: Any, config: EngineConfig,
+                            deployment_options: dict[str, Any]) -> None:
+    """Fail the application now (PlacementError) if its first replicas can never be placed.
+
+    Serve would otherwise wait for ever, saying only that a replica "has taken more
+    than 30s to be scheduled".
+    """
+    bundles = deployment_options["placement_group_bundles"]
+    replicas = initial_replicas(deployment_options)
+    replica_cpus = bundles[0].get("CPU", 0.0)
+    hint = (f"Each replica reserves its own bundle (ray-actor-options num_cpus "
+            f"{replica_cpus:g}) plus one bundle per worker (world size "
+            f"{config.parallel.world_size}). Fix: fewer workers (tensor-parallel-size ...), "
+            f"fractional CPUs (ray-actor-options: {{num_cpus: 0.5}}, num-cpus-per-worker: 0.5), "
+            f"fewer initial replicas (now {replicas}), or a bigger cluster.")
+    check_placement(ray, bundles * replicas, deployment_options["placement_group_strategy"]
+                    if replicas == 1 else "PACK", hint)
+
+
 def build_app(args: dict[str, Any]) -> Any:
-    """The Ray Serve application (``serve run shoal.serve.ray_serve:build_app key=value ...``)."""
+    """The Ray Serve application (``serve run shoal.serve.ray_serve:build_app key=value ...``).
+
+    On a running cluster (``serve run`` with a config, ``serve deploy``) the replica's
+    bundles are checked against it first: ones that can never fit fail the application
+    with a PlacementError naming them, the cluster's resources and what to change.
+    """
     ray, serve = import_ray(), import_ray(serve=True)
     has_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
     config, deployment_options, api_key = plan_deployment(args, has_gpu)
+    if ray.is_initialized():
+        check_replica_placement(ray, config, deployment_options)
     deployment = serve.deployment(serve.ingress()(ShoalDeployment), **deployment_options)
     logger.info("Ray Serve deployment: %s", deployment_options)
     return deployment.bind(config, config.model.served_model_name, api_key)
 
 
-__all__ = ["ShoalDeployment", "build_app", "placement_bundles", "plan_deployment", "split_options"]
+__all__ = ["ShoalDeployment", "build_app", "check_replica_placement", "placement_bundles",
+           "plan_deployment", "split_options"]

@@ -1,20 +1,25 @@
 """Ray Serve: the OpenAI server as a Serve application, one engine per replica.
 
-One local Ray instance and one Serve application for the module: the default
-model (SmolLM2-135M-Instruct) at tp=2 with the Ray executor, its worker actors in
-the replica's placement group, answering the ``openai`` client.
+One local Ray instance of 2 CPUs (this machine's) for the module, running
+``launch/serve_config.yaml`` through Serve's config path: the default model
+(SmolLM2-135M-Instruct) at tp=2 with the Ray executor, its worker actors in the
+replica's placement group, answering the ``openai`` client; beside it an
+application whose replica can never be placed, which must fail at once.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import socket
+import time
 from pathlib import Path
 
 import openai
 import pytest
+import yaml
 
-from factories import hf_greedy
+from factories import hf_greedy, tiny_checkpoint
 from shoal.serve.ray_serve import placement_bundles, plan_deployment, split_options
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
@@ -59,7 +64,6 @@ def test_bad_options_are_named():
 def test_the_launch_config_is_a_valid_serve_config():
     if not HAS_RAY:
         pytest.skip("needs the ray extra")
-    import yaml
     from ray.serve.schema import ServeDeploySchema
 
     raw = yaml.safe_load(SERVE_CONFIG.read_text())
@@ -69,13 +73,39 @@ def test_the_launch_config_is_a_valid_serve_config():
     config, deployment, _ = plan_deployment(app.args)
     assert config.parallel.tp_size == 2
     assert app.deployments[0].name == deployment["name"]
+    # it fits a 2-CPU machine: replica 0.5 + 2 workers x 0.5; on GPU nodes {GPU: 1} per worker
+    assert deployment["placement_group_bundles"] == [{"CPU": 0.5}] * 3
+    gpu = placement_bundles(config, "GPU", deployment["ray_actor_options"])
+    assert gpu == [{"CPU": 0.5}, {"GPU": 1.0}, {"GPU": 1.0}]
 
 
 # -- a real Serve application -----------------------------------------------------------------
 
 
+INFEASIBLE_TP = 4  # 1 + 4 x 0.5 CPUs asked on a 2-CPU cluster: can never be placed
+
+
+def config_apps(smollm2_dir) -> dict:
+    """launch/serve_config.yaml as written (resources, deployment), on the test checkpoint,
+    plus a second application whose replica can never be placed."""
+    raw = yaml.safe_load(SERVE_CONFIG.read_text())
+    app = raw["applications"][0]
+    app["args"].update({
+        "model": str(smollm2_dir), "dtype": "float32", "max-model-len": 256,
+        "kv-cache-memory": 20_000_000, "api-key": API_KEY})
+    app["deployments"][0]["autoscaling_config"]["max_replicas"] = 1
+    bad = copy.deepcopy(app)
+    bad.update(name="infeasible", route_prefix="/infeasible")
+    bad["args"].update({"tensor-parallel-size": INFEASIBLE_TP, "ray-actor-options": {"num_cpus": 1}})
+    raw["applications"].append(bad)
+    return raw
+
+
 @pytest.fixture(scope="module")
-def serve_url(smollm2_dir):
+def serve_cluster(smollm2_dir):
+    """A 2-CPU local Ray cluster running launch/serve_config.yaml through Serve's config path
+    (what ``serve run``/``serve deploy`` do); yields (url, seconds until the infeasible app
+    failed, or None)."""
     if not HAS_RAY:
         pytest.skip("needs the ray extra: pip install 'shoal[ray]'")
     saved = {k: os.environ.get(k) for k in
@@ -85,22 +115,32 @@ def serve_url(smollm2_dir):
     os.environ.pop("RAY_ADDRESS", None)
     import ray
     from ray import serve
-
-    from shoal.serve.ray_serve import build_app
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              object_store_memory=100 << 20)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({
-            "model": str(smollm2_dir), "served-model-name": NAME, "tensor-parallel-size": 2,
-            "max-model-len": 256, "kv-cache-memory": 20_000_000, "api-key": API_KEY,
-            "autoscaling-config": {"min_replicas": 1, "max_replicas": 1},
-        }), name="shoal", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        client = serve_api.serve_start(http_options={"host": "127.0.0.1", "port": port})
+        started = time.monotonic()
+        client.deploy_apps(ServeDeploySchema.model_validate(config_apps(smollm2_dir)))
+        failed_after = None
+        deadline = started + 600
+        while True:
+            apps = serve.status().applications
+            if failed_after is None and apps.get("infeasible") is not None \
+                    and apps["infeasible"].status == "DEPLOY_FAILED":
+                failed_after = time.monotonic() - started
+            shoal_app = apps.get("shoal")
+            if shoal_app is not None and shoal_app.status == "RUNNING" and failed_after is not None:
+                break
+            assert shoal_app is None or shoal_app.status != "DEPLOY_FAILED", shoal_app.message
+            assert time.monotonic() < deadline, {k: (v.status, v.message) for k, v in apps.items()}
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}", failed_after
     finally:
         try:
             serve.shutdown()
@@ -111,6 +151,11 @@ def serve_url(smollm2_dir):
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def serve_url(serve_cluster):
+    return serve_cluster[0]
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +197,51 @@ def test_workers_live_in_the_replica_placement_group(client):
     group_id = groups[0]["placement_group_id"]
     free = ray.available_resources()
     assert free.get(f"CPU_group_{group_id}", 0.0) == 0.0, free
+
+
+def test_an_app_that_can_never_be_placed_fails_at_once(serve_cluster):
+    """Not Serve's endless "taken more than 30s to be scheduled": a failed app, named bundles."""
+    import ray
+    from ray import serve
+
+    _, failed_after = serve_cluster
+    app = serve.status().applications["infeasible"]
+    assert app.status == "DEPLOY_FAILED"
+    assert "Ray cannot place 5 bundles" in app.message, app.message
+    assert "they need CPU 3 in total but the cluster has 2" in app.message, app.message
+    assert "num-cpus-per-worker" in app.message and "tensor-parallel-size" in app.message
+    assert failed_after < 120, failed_after  # generous: the machine is shared
+    pending = [g for g in ray.util.placement_group_table().values() if g["state"] == "PENDING"]
+    assert pending == [], pending
+
+
+def test_an_offline_llm_that_can_never_be_placed_fails_at_once(serve_cluster, tmp_path):
+    from shoal import LLM
+    from shoal.errors import PlacementError
+
+    ckpt = tiny_checkpoint("llama", tmp_path)
+    started = time.monotonic()
+    with pytest.raises(PlacementError) as info:
+        LLM(ckpt, dtype="float32", tensor_parallel_size=INFEASIBLE_TP,
+            distributed_executor_backend="ray", kv_cache_memory=1 << 22)
+    message = str(info.value)
+    assert "Ray cannot place 4 bundles [{CPU: 1}" in message, message
+    assert "they need CPU 4 in total but the cluster has 2" in message, message
+    assert "--num-cpus-per-worker" in message and "fewer workers" in message
+    assert time.monotonic() - started < 60  # at once, not after placement_timeout
+
+
+def test_a_placement_that_fits_only_later_waits_the_timeout_then_fails(serve_cluster, tmp_path):
+    """The config app holds 1.5 of 2 CPUs: one 1-CPU worker fits the cluster, not its free part."""
+    import ray
+
+    from shoal import LLM
+    from shoal.errors import PlacementError
+
+    ckpt = tiny_checkpoint("llama", tmp_path)
+    with pytest.raises(PlacementError, match="did not free them within 2 s") as info:
+        LLM(ckpt, dtype="float32", distributed_executor_backend="ray", kv_cache_memory=1 << 22,
+            placement_timeout=2)
+    assert "--placement-timeout" in str(info.value)
+    pending = [g for g in ray.util.placement_group_table().values() if g["state"] == "PENDING"]
+    assert pending == [], pending  # the waiting group was removed
