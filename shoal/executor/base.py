@@ -74,6 +74,7 @@ class ZmqExecutor:
                                      keys=self.keys)
         self.store_host = host or ("127.0.0.1" if self.transport == "ipc" else self._tcp_host())
         self.store = create_store_server(self.store_host, self.world_size)
+        self.store_port = self.store.port
         self.workers: list[WorkerReady] = []
         self._call_ids = itertools.count(1)
         self._results: collections.deque[StepResult] = collections.deque()
@@ -129,7 +130,7 @@ class ZmqExecutor:
             broadcast_address=self.channel.broadcast_address,
             return_address=self.channel.return_address,
             store_host=self.store_host,
-            store_port=self.store.port,
+            store_port=self.store_port,
             heartbeat_timeout_s=self.heartbeat_timeout_s,
             threads_per_worker=self.threads_per_worker,
             broadcast_ring=self.channel.ring.path if self.channel.ring is not None else "",
@@ -164,11 +165,25 @@ class ZmqExecutor:
                 ready[msg.rank] = msg
                 self._last_heartbeat[msg.rank] = time.monotonic()
         self.workers = [ready[r] for r in range(self.world_size)]
+        self._close_store_if_done()
         if self.channel.ring is not None:
             self.channel.ring.unlink()  # every worker has mapped it: nothing stays in /dev/shm
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, daemon=True)
         self._heartbeat_thread.start()
         logger.info("all %d workers ready", self.world_size)
+
+    def _close_store_if_done(self) -> None:
+        """Stop the rendezvous store once no rank needs it (it has no authentication).
+
+        Every process group exists by the time a worker reports ready. gloo reads the
+        store only while it connects a group, so on CPU the store closes here and a
+        stranger has only the start-up window. NCCL creates communicators lazily at
+        their first collective through the store, so with a GPU rank it stays open.
+        """
+        if all(w.device == "cpu" for w in self.workers):
+            self.store = None
+            logger.debug("rendezvous store on port %d closed: every rank uses gloo",
+                         self.store_port)
 
     # -- liveness ----------------------------------------------------------------------------
 
@@ -313,7 +328,7 @@ class ZmqExecutor:
             self._stop_workers(timeout_s)
         finally:
             self.channel.close()
-            del self.store
+            self.store = None
 
     def __enter__(self) -> "ZmqExecutor":
         return self

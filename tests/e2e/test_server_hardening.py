@@ -29,6 +29,8 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 HEADER_TIMEOUT_S = 2
 MAX_CONCURRENT = 8
 SHUTDOWN_TIMEOUT_S = 2
+BODY_TIMEOUT_S = 2
+REQUESTS_PER_CONNECTION = 3
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,8 @@ def server(tmp_path_factory, smollm2_dir):
     args = ["--model", model, "--max-model-len", "512", "--kv-cache-memory", "20000000",
             "--max-num-seqs", "4", "--header-timeout", str(HEADER_TIMEOUT_S),
             "--max-connections", "128", "--max-concurrent-requests", str(MAX_CONCURRENT),
-            "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
+            "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S), "--body-timeout", str(BODY_TIMEOUT_S),
+            "--max-requests-per-connection", str(REQUESTS_PER_CONNECTION)]
     with ServerProcess(args) as srv:
         yield srv
         log = srv.log_tail(200_000)
@@ -159,6 +162,47 @@ def test_slow_header_clients_do_not_make_health_fail(server, http):
         for s in slow:
             s.close()
     assert http.get("/health").status_code == 200
+
+
+def read_response(s: socket.socket) -> bytes:
+    """One whole HTTP response (headers and a content-length body) from ``s``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed mid-response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        body += s.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_a_body_slower_than_the_timeout_gets_408(server, http):
+    with socket.create_connection((server.host, server.port), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                  b"content-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"pro")
+        t = time.monotonic()
+        response = read_response(s)
+    assert response.startswith(b"HTTP/1.1 408"), response[:200]
+    assert b"--body-timeout" in response
+    assert BODY_TIMEOUT_S - 0.5 < time.monotonic() - t < BODY_TIMEOUT_S + 10
+    assert http.get("/health").status_code == 200
+
+
+def test_keep_alive_connection_closes_after_its_request_limit(server):
+    with socket.create_connection((server.host, server.port), timeout=30) as s:
+        for i in range(REQUESTS_PER_CONNECTION):
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            response = read_response(s)
+            assert response.startswith(b"HTTP/1.1 200"), response[:200]
+        assert b"connection: close" in response.lower()  # the last one says so
+        s.settimeout(5)
+        try:
+            assert s.recv(100) == b""  # and the server closed it
+        except ConnectionResetError:
+            pass
 
 
 def test_saturated_api_answers_503_while_health_answers(server, http):
