@@ -117,6 +117,26 @@ def test_failed_groups_are_replaced_and_no_token_changes(checkpoint, prompts, re
     assert pids_gone(first_pids + last_pids)
 
 
+def test_dp2_a_killed_rank_is_replaced_and_both_dp_groups_finish_unchanged(
+        checkpoint, prompts, reference):
+    """Data-parallel attention: each dp rank owns its requests; a kill -9 of one rank
+    replaces the whole group, and both ranks' requests are re-queued on their own rank."""
+    engine = make_engine(checkpoint, FaultToleranceConfig(step_timeout_s=4.0), dp_size=2)
+    first_pids = list(engine.core.executor.pids)
+    try:
+        outputs, streamed = run(engine, prompts, kill_rank=1, kill_at_step=5)
+        stats = engine.stats()
+        last_pids = list(engine.core.executor.pids)
+    finally:
+        engine.shutdown()
+    assert outputs == reference
+    assert streamed == reference
+    assert stats.num_worker_restarts == 1
+    assert stats.num_requeued_requests > 0
+    assert not set(last_pids) & set(first_pids)
+    assert pids_gone(first_pids + last_pids)
+
+
 def test_with_restarts_off_generate_keeps_finished_outputs_and_fails_the_rest(
         checkpoint, prompts, reference, inject):
     inject("exit", 1, 6)  # rank 1 dies before its 6th step
