@@ -52,6 +52,7 @@ from shoal.serve.limits import RequestLimits, limits_from_args, parse_request
 from shoal.serve.metrics import ServerMetrics
 from shoal.serve.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest
 from shoal.serve.serving import ServedModel
+from shoal.serve.tool_parsers import TOOL_PARSERS
 from shoal.serve.tokenize import DetokenizeRequest, TokenizeRequest, TokenizeServing
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,16 @@ class ServerSettings:
     disable_log_requests: bool = False
     limits: RequestLimits = RequestLimits()
     max_concurrent_requests: int | None = None  # /v1 requests in flight (None: from config)
+    enable_auto_tool_choice: bool = False  # serve tool_choice "auto" ...
+    tool_call_parser: str | None = None  # ... parsing replies with this parser
+
+    def __post_init__(self) -> None:
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser "
+                             f"(one of {', '.join(sorted(TOOL_PARSERS))})")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(f"unknown --tool-call-parser {self.tool_call_parser!r}; known: "
+                             f"{', '.join(sorted(TOOL_PARSERS))}")
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -138,6 +149,8 @@ def build_app(settings: ServerSettings) -> FastAPI:
             serving = state[name] = cls(engine, settings.model, tokenizer)
             serving.generation_defaults = defaults
             serving.log_requests = not settings.disable_log_requests
+        state["chat"].tool_parser = settings.tool_call_parser
+        state["chat"].enable_auto_tool_choice = settings.enable_auto_tool_choice
         port = "?" if settings.port is None else settings.port
         log_banner(banner_lines(config, settings.model.name, settings.model.root, engine.info,
                                 f"http://{settings.host}:{port}", route_list(app)))
@@ -268,6 +281,8 @@ def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> None:
         disable_log_requests=bool(getattr(args, "disable_log_requests", False)),
         limits=limits_from_args(args),
         max_concurrent_requests=getattr(args, "max_concurrent_requests", None),
+        enable_auto_tool_choice=bool(getattr(args, "enable_auto_tool_choice", False)),
+        tool_call_parser=getattr(args, "tool_call_parser", None),
     )
     app = build_app(settings)
     # no uvicorn limit_concurrency: it counts open connections, so slow clients would make
