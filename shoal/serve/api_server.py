@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server (``shoal serve``): FastAPI on uvicorn with uvloop.
 
 Routes as vLLM's: ``POST /v1/completions``, ``POST /v1/chat/completions``
-(server-sent events with ``"stream": true``), ``GET /v1/models``, ``GET /health``
+(server-sent events with ``"stream": true``), ``POST /v1/embeddings``,
+``GET /v1/models``, ``GET /health``
 (200 while the engine core runs, 503 after it died), ``GET /metrics``
 (Prometheus), ``GET /version``.
 
@@ -41,6 +42,7 @@ from shoal.frontend.generation_defaults import load_generation_defaults
 from shoal.serve.banner import banner_lines, log_banner
 from shoal.serve.chat import ChatServing
 from shoal.serve.completions import CompletionServing
+from shoal.serve.embeddings import EmbeddingRequest, EmbeddingServing
 from shoal.serve.engine_client import AsyncEngineClient, EngineDeadError
 from shoal.serve.http_guard import (
     ConcurrencyGuard,
@@ -145,7 +147,7 @@ def build_app(settings: ServerSettings) -> FastAPI:
             raise
         defaults = load_generation_defaults(settings.model.root, config.model.generation_config)
         for name, cls in (("completions", CompletionServing), ("chat", ChatServing),
-                          ("tokenize", TokenizeServing)):
+                          ("embeddings", EmbeddingServing), ("tokenize", TokenizeServing)):
             serving = state[name] = cls(engine, settings.model, tokenizer)
             serving.generation_defaults = defaults
             serving.log_requests = not settings.disable_log_requests
@@ -223,6 +225,12 @@ def build_app(settings: ServerSettings) -> FastAPI:
                                    settings.max_body_bytes)
         return await state["chat"].create(body, request)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        body = await parse_request(request, EmbeddingRequest, settings.limits,
+                                   settings.max_body_bytes)
+        return await state["embeddings"].create(body, request)
+
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
         body = await parse_request(request, TokenizeRequest, settings.limits,
@@ -265,7 +273,8 @@ def served_model(config: EngineConfig, name: str | None) -> ServedModel:
         default_name = given
     return ServedModel(name=name or default_name, aliases=tuple(aliases), root=root,
                        max_model_len=max_len, vocab_size=int(hf_config.vocab_size),
-                       created=int(time.time()))
+                       created=int(time.time()),
+                       hidden_size=int(getattr(hf_config, "hidden_size", 0) or 0))
 
 
 def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> None:

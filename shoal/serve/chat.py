@@ -141,7 +141,7 @@ class ChatServing(OpenAIServing):
             if params.structured_outputs is not None:
                 raise bad_request(f"tool_choice {reply.choice.mode!r} cannot be combined with "
                                   "response_format or structured outputs", "tool_choice")
-            schema = forced_schema(tools, reply.choice)
+            schema = forced_schema(tools, reply.choice, body.parallel_tool_calls is not False)
             params = params.replace(structured_outputs=StructuredOutputsParams(json=schema))
         return params, max_param
 

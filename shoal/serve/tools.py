@@ -129,14 +129,20 @@ def resolve_tool_choice(raw: Any, tools: list[FunctionTool], auto_enabled: bool
     return choice
 
 
-def forced_schema(tools: list[FunctionTool], choice: ToolChoice) -> dict[str, Any]:
-    """The JSON schema a forced reply follows (required: a list of calls; named: arguments)."""
+def forced_schema(tools: list[FunctionTool], choice: ToolChoice,
+                  parallel: bool = True) -> dict[str, Any]:
+    """The JSON schema a forced reply follows (required: a list of calls; named: arguments).
+
+    ``parallel=False`` (OpenAI's ``parallel_tool_calls: false``) allows one call only.
+    """
     if choice.mode == "named":
         return next(t.parameters for t in tools if t.name == choice.name)
     assert choice.mode == "required", choice
+    limit = {} if parallel else {"maxItems": 1}
     return {
         "type": "array",
         "minItems": 1,
+        **limit,
         "items": {"anyOf": [{
             "type": "object",
             "properties": {"name": {"type": "string", "enum": [t.name]},

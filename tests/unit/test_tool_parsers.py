@@ -134,6 +134,7 @@ def test_forced_schemas_compile_and_round_trip():
     assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Bern"}
     assert forced_calls('{"city": "Be', named) is None  # cut off by max_tokens
     assert forced_calls("[]", ToolChoice("required")) is None
+    assert forced_schema(tools, ToolChoice("required"), parallel=False)["maxItems"] == 1
 
 
 def test_reply_messages():
