@@ -115,13 +115,20 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """Generate replies to conversations, formatted with the model's chat template."""
+        """Generate replies to conversations, formatted with the model's chat template.
+
+        ``tools`` (OpenAI function tools) go to the template as vLLM's ``LLM.chat`` does;
+        parsing calls out of the replies is the server's job (``--tool-call-parser``).
+        """
+        extra = dict(chat_template_kwargs or {})
+        if tools is not None:
+            extra["tools"] = tools
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
             self.tokenizer.apply_chat_template(
-                conv, tokenize=False, add_generation_prompt=add_generation_prompt,
-                **(chat_template_kwargs or {}),
+                conv, tokenize=False, add_generation_prompt=add_generation_prompt, **extra,
             )
             for conv in conversations  # type: ignore[union-attr]
         ]

@@ -6,8 +6,11 @@ import json
 import pytest
 import xgrammar as xgr
 
+from shoal.config import EngineConfig
 from shoal.errors import RequestError
+from shoal.serve.api_server import ServerSettings
 from shoal.serve.chat import ToolReply
+from shoal.serve.serving import ServedModel
 from shoal.serve.tool_parsers import HermesToolParser, Llama3JsonToolParser, get_tool_parser
 from shoal.serve.tools import (
     ToolChoice,
@@ -162,3 +165,14 @@ def test_template_messages_decode_arguments():
     assert out[0]["tool_calls"][0]["function"]["arguments"] == {"a": 1}
     assert out[1] == messages[1]
     assert messages[0]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'  # not mutated
+
+
+def test_server_flags_are_checked():
+    model = ServedModel(name="m", aliases=(), root="/nowhere", max_model_len=16, vocab_size=8,
+                        created=0)
+    with pytest.raises(ValueError, match="--tool-call-parser"):
+        ServerSettings(EngineConfig(), model, enable_auto_tool_choice=True)
+    with pytest.raises(ValueError, match="hermes"):
+        ServerSettings(EngineConfig(), model, tool_call_parser="mistral")
+    assert ServerSettings(EngineConfig(), model, enable_auto_tool_choice=True,
+                          tool_call_parser="llama3_json").tool_call_parser == "llama3_json"
