@@ -1,10 +1,11 @@
-"""``LLM.embed`` against transformers: pooled final hidden states, tp=1 and tp=2.
+"""``LLM.embed`` against transformers: pooled final hidden states, tp=1, tp=2 and pp=2.
 
 The reference is ``AutoModel``'s ``last_hidden_state`` (after the final norm) of the
 same checkpoint, pooled (last, mean, cls) and normalised. A 4-token step budget splits
 every prompt into several prefill chunks (mean pooling accumulates over them); one
 step batch mixes embedding requests with generation, which must still equal
-transformers' greedy output. With tp=2 the embedding comes from the output rank.
+transformers' greedy output. With tp=2 the embedding comes from the output rank, with
+pp=2 from the last stage.
 """
 from __future__ import annotations
 
@@ -54,9 +55,10 @@ def assert_embeddings(outputs, expected) -> None:
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_embed_equals_transformers(checkpoint, prompts, tp):
-    options = dict(dtype="float32", tensor_parallel_size=tp, block_size=4,
+@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2)])
+def test_embed_equals_transformers(checkpoint, prompts, tp, pp):
+    options = dict(dtype="float32", tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                   block_size=4,
                    kv_cache_memory=1 << 22, max_num_batched_tokens=4, max_num_seqs=8,
                    pooling="mean", executor_kwargs={"threads_per_worker": 1})
     with LLM(checkpoint, **options) as llm:
@@ -69,7 +71,7 @@ def test_embed_equals_transformers(checkpoint, prompts, tp):
         raw = llm.embed(prompts[2], PoolingParams(pooling="last", normalize=False),
                         use_tqdm=False)
         assert_embeddings(raw, hf_embeddings(checkpoint, prompts[2:3], "last", False))
-        if tp == 1:
+        if tp == pp == 1:
             _check_mixed_batch(llm, checkpoint, prompts)
 
 
