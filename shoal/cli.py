@@ -17,6 +17,7 @@ from shoal.errors import ShoalError
 from shoal.frontend.llm_engine import LLMEngine
 from shoal.serve.api_server import run_server
 from shoal.serve.limits import add_limit_args
+from shoal.serve.tool_parsers import TOOL_PARSERS
 from shoal.worker.main import run_headless_worker
 
 
@@ -143,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: --log-level)")
     p.add_argument("--disable-log-requests", action="store_true",
                    help="no INFO line per received request")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='serve tool_choice "auto": the model decides, its reply is parsed '
+                        "with --tool-call-parser")
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="how tool calls look in the model's replies (hermes: Hermes/Qwen "
+                        "<tool_call> JSON; llama3_json: Llama 3 JSON)")
     add_limit_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -364,6 +364,7 @@ class EngineCore:
             stop_reason=stop,
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens,
+            embedding=request.embedding,
         )
 
     @staticmethod

@@ -85,6 +85,7 @@ class TokenDelta:
     num_cached_tokens: int = 0
     # with the first token: one entry per prompt position (None for the first token)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    embedding: np.ndarray | None = None  # float32 [hidden]: an embedding request's result
 
     @property
     def finished(self) -> bool:

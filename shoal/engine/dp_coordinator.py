@@ -281,9 +281,12 @@ def merge_results(step_id: int, parts: list[StepResult]) -> StepResult:
             np.ones(len(p.req_ids), np.int32) if p.num_sampled is None else p.num_sampled
             for p in parts]).astype(np.int32)
     prompt_logprobs: dict | None = None
+    embeddings: dict | None = None
     for part in parts:
         if part.prompt_logprobs:
             prompt_logprobs = {**(prompt_logprobs or {}), **part.prompt_logprobs}
+        if part.embeddings:
+            embeddings = {**(embeddings or {}), **part.embeddings}
     counts = [p.expert_counts for p in parts if p.expert_counts is not None and p.expert_counts.size]
     return StepResult(
         step_id=step_id,
@@ -295,6 +298,7 @@ def merge_results(step_id: int, parts: list[StepResult]) -> StepResult:
         prompt_logprobs=prompt_logprobs,
         expert_counts=np.sum(counts, axis=0) if counts else None,
         num_sampled=num_sampled,
+        embeddings=embeddings,
     )
 
 

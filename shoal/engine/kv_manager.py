@@ -109,13 +109,15 @@ class KVCacheManager:
 
         Never the whole sequence: at least one token is left to compute, so the
         step that schedules it produces logits to sample from. Requests that ask
-        for prompt logprobs get no hits (they need logits at every prompt position).
+        for prompt logprobs get no hits (they need logits at every prompt position),
+        nor do embeddings pooled over the whole prompt or its first token (mean, cls).
 
         Returns:
             (page ids, number of tokens they hold). Nothing is reserved: pass the
             pages to ``allocate_slots`` in the same scheduling pass.
         """
-        if not self.enable_prefix_caching or request.sampling.prompt_logprobs is not None:
+        if (not self.enable_prefix_caching or request.sampling.prompt_logprobs is not None
+                or request.sampling.pooling in ("mean", "cls")):
             return [], 0
         max_pages = (request.num_tokens - 1) // self.page_size
         hashes = self._page_hashes(request, max_pages)

@@ -49,6 +49,10 @@ class SamplingOptions:
     # regex, choice or grammar, with the schema / pattern / JSON choice list / EBNF
     structured_kind: str = ""
     structured_spec: str = ""
+    # embeddings: "" = generate; "last", "mean" or "cls" = pool the final hidden states of
+    # the prompt (normalised to unit length when pooling_normalize) and sample nothing
+    pooling: str = ""
+    pooling_normalize: bool = True
 
 
 @dataclass
@@ -161,7 +165,7 @@ class DPStepPlan:
 @wire_message(5)
 @dataclass
 class StepResult:
-    """Sampled tokens of one step, from the output rank.
+    """Sampled tokens (and finished embeddings) of one step, from the output rank.
 
     Ragged: request ``req_ids[i]`` owns ``num_sampled[i]`` consecutive entries of
     ``sampled_token_ids`` (and of the logprob arrays); ``num_sampled=None`` means
@@ -181,6 +185,9 @@ class StepResult:
     expert_counts: np.ndarray | None = None
     num_sampled: np.ndarray | None = None  # int32 [len(req_ids)]; None = one token each
     dp_rank: int = 0  # the data-parallel group whose output rank sent it
+    # req_id -> float32 [hidden]: pooled prompt of each embedding request whose prefill
+    # ended in this step (such requests sample no token)
+    embeddings: dict[int, np.ndarray] | None = None
 
     @functools.cached_property
     def spans(self) -> dict[int, tuple[int, int]]:

@@ -14,6 +14,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from shoal.engine.plan import SamplingOptions
 
 
@@ -58,6 +60,9 @@ class Request:
         stop_token_ids: extra token ids that stop the request (kept in the output).
         min_tokens: neither EOS nor stop tokens end the request before this many outputs.
         arrival_time: when the request arrived (``time.monotonic`` clock).
+
+    An embedding request (``sampling.pooling`` set) has ``max_tokens`` 0: it ends when
+    its prefill does, with the pooled hidden state in ``embedding``.
     """
 
     req_id: int
@@ -80,13 +85,15 @@ class Request:
     num_cached_tokens: int = field(default=0, init=False)  # prefix-cache hit at first schedule
     num_preemptions: int = field(default=0, init=False)
     num_new_output_tokens: int = field(default=0, init=False)  # outputs kept from the last result
+    embedding: np.ndarray | None = field(default=None, init=False)  # float32 [hidden], pooled
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = [int(t) for t in self.prompt_token_ids]
         self.eos_token_ids = set(self.eos_token_ids)
         self.stop_token_ids = set(self.stop_token_ids)
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        least = 0 if self.sampling.pooling else 1
+        if not isinstance(self.max_tokens, int) or self.max_tokens < least:
+            raise ValueError(f"max_tokens must be an integer >= {least}, got {self.max_tokens!r}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(
                 f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"

@@ -286,3 +286,30 @@ class SamplingParams:
     def replace(self, **changes: object) -> SamplingParams:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+POOLING_TYPES = ("last", "mean", "cls")
+
+
+@dataclass(frozen=True)
+class PoolingParams:
+    """How an embedding request pools its prompt (vLLM's ``PoolingParams``).
+
+    Args:
+        pooling: "last", "mean" or "cls"; None = the engine's ``--pooling``.
+        normalize: scale the embedding to unit L2 norm (vLLM's default).
+    """
+
+    pooling: str | None = None
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pooling is not None and self.pooling not in POOLING_TYPES:
+            raise ValueError(f"pooling must be one of {POOLING_TYPES}, got {self.pooling!r}")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize must be a bool, got {self.normalize!r}")
+
+    def to_options(self, default_pooling: str) -> SamplingOptions:
+        """The wire form: a request that samples nothing and pools its prompt."""
+        return SamplingOptions(pooling=self.pooling or default_pooling,
+                               pooling_normalize=self.normalize)

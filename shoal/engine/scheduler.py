@@ -134,8 +134,9 @@ class Scheduler:
                 f"({request.max_tokens}) = {needed} exceeds max_model_len={self.max_model_len}",
                 request_id=str(rid), param="max_tokens", code="context_length_exceeded",
             )
-        # the last sampled token is never fed back, so it needs no KV slot
-        if self.kv.pages_for(needed - 1) > self.kv.num_pages:
+        # the last sampled token is never fed back, so it needs no KV slot (an embedding
+        # samples nothing: its prompt is all it holds)
+        if self.kv.pages_for(max(needed - 1, request.num_prompt_tokens)) > self.kv.num_pages:
             raise RequestError(
                 f"request {rid} needs up to {needed - 1} tokens of KV cache, more than the "
                 f"whole cache holds ({self.kv.capacity_tokens} tokens in {self.kv.num_pages} "
@@ -329,6 +330,15 @@ class Scheduler:
             if request.num_computed_tokens < request.num_tokens:
                 assert rid not in spans, f"request {rid} sampled mid-prefill"
                 continue
+            if request.sampling.pooling:  # an embedding: done with its prefill
+                embedding = (result.embeddings or {}).get(rid)
+                if embedding is None:
+                    raise ValueError(f"step {plan.step_id}: no embedding for request {rid}")
+                request.embedding = embedding
+                request.num_new_output_tokens = 0
+                self._finish(request, RequestStatus.FINISHED_STOPPED)
+                changed.append(request)
+                continue
             if rid not in spans or spans[rid][1] < 1:
                 raise ValueError(f"step {plan.step_id}: no sampled token for request {rid}")
             first, count = spans[rid]
@@ -457,7 +467,7 @@ class Scheduler:
                     )
                 )
                 view.num_tokens, view.num_pages = max(view.num_tokens, held), len(request.page_ids)
-            if samples and self.async_scheduling:
+            if samples and self.async_scheduling and not request.sampling.pooling:
                 view.num_tokens += 1  # the workers append the token they sample
                 self._pending_samples[rid] = pending + 1
             self._in_flight[rid] = in_flight + num_new

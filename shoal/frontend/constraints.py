@@ -29,6 +29,11 @@ def check_structured(params: SamplingParams, param: str = "structured_outputs") 
     if params.structured_outputs is None:
         return
     kind, spec = params.structured_outputs.kind_and_spec()
+    check_spec(kind, spec, param)
+
+
+def check_spec(kind: str, spec: str, param: str) -> None:
+    """RequestError naming ``param`` if the grammar engine rejects one (kind, spec)."""
     if len(spec) > MAX_SPEC_CHARS:
         raise RequestError(f"the {kind} spec is longer than {MAX_SPEC_CHARS} characters",
                            param=param)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shoal.engine.core_io import AddRequest
-from shoal.engine.sampling_params import SamplingParams
+from shoal.engine.sampling_params import PoolingParams, SamplingParams
 from shoal.errors import RequestError
 from shoal.frontend.constraints import constrain
 
@@ -122,6 +122,33 @@ class InputProcessor:
             eos_token_ids=[] if params.ignore_eos else sorted(self.eos_token_ids),
             stop_token_ids=sorted(set(params.stop_token_ids or ())),
             min_tokens=params.min_tokens,
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+        )
+        return ProcessedInput(text, token_ids, core_request)
+
+    def process_pooling(self, request_id: str, prompt: str | list[int], params: PoolingParams,
+                        default_pooling: str, req_id: int, param: str = "input",
+                        arrival_time: float | None = None) -> ProcessedInput:
+        """The AddRequest of one embedding: the prompt is pooled, nothing is generated.
+
+        The prompt must fit the context (``param`` names the field in errors).
+        """
+        text, token_ids = self.tokenize(prompt, param)
+        if len(token_ids) > self.max_model_len:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {len(token_ids)} tokens in the input for embedding generation. "
+                f"Please reduce the length of the input.", param=param,
+                code="context_length_exceeded")
+        core_request = AddRequest(
+            request_id=request_id,
+            req_ids=[req_id],
+            prompt_token_ids=np.asarray(token_ids, dtype=np.int32),
+            sampling=[params.to_options(default_pooling)],
+            max_tokens=0,
+            eos_token_ids=[],
+            stop_token_ids=[],
+            min_tokens=0,
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
         )
         return ProcessedInput(text, token_ids, core_request)

@@ -7,16 +7,16 @@
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Sequence
+from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from shoal.engine.sampling_params import SamplingParams
+from shoal.engine.sampling_params import PoolingParams, SamplingParams
 from shoal.engine_args import engine_config, executor_kwargs_options
 from shoal.errors import EngineDeadError
 from shoal.frontend.generation_defaults import default_sampling_params
 from shoal.frontend.llm_engine import LLMEngine
-from shoal.frontend.outputs import RequestOutput
+from shoal.frontend.outputs import EmbeddingRequestOutput, RequestOutput
 from shoal.frontend.prompts import PromptType, parse_prompts
 
 Prompt = str | list[int]
@@ -83,7 +83,30 @@ class LLM:
                 raise ValueError(
                     f"got {len(params_list)} sampling params for {len(prompts)} prompts"
                 )
-        return self._run(prompts, params_list, use_tqdm)
+        return self._run([
+            lambda rid, p=prompt, sp=params: self.engine.add_request(rid, p, sp)
+            for prompt, params in zip(prompts, params_list)], use_tqdm, "generate")
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """Embed every prompt (the model's final hidden states, pooled); outputs in order.
+
+        ``output.outputs.embedding`` is a list of floats (the model's hidden size),
+        pooled as ``pooling_params`` says or by the engine's ``pooling`` option (last,
+        mean or cls), normalised to unit length unless ``normalize=False``. Embedding
+        requests share the scheduler with generation: they run their prefill (chunked
+        when long) and finish without generating a token.
+        """
+        prompts = parse_prompts(prompts)
+        params = pooling_params or PoolingParams()
+        outputs = self._run([
+            lambda rid, p=prompt: self.engine.add_embed_request(rid, p, params)
+            for prompt in prompts], use_tqdm, "embed")
+        return [EmbeddingRequestOutput.from_output(o) for o in outputs]
 
     def chat(
         self,
@@ -92,28 +115,36 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict | None = None,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """Generate replies to conversations, formatted with the model's chat template."""
+        """Generate replies to conversations, formatted with the model's chat template.
+
+        ``tools`` (OpenAI function tools) go to the template as vLLM's ``LLM.chat`` does;
+        parsing calls out of the replies is the server's job (``--tool-call-parser``).
+        """
+        extra = dict(chat_template_kwargs or {})
+        if tools is not None:
+            extra["tools"] = tools
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
             self.tokenizer.apply_chat_template(
-                conv, tokenize=False, add_generation_prompt=add_generation_prompt,
-                **(chat_template_kwargs or {}),
+                conv, tokenize=False, add_generation_prompt=add_generation_prompt, **extra,
             )
             for conv in conversations  # type: ignore[union-attr]
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, prompts: list[Prompt], params_list: Iterable[SamplingParams],
-             use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, requests: list[Callable[[str], None]], use_tqdm: bool,
+             desc: str) -> list[RequestOutput]:
+        """Queue each request (its callable adds it under the id it is given), run them all."""
         order: dict[str, int] = {}
         try:
-            for index, (prompt, params) in enumerate(zip(prompts, params_list)):
+            for index, add in enumerate(requests):
                 request_id = f"offline-{next(self._ids)}"
-                self.engine.add_request(request_id, prompt, params)
+                add(request_id)
                 order[request_id] = index
             results: list[RequestOutput | None] = [None] * len(order)
-            bar = tqdm(total=len(order), desc="generate", disable=not use_tqdm or len(order) < 2)
+            bar = tqdm(total=len(order), desc=desc, disable=not use_tqdm or len(order) < 2)
             with bar:
                 dead = False
                 while not dead and self.engine.has_unfinished_requests():

@@ -18,7 +18,7 @@ from shoal.checkpoint.hf import eos_token_ids, load_tokenizer, model_max_len
 from shoal.config import EngineConfig
 from shoal.engine.core import EngineCore
 from shoal.engine.core_io import CoreStats
-from shoal.engine.sampling_params import SamplingParams
+from shoal.engine.sampling_params import PoolingParams, SamplingParams
 from shoal.executor.supervisor import create_supervised_executor
 from shoal.frontend.generation_defaults import load_generation_defaults
 from shoal.frontend.input_processor import InputProcessor
@@ -64,6 +64,22 @@ class LLMEngine:
         self.core.add_request(processed.core_request)
         self.processor.add_request(request_id, processed.prompt, processed.prompt_token_ids,
                                    params, req_ids, processed.core_request.arrival_time)
+
+    def add_embed_request(self, request_id: str, prompt: str | list[int],
+                          params: PoolingParams | None = None,
+                          arrival_time: float | None = None) -> None:
+        """Queue an embedding request: its finished output carries ``outputs[0].embedding``."""
+        params = params or PoolingParams()
+        if self.processor.has_request(request_id):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req_id = next(self._ids)
+        processed = self.inputs.process_pooling(request_id, prompt, params,
+                                                self.config.model.pooling, req_id, "prompt",
+                                                arrival_time)
+        self.core.add_request(processed.core_request)
+        self.processor.add_request(request_id, processed.prompt, processed.prompt_token_ids,
+                                   SamplingParams(), [req_id],
+                                   processed.core_request.arrival_time)
 
     def abort_request(self, request_id: str) -> None:
         self.core.abort(self.processor.abort(request_id))

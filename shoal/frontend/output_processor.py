@@ -121,8 +121,10 @@ class OutputProcessor:
         out = child.completion
         if out.finished:
             return False
+        if delta.embedding is not None:
+            out.embedding = delta.embedding.tolist()
         tokens = delta.new_token_ids
-        if not tokens:  # finished without a new token (abort), or nothing new
+        if not tokens:  # finished without a new token (abort, an embedding), or nothing new
             return OutputProcessor._take(stops, child, delta, None, None, last=True)
         for i, token in enumerate(tokens):
             logprob = delta.logprobs[i] if delta.logprobs is not None else None

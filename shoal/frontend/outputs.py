@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 
 from shoal.engine.core_io import TokenDelta, TokenLogprob
 
-__all__ = ["CompletionOutput", "RequestMetrics", "RequestOutput", "TokenDelta", "TokenLogprob"]
+__all__ = ["CompletionOutput", "EmbeddingOutput", "EmbeddingRequestOutput", "RequestMetrics",
+           "RequestOutput", "TokenDelta", "TokenLogprob"]
 
 
 @dataclass
@@ -18,6 +19,7 @@ class CompletionOutput:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    embedding: list[float] | None = None  # an embedding request's pooled prompt
 
     @property
     def finished(self) -> bool:
@@ -68,3 +70,33 @@ class RequestOutput:
     # set when the engine could not finish the request (its unfinished completions then
     # carry finish_reason "error" and keep the tokens generated before the failure)
     error: str | None = None
+
+
+@dataclass
+class EmbeddingOutput:
+    """The pooled prompt (vLLM's ``EmbeddingOutput``)."""
+
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """One prompt's embedding, as ``LLM.embed`` returns it (vLLM's ``EmbeddingRequestOutput``)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
+
+    @classmethod
+    def from_output(cls, output: RequestOutput) -> "EmbeddingRequestOutput":
+        embedding = output.outputs[0].embedding
+        if embedding is None:
+            raise ValueError(f"request {output.request_id} ended without an embedding: "
+                             f"{output.error or output.outputs[0].finish_reason}")
+        return cls(output.request_id, output.prompt_token_ids, EmbeddingOutput(embedding),
+                   output.finished)

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server (``shoal serve``): FastAPI on uvicorn with uvloop.
 
 Routes as vLLM's: ``POST /v1/completions``, ``POST /v1/chat/completions``
-(server-sent events with ``"stream": true``), ``GET /v1/models``, ``GET /health``
+(server-sent events with ``"stream": true``), ``POST /v1/embeddings``,
+``GET /v1/models``, ``GET /health``
 (200 while the engine core runs, 503 after it died), ``GET /metrics``
 (Prometheus), ``GET /version``.
 
@@ -41,6 +42,7 @@ from shoal.frontend.generation_defaults import load_generation_defaults
 from shoal.serve.banner import banner_lines, log_banner
 from shoal.serve.chat import ChatServing
 from shoal.serve.completions import CompletionServing
+from shoal.serve.embeddings import EmbeddingRequest, EmbeddingServing
 from shoal.serve.engine_client import AsyncEngineClient, EngineDeadError
 from shoal.serve.http_guard import (
     ConcurrencyGuard,
@@ -52,6 +54,7 @@ from shoal.serve.limits import RequestLimits, limits_from_args, parse_request
 from shoal.serve.metrics import ServerMetrics
 from shoal.serve.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest
 from shoal.serve.serving import ServedModel
+from shoal.serve.tool_parsers import TOOL_PARSERS
 from shoal.serve.tokenize import DetokenizeRequest, TokenizeRequest, TokenizeServing
 
 logger = logging.getLogger(__name__)
@@ -73,6 +76,16 @@ class ServerSettings:
     disable_log_requests: bool = False
     limits: RequestLimits = RequestLimits()
     max_concurrent_requests: int | None = None  # /v1 requests in flight (None: from config)
+    enable_auto_tool_choice: bool = False  # serve tool_choice "auto" ...
+    tool_call_parser: str | None = None  # ... parsing replies with this parser
+
+    def __post_init__(self) -> None:
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser "
+                             f"(one of {', '.join(sorted(TOOL_PARSERS))})")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(f"unknown --tool-call-parser {self.tool_call_parser!r}; known: "
+                             f"{', '.join(sorted(TOOL_PARSERS))}")
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -134,10 +147,12 @@ def build_app(settings: ServerSettings) -> FastAPI:
             raise
         defaults = load_generation_defaults(settings.model.root, config.model.generation_config)
         for name, cls in (("completions", CompletionServing), ("chat", ChatServing),
-                          ("tokenize", TokenizeServing)):
+                          ("embeddings", EmbeddingServing), ("tokenize", TokenizeServing)):
             serving = state[name] = cls(engine, settings.model, tokenizer)
             serving.generation_defaults = defaults
             serving.log_requests = not settings.disable_log_requests
+        state["chat"].tool_parser = settings.tool_call_parser
+        state["chat"].enable_auto_tool_choice = settings.enable_auto_tool_choice
         port = "?" if settings.port is None else settings.port
         log_banner(banner_lines(config, settings.model.name, settings.model.root, engine.info,
                                 f"http://{settings.host}:{port}", route_list(app)))
@@ -210,6 +225,12 @@ def build_app(settings: ServerSettings) -> FastAPI:
                                    settings.max_body_bytes)
         return await state["chat"].create(body, request)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        body = await parse_request(request, EmbeddingRequest, settings.limits,
+                                   settings.max_body_bytes)
+        return await state["embeddings"].create(body, request)
+
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
         body = await parse_request(request, TokenizeRequest, settings.limits,
@@ -252,7 +273,8 @@ def served_model(config: EngineConfig, name: str | None) -> ServedModel:
         default_name = given
     return ServedModel(name=name or default_name, aliases=tuple(aliases), root=root,
                        max_model_len=max_len, vocab_size=int(hf_config.vocab_size),
-                       created=int(time.time()))
+                       created=int(time.time()),
+                       hidden_size=int(getattr(hf_config, "hidden_size", 0) or 0))
 
 
 def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> None:
@@ -268,6 +290,8 @@ def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> None:
         disable_log_requests=bool(getattr(args, "disable_log_requests", False)),
         limits=limits_from_args(args),
         max_concurrent_requests=getattr(args, "max_concurrent_requests", None),
+        enable_auto_tool_choice=bool(getattr(args, "enable_auto_tool_choice", False)),
+        tool_call_parser=getattr(args, "tool_call_parser", None),
     )
     app = build_app(settings)
     # no uvicorn limit_concurrency: it counts open connections, so slow clients would make

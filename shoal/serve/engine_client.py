@@ -27,8 +27,8 @@ from shoal.comm.codec import decode, encode
 from shoal.comm.socket_dirs import make_socket_dir
 from shoal.config import EngineConfig
 from shoal.engine.control import Shutdown
-from shoal.engine.core_io import AbortRequests, CoreOutputs, EngineFailure, EngineReady
-from shoal.engine.sampling_params import SamplingParams
+from shoal.engine.core_io import AbortRequests, AddRequest, CoreOutputs, EngineFailure, EngineReady
+from shoal.engine.sampling_params import PoolingParams, SamplingParams
 from shoal.errors import EngineDeadError, ProtocolError, ShoalError
 from shoal.frontend.input_processor import InputProcessor
 from shoal.frontend.output_processor import OutputProcessor
@@ -270,8 +270,27 @@ class AsyncEngineClient:
         child_ids = [next(self._ids) for _ in range(params.n)]
         msg = self.inputs.process_tokens(request_id, prompt, prompt_token_ids, params, child_ids,
                                          arrival).core_request
+        return await self._admit(msg, prompt, prompt_token_ids, params, notify)
+
+    async def embed(self, request_id: str, prompt_token_ids: list[int], params: PoolingParams,
+                    notify: asyncio.Event | None = None) -> RequestStream:
+        """Submit an embedding request (``--pooling`` unless ``params`` says otherwise).
+
+        Its finished output carries ``outputs[0].embedding``; raises as :meth:`generate`.
+        """
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+        msg = self.inputs.process_pooling(request_id, prompt_token_ids, params,
+                                          self.config.model.pooling, next(self._ids),
+                                          "input").core_request
+        return await self._admit(msg, None, prompt_token_ids, SamplingParams(), notify)
+
+    async def _admit(self, msg: AddRequest, prompt: str | None, prompt_token_ids: list[int],
+                     params: SamplingParams, notify: asyncio.Event | None) -> RequestStream:
+        """Track a checked request, send it to the core, and wait until it is admitted."""
+        request_id, child_ids, arrival = msg.request_id, msg.req_ids, msg.arrival_time
         self.processor.add_request(request_id, prompt, prompt_token_ids, params, child_ids, arrival)
-        stream = RequestStream(request_id, params.n, notify or asyncio.Event())
+        stream = RequestStream(request_id, len(child_ids), notify or asyncio.Event())
         self._streams[request_id] = stream
         self._tracked[request_id] = _Tracked(arrival, child_ids)
         for child in child_ids:

@@ -46,6 +46,7 @@ class ServedModel:
     max_model_len: int
     vocab_size: int
     created: int
+    hidden_size: int = 0  # the length of an embedding
 
 
 def random_id(prefix: str) -> str:
@@ -146,8 +147,13 @@ class OpenAIServing:
                         request_id, len(token_ids), params.n, params.max_tokens,
                         params.temperature,
                         ", structured" if params.structured_outputs is not None else "")
+        return await self.guarded(
+            self.engine.generate(request_id, prompt, token_ids, params, notify))
+
+    async def guarded(self, submission: Awaitable[RequestStream]) -> RequestStream:
+        """Await an engine submission; engine refusals and input checks become APIErrors."""
         try:
-            return await self.engine.generate(request_id, prompt, token_ids, params, notify)
+            return await submission
         except (RequestRejectedError, EngineDeadError) as exc:
             raise engine_error(exc, started=False) from None
         except RequestError as exc:  # the input processor's checks (grammar, vocabulary)

@@ -4,7 +4,9 @@ It keeps each request's state between steps (token ids, page table, how many
 tokens are cached) so that plans carry only deltas, builds the flat batch and
 its AttentionMetadata, runs this rank's model shard (receiving/sending hidden
 states between pipeline stages), and on the output rank samples the next token
-of every request whose scheduled tokens complete it.
+of every request whose scheduled tokens complete it. An embedding request
+samples nothing: the output rank pools its prompt's final hidden states chunk
+by chunk (``shoal.worker.pooler``) and returns the embedding when its prefill ends.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from shoal.parallel.linear import prepack_weights
 from shoal.parallel.pipeline import IntermediateTensors
 from shoal.worker.device import resolve_dtype
 from shoal.worker.kv_connector import KVConnectorWorker, create_worker_connector
+from shoal.worker.pooler import PromptPooler
 from shoal.worker.sampler import Sampler, SamplingState, gather_logprobs
 from shoal.worker.structured_output import GrammarCache
 
@@ -56,6 +59,8 @@ class _RequestState:
     num_prompt_tokens: int
     prompt_logprobs: int | None  # top-N prompt logprobs asked for (every rank needs to know)
     sampling: SamplingState | None  # only on the output rank
+    pooling: str = ""  # an embedding request: how its prompt is pooled (every rank knows)
+    pooler: PromptPooler | None = None  # only on the output rank
 
 
 @dataclass
@@ -70,6 +75,8 @@ class _Batch:
     sample_ids: list[int] = field(default_factory=list)  # their request ids
     # (req_id, first row, first position, count) of rows that need prompt logprobs
     prompt_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # (req_id, first row, first position, count) of embedding requests' prompt rows
+    pool_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -210,6 +217,15 @@ class ModelRunner:
     def _new_state(self, new: NewRequestData) -> _RequestState:
         prompt = new.prompt_token_ids.tolist()
         sampling = None
+        if new.sampling.pooling:
+            pooler = None
+            if self.is_output_rank:
+                pooler = PromptPooler(new.sampling.pooling, new.sampling.pooling_normalize,
+                                      len(prompt))
+            return _RequestState(token_ids=prompt, page_ids=list(new.page_ids),
+                                 num_computed=new.num_computed_tokens,
+                                 num_prompt_tokens=len(prompt), prompt_logprobs=None,
+                                 sampling=None, pooling=new.sampling.pooling, pooler=pooler)
         if self.samples:
             grammar = None
             if new.sampling.structured_kind:
@@ -254,6 +270,8 @@ class ModelRunner:
             hidden = self._run(batch)
             if hidden is not None:
                 result = self._sample(plan.step_id, batch, hidden)
+                if batch.pool_rows and self.is_output_rank:
+                    result = self._pool(plan.step_id, batch, hidden, result)
         elif self.ep_lockstep:
             self._dummy_step()
         if connector is not None:
@@ -300,6 +318,9 @@ class ModelRunner:
             batch.computed.append(start)
             batch.tables.append(state.page_ids)
             state.num_computed = start + n
+            if state.pooling:  # an embedding: its rows are pooled, nothing is sampled
+                batch.pool_rows.append((req_id, first_row, start, n))
+                continue
             if state.prompt_logprobs is not None:
                 # position p predicts prompt token p + 1
                 count = min(start + n, state.num_prompt_tokens - 1) - start
@@ -336,6 +357,21 @@ class ModelRunner:
                 if result is None:
                     result = StepResult(step_id, [], np.zeros(0, np.int32))
                 result.prompt_logprobs = prompt_lps
+        return result
+
+    def _pool(self, step_id: int, batch: _Batch, hidden: torch.Tensor,
+              result: StepResult | None) -> StepResult:
+        """Add this chunk's rows to each embedding request; finished ones join the result."""
+        embeddings = {}
+        for req_id, first_row, first_pos, count in batch.pool_rows:
+            state = self.requests[req_id]
+            state.pooler.add(hidden[first_row : first_row + count], first_pos)  # [count, H]
+            if state.num_computed == len(state.token_ids):
+                embeddings[req_id] = state.pooler.result()
+        if result is None:
+            result = StepResult(step_id, [], np.zeros(0, np.int32))
+        if embeddings:
+            result.embeddings = embeddings
         return result
 
     def _append_sampled(self, result: StepResult) -> None:

@@ -236,7 +236,8 @@ hostile_value = st.recursive(hostile_scalar, lambda inner: st.one_of(
 FIELDS = ["model", "prompt", "messages", "n", "stop", "temperature", "top_p", "top_k",
           "logprobs", "top_logprobs", "seed", "stream", "stream_options", "logit_bias",
           "stop_token_ids", "min_tokens", "echo", "presence_penalty", "response_format",
-          "tools", "user", "best_of", "suffix"]
+          "tools", "tool_choice", "parallel_tool_calls", "user", "best_of", "suffix",
+          "input", "encoding_format", "dimensions", "normalize"]
 messages = st.lists(st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "system", "assistant", "tool", "bogus", "\ud800"])},
     optional={"content": hostile_value, "name": hostile_value}), max_size=3)
@@ -260,7 +261,7 @@ def hostile_body():
     return st.one_of(raw, raw, raw, junk)
 
 
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/embeddings"])
 def test_fuzz_hostile_bodies_get_no_5xx(http, path):
     seen = []
 
