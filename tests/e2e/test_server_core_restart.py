@@ -15,7 +15,6 @@ at the kill some requests are mid-generation and some have not started.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import threading
@@ -24,8 +23,8 @@ import time
 import httpx
 import psutil
 import pytest
-
 from factories import tiny_checkpoint
+
 from shoal.serve.launcher import ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
