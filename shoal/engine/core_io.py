@@ -147,3 +147,7 @@ class EngineFailure:
     """The engine core hit an error it cannot recover from and is exiting."""
 
     error: str
+    # False when the core gave up by its own policy (worker restarts spent,
+    # EngineDeadError): a new core would only reset that budget, so the API server
+    # does not start one
+    restartable: bool = True

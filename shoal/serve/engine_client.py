@@ -518,7 +518,11 @@ class AsyncEngineClient:
                     if not ready.done():
                         ready.set_result(msg)
                 elif isinstance(msg, EngineFailure):
-                    self._core_failed(proc, f"the engine core failed: {msg.error}")
+                    reason = f"the engine core failed: {msg.error}"
+                    if not msg.restartable and proc is self.proc:
+                        self._mark_dead(reason)  # its own budget is spent: a new core would
+                    else:                        # only reset it
+                        self._core_failed(proc, reason)
                 else:
                     logger.warning("unexpected %s from the engine core", type(msg).__name__)
             except Exception:  # a bug here must not stop every other request's outputs
