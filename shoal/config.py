@@ -204,20 +204,25 @@ class FaultToleranceConfig:
 
     A failed worker group is replaced and its requests recomputed, at most
     ``max_worker_restarts`` times within any ``restart_window_s`` seconds; beyond
-    that (or with 0) the engine fails its requests with a clear error.
+    that (or with 0) the engine fails its requests with a clear error. The API server
+    likewise replaces a dead engine-core process and re-submits its requests at most
+    ``max_core_restarts`` times within any ``core_restart_window_s`` seconds.
     """
 
     max_worker_restarts: int = 3
     restart_window_s: float = 600.0
     step_timeout_s: float = 60.0  # a step without a result this long: the group is restarted
+    max_core_restarts: int = 3
+    core_restart_window_s: float = 600.0
 
     def __post_init__(self) -> None:
-        if (not isinstance(self.max_worker_restarts, int) or isinstance(self.max_worker_restarts, bool)
-                or self.max_worker_restarts < 0):
-            raise ValueError(
-                f"max_worker_restarts must be an integer >= 0, got {self.max_worker_restarts!r}")
-        if not self.restart_window_s > 0:
-            raise ValueError(f"restart_window_s must be positive, got {self.restart_window_s!r}")
+        for name in ("max_worker_restarts", "max_core_restarts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("restart_window_s", "core_restart_window_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if not self.step_timeout_s > 0:
             raise ValueError(f"step_timeout_s must be positive, got {self.step_timeout_s!r}")
 

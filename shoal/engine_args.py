@@ -173,6 +173,11 @@ ENGINE_ARGS: tuple[EngineArg, ...] = (
               "seconds over which --max-worker-restarts is counted"),
     EngineArg("step_timeout", "fault", "step_timeout_s", float,
               "seconds: a step with no result this long (workers alive) restarts the group"),
+    EngineArg("max_core_restarts", "fault", "max_core_restarts", int,
+              "shoal serve: replace a dead engine-core process (and re-submit its requests) "
+              "at most this often within --core-restart-window; 0 = fail the requests instead"),
+    EngineArg("core_restart_window", "fault", "core_restart_window_s", float,
+              "seconds over which --max-core-restarts is counted"),
     EngineArg("kv_transfer_config", "kv_transfer", "", str,
               'KV connector as JSON, e.g. {"kv_connector": "...", "kv_role": "kv_both"}',
               convert=_kv_transfer),

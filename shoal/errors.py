@@ -32,8 +32,14 @@ class WorkerError(ShoalError):
 
 
 class EngineDeadError(ShoalError):
-    """The engine cannot serve any more: its core process is gone, or its workers failed
-    beyond the restart budget (``--max-worker-restarts``). Requests in flight end with it."""
+    """The engine cannot serve any more: its core process died beyond the restart budget
+    (``--max-core-restarts``), or its workers failed beyond theirs
+    (``--max-worker-restarts``). Requests in flight end with it."""
+
+
+class EngineRestartingError(EngineDeadError):
+    """The engine-core process died and a new one is starting (``--max-core-restarts``):
+    a new request waited too long for it. Retry shortly (HTTP 503 with Retry-After)."""
 
 
 class ModelNotAvailableError(ShoalError):

@@ -109,13 +109,28 @@ def requests_of(msg: AddRequest) -> list[Request]:
     """The core's child requests of one AddRequest (they share its prompt)."""
     if not msg.req_ids or len(msg.sampling) != len(msg.req_ids):
         raise ValueError("one SamplingOptions per child request is needed")
+    if msg.output_token_ids and len(msg.output_token_ids) != len(msg.req_ids):
+        raise ValueError("output_token_ids needs one list per child request (or none)")
     prompt = msg.prompt_token_ids.tolist()
-    return [Request(
-        req_id=req_id, prompt_token_ids=prompt, sampling=sampling,
-        max_tokens=msg.max_tokens, eos_token_ids=set(msg.eos_token_ids),
-        stop_token_ids=set(msg.stop_token_ids), min_tokens=msg.min_tokens,
-        arrival_time=msg.arrival_time,
-    ) for req_id, sampling in zip(msg.req_ids, msg.sampling)]
+    outputs = msg.output_token_ids or [[] for _ in msg.req_ids]
+    requests = []
+    for req_id, sampling, generated in zip(msg.req_ids, msg.sampling, outputs):
+        request = Request(
+            req_id=req_id, prompt_token_ids=prompt, sampling=sampling,
+            max_tokens=msg.max_tokens, eos_token_ids=set(msg.eos_token_ids),
+            stop_token_ids=set(msg.stop_token_ids), min_tokens=msg.min_tokens,
+            arrival_time=msg.arrival_time,
+        )
+        # resumed after a core restart: the tokens count as generated output (max_tokens,
+        # min_tokens, stop checks, penalties and seeded sampling all see them), exactly as
+        # for a request recomputed after preemption
+        for token in generated:
+            request.append_output_token(int(token))
+        if generated and request.check_stop() is not None:
+            raise ValueError(f"request {req_id} is resumed with {len(generated)} output tokens, "
+                             "but those already finish it")
+        requests.append(request)
+    return requests
 
 
 class EngineCore:
@@ -236,7 +251,8 @@ class EngineCore:
         """
         self._check_not_dead()
         requests = requests_of(msg)
-        self.scheduler.check_admission(len(requests))
+        if not msg.output_token_ids:  # a resumed request was admitted once already
+            self.scheduler.check_admission(len(requests))
         # checks the leader before queueing it; the followers share its prompt and limits
         self.scheduler.add_request(requests[0], bounded=False)
         if len(requests) > 1 and self.config.cache.enable_prefix_caching:

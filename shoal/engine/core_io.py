@@ -52,6 +52,9 @@ class AddRequest:
     stop_token_ids: list[int]
     min_tokens: int
     arrival_time: float  # time.monotonic() in the frontend (the clock is system-wide)
+    # one list per child: tokens it generated in an engine core that died (the API server
+    # re-submits the request to a new core, which continues after them); empty when new
+    output_token_ids: list[list[int]] = field(default_factory=list)
 
 
 @wire_message(22)
@@ -145,3 +148,7 @@ class EngineFailure:
     """The engine core hit an error it cannot recover from and is exiting."""
 
     error: str
+    # False when the core gave up by its own policy (worker restarts spent,
+    # EngineDeadError): a new core would only reset that budget, so the API server
+    # does not start one
+    restartable: bool = True

@@ -9,9 +9,10 @@ typed and msgpack-encoded (``shoal.comm.codec``); nothing is pickled.
 The loop: read every pending input (blocking up to a second when idle, not at
 all while requests run), answer admissions (accepted, or a typed rejection: a
 RequestError never ends this process), run one ``EngineCore.step()`` and send
-its token deltas with the core's stats. A fatal error (a worker died) is sent as
-EngineFailure before the process exits; the workers die with it, and this
-process dies with the API server (PR_SET_PDEATHSIG plus a parent-pid check).
+its token deltas with the core's stats. A fatal error is sent as EngineFailure
+before the process exits (``restartable=False`` when the worker restart budget is
+spent: the API server then does not start a new core); the workers die with it,
+and this process dies with the API server (PR_SET_PDEATHSIG plus a parent-pid check).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from shoal.engine.core_io import (
     TokenDelta,
 )
 from shoal.engine.request import RequestStatus
-from shoal.errors import OverloadedError, ProtocolError, RequestError
+from shoal.errors import EngineDeadError, OverloadedError, ProtocolError, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -199,14 +200,14 @@ def _die_with_parent(parent_pid: int) -> bool:
     return os.getppid() == parent_pid
 
 
-def _report_failure(output_address: str, error: str) -> None:
+def _report_failure(output_address: str, error: str, restartable: bool) -> None:
     """Best effort: tell the API server why this process is exiting."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 2000)
     try:
         sock.connect(output_address)
-        sock.send_multipart(encode(EngineFailure(error)))
+        sock.send_multipart(encode(EngineFailure(error, restartable)))
     finally:
         sock.close(linger=2000)
         ctx.term()
@@ -242,7 +243,8 @@ def serve_core(argv: list[str] | None, make_executor: Callable[[EngineConfig], E
         if server is not None:
             server.close()
             server = None
-        _report_failure(args.output_address, detail)
+        _report_failure(args.output_address, detail,
+                        restartable=not isinstance(exc, EngineDeadError))
         return 1
     finally:
         if server is not None:

@@ -3,7 +3,8 @@
 The executor knows how to replace a failed worker group (``Executor.restart``); the
 EngineCore knows every request's tokens. This module holds what sits between the
 two and needs neither: the restart budget (``--max-worker-restarts`` within
-``--restart-window``) and the totals that ``/metrics`` and ``LLM.stats()`` report.
+``--restart-window``; the API server's ``--max-core-restarts`` budget for the
+engine-core process is one too) and the totals that ``/metrics`` and ``LLM.stats()`` report.
 Plain Python, torch-free.
 """
 from __future__ import annotations
@@ -32,11 +33,16 @@ class RestartPolicy:
         max_restarts: 0 turns recovery off (the first failure is final).
         window_s: the sliding window the restarts are counted over.
         clock: a monotonic clock (tests pass their own).
+        what: what is restarted, and ``flags``: what sets the budget (both for messages).
     """
 
-    def __init__(self, max_restarts: int, window_s: float, clock=time.monotonic):
+    def __init__(self, max_restarts: int, window_s: float, clock=time.monotonic,
+                 what: str = "worker restarts",
+                 flags: str = "--max-worker-restarts, --restart-window"):
         self.max_restarts = max_restarts
         self.window_s = window_s
+        self.what = what
+        self.flags = flags
         self._clock = clock
         self._times: collections.deque[float] = collections.deque()
 
@@ -54,5 +60,5 @@ class RestartPolicy:
         return True
 
     def describe(self) -> str:
-        return (f"{len(self._times)} of at most {self.max_restarts} worker restarts "
-                f"within {self.window_s:.0f} s used (--max-worker-restarts, --restart-window)")
+        return (f"{len(self._times)} of at most {self.max_restarts} {self.what} "
+                f"within {self.window_s:.0f} s used ({self.flags})")

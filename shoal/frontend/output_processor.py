@@ -78,6 +78,18 @@ class OutputProcessor:
         parent = self._parents.get(request_id)
         return list(parent.children) if parent else []
 
+    def unfinished_token_ids(self, request_id: str) -> dict[int, list[int]]:
+        """Child id -> every token it has received, for the children still running.
+
+        What a request re-submitted to a new engine core carries, so that the core
+        continues after them (empty for an unknown or finished request).
+        """
+        parent = self._parents.get(request_id)
+        if parent is None:
+            return {}
+        return {child_id: list(child.completion.token_ids)
+                for child_id, child in parent.children.items() if not child.completion.finished}
+
     def has_request(self, request_id: str) -> bool:
         return request_id in self._parents
 

@@ -53,7 +53,7 @@ from shoal.serve.http_guard import (
 from shoal.serve.limits import RequestLimits, limits_from_args, parse_request
 from shoal.serve.metrics import ServerMetrics
 from shoal.serve.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest
-from shoal.serve.serving import ServedModel
+from shoal.serve.serving import RETRY_AFTER_S, ServedModel
 from shoal.serve.tool_parsers import TOOL_PARSERS
 from shoal.serve.tokenize import DetokenizeRequest, TokenizeRequest, TokenizeServing
 
@@ -193,7 +193,10 @@ def build_app(settings: ServerSettings) -> FastAPI:
         engine: AsyncEngineClient = state["engine"]
         if engine.healthy:
             return Response(status_code=200)
-        raise APIError(503, f"the engine is not running: {engine.dead_reason}",
+        if engine.restart_reason is not None and engine.dead_reason is None:
+            raise APIError(503, engine.unhealthy_reason, code="engine_restarting",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        raise APIError(503, f"the engine is not running: {engine.unhealthy_reason}",
                        code="engine_dead")
 
     @app.get("/metrics")

@@ -6,12 +6,30 @@ CoreOutputs into text with an ``OutputProcessor`` on the event loop. Each user
 request gets a ``RequestStream`` that its HTTP handler reads. Admission is
 awaited: ``generate`` returns only once the core accepted the request, so a
 rejection (prompt can never fit, queue full) becomes an HTTP error before any
-byte of a stream is sent. When the core process dies, every request in flight
-fails with ``EngineDeadError`` and ``healthy`` turns False.
+byte of a stream is sent.
+
+When the core process dies (it exits, or reports ``EngineFailure``), the client
+starts a new one, the way the core replaces a dead worker group: fresh sockets in
+a fresh directory, the same ``EngineConfig``. Meanwhile ``healthy`` is False
+(``/health`` answers 503). Once the new core is ready, every unfinished request
+is re-submitted as its original ``AddRequest`` plus the tokens each child has
+delivered so far (``output_token_ids``), so the new core recomputes prompt plus
+outputs and continues after them. The ``OutputProcessor`` keeps its state
+throughout, so no text is emitted twice and usage stays right; what the old core
+sent but this side never read is simply generated again. Greedy and seeded
+outputs are unchanged: a seeded row's sample depends only on (seed, number of
+outputs so far). Unseeded random sampling continues from a new generator.
+Aborts during the restart are honoured (the request is not re-submitted). New
+requests wait for the new core up to ``RESTART_ADMISSION_WAIT_S``, then get
+``EngineRestartingError`` (503 with Retry-After). Restarts are budgeted
+(``--max-core-restarts`` within ``--core-restart-window``); beyond the budget, or
+when the first core never became ready, every request fails with
+``EngineDeadError`` and ``healthy`` stays False.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -27,9 +45,16 @@ from shoal.comm.codec import decode, encode
 from shoal.comm.socket_dirs import make_socket_dir
 from shoal.config import EngineConfig
 from shoal.engine.control import Shutdown
-from shoal.engine.core_io import AbortRequests, AddRequest, CoreOutputs, EngineFailure, EngineReady
+from shoal.engine.core_io import (
+    AbortRequests,
+    AddRequest,
+    CoreOutputs,
+    EngineFailure,
+    EngineReady,
+)
+from shoal.engine.recovery import RestartPolicy
 from shoal.engine.sampling_params import PoolingParams, SamplingParams
-from shoal.errors import EngineDeadError, ProtocolError, ShoalError
+from shoal.errors import EngineDeadError, EngineRestartingError, ProtocolError, ShoalError
 from shoal.frontend.input_processor import InputProcessor
 from shoal.frontend.output_processor import OutputProcessor
 from shoal.frontend.outputs import RequestOutput
@@ -39,6 +64,9 @@ logger = logging.getLogger(__name__)
 
 MAX_OUTPUT_BYTES = 256 << 20
 WATCH_INTERVAL_S = 0.2
+SEND_TIMEOUT_MS = 2000  # a send blocks only with no core connected (dead): then it is dropped
+EXIT_GRACE_S = 5.0  # a core that reported EngineFailure gets this long to exit by itself
+RESTART_ADMISSION_WAIT_S = 30.0  # new requests wait this long for a restarting core, then 503
 
 
 class RequestRejectedError(ShoalError):
@@ -95,15 +123,33 @@ class RequestStream:
 
 
 class _Tracked:
-    """Per-request timing the metrics need beyond RequestOutput.metrics."""
+    """Per-request timing the metrics need, and the request as sent (to re-submit it)."""
 
-    __slots__ = ("arrival", "child_ids", "last_token", "queued_observed")
+    __slots__ = ("arrival", "child_ids", "core_request", "last_token", "queued_observed")
 
-    def __init__(self, arrival: float, child_ids: list[int]):
+    def __init__(self, arrival: float, child_ids: list[int], core_request: AddRequest):
         self.arrival = arrival
         self.child_ids = child_ids
         self.last_token: float | None = None
         self.queued_observed = False
+        self.core_request = core_request
+
+
+def resumed_request(msg: AddRequest, generated: dict[int, list[int]]) -> AddRequest:
+    """``msg`` for a new engine core: the children in ``generated``, after their tokens.
+
+    Prompt logprobs arrive with a child's first token, so a child that has tokens does
+    not ask for them again.
+    """
+    keep = [i for i, req_id in enumerate(msg.req_ids) if req_id in generated]
+    tokens = [list(generated[msg.req_ids[i]]) for i in keep]
+    return dataclasses.replace(
+        msg,
+        req_ids=[msg.req_ids[i] for i in keep],
+        sampling=[dataclasses.replace(msg.sampling[i], prompt_logprobs=None) if t
+                  else msg.sampling[i] for i, t in zip(keep, tokens)],
+        output_token_ids=tokens,
+    )
 
 
 class AsyncEngineClient:
@@ -131,6 +177,15 @@ class AsyncEngineClient:
         self.info: EngineReady | None = None
         self.proc: subprocess.Popen | None = None
         self.dead_reason: str | None = None
+        self.restart_reason: str | None = None  # set while a dead core is being replaced
+        self.num_core_restarts = 0
+        self._restarts = RestartPolicy(config.fault.max_core_restarts,
+                                       config.fault.core_restart_window_s,
+                                       what="engine-core restarts",
+                                       flags="--max-core-restarts, --core-restart-window")
+        self._restart_task: asyncio.Task | None = None
+        self._serving = asyncio.Event()  # clear only while a core restarts
+        self._serving.set()
         self._ids = itertools.count()
         self._streams: dict[str, RequestStream] = {}
         self._admissions: dict[str, asyncio.Future] = {}
@@ -153,12 +208,17 @@ class AsyncEngineClient:
 
     async def start(self) -> None:
         """Start the core process (it connects to sockets bound here); see ``wait_ready``."""
-        loop = asyncio.get_running_loop()
-        self._tmpdir = make_socket_dir("api")  # stale ones of dead servers are removed
         self._sync_ctx = zmq.Context()
         self._async_ctx = zmq.asyncio.Context()
-        self._push = self._sync_ctx.socket(zmq.PUSH)  # never blocks: no high-water mark
-        self._push.setsockopt(zmq.SNDHWM, 0)
+        self._spawn()
+
+    def _spawn(self) -> None:
+        """Start a core process on new sockets in a new directory (one incarnation)."""
+        loop = asyncio.get_running_loop()
+        self._tmpdir = make_socket_dir("api")  # stale ones of dead servers are removed
+        self._push = self._sync_ctx.socket(zmq.PUSH)  # no high-water mark: blocks only
+        self._push.setsockopt(zmq.SNDHWM, 0)          # while no core is connected
+        self._push.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
         self._push.setsockopt(zmq.LINGER, 0)
         self._pull = self._async_ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.RCVHWM, 0)
@@ -176,10 +236,31 @@ class AsyncEngineClient:
             "--max-model-len", str(self.max_model_len),
             "--parent-pid", str(os.getpid()),
         ]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-        logger.info("started the engine core process (pid %d)", self.proc.pid)
-        self._ready = loop.create_future()
-        self._tasks = [loop.create_task(self._output_loop()), loop.create_task(self._watch())]
+        self.proc = proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        logger.info("started the engine core process (pid %d)", proc.pid)
+        self._ready = ready = loop.create_future()
+        self._tasks = [loop.create_task(self._output_loop(self._pull, proc, ready)),
+                       loop.create_task(self._watch(proc))]
+
+    async def _end_core(self) -> None:
+        """Stop the current incarnation: its tasks, its process, its sockets, its directory."""
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                await asyncio.to_thread(proc.wait, EXIT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+        for sock in (self._push, self._pull):
+            if sock is not None:
+                sock.close(linger=0)
+        self._push = self._pull = None
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
 
     async def wait_ready(self) -> EngineReady:
         """Wait until the core has loaded the model (raises EngineDeadError if it died)."""
@@ -192,6 +273,9 @@ class AsyncEngineClient:
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the core to exit, then make sure it did; release the sockets."""
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+            self._restart_task = None
         for task in self._tasks:
             task.cancel()
         proc = self.proc
@@ -219,12 +303,26 @@ class AsyncEngineClient:
 
     @property
     def healthy(self) -> bool:
-        return self.dead_reason is None and self.info is not None
+        return self.dead_reason is None and self.restart_reason is None and self.info is not None
+
+    @property
+    def unhealthy_reason(self) -> str | None:
+        """Why ``healthy`` is False (None while it is True or before the first start)."""
+        if self.dead_reason is not None:
+            return self.dead_reason
+        if self.restart_reason is not None:
+            return f"the engine core is restarting: {self.restart_reason}"
+        return None
 
     def _mark_dead(self, reason: str, log: bool = True, kind: str = "engine_dead") -> None:
         if self.dead_reason is not None:
             return
         self.dead_reason = reason
+        self.restart_reason = None
+        self._serving.set()  # wakes requests waiting for a restart; they see dead_reason
+        task, self._restart_task = self._restart_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
         self.metrics.set_healthy(False)
         # gauges would otherwise freeze at their last values; failed requests are counted
         self.metrics.engine_down(len(self._streams), kind)
@@ -244,14 +342,86 @@ class AsyncEngineClient:
         self._tracked.clear()
         self._child_parent.clear()
 
-    async def _watch(self) -> None:
-        assert self.proc is not None
+    async def _watch(self, proc: subprocess.Popen) -> None:
         while True:
-            code = self.proc.poll()
+            code = proc.poll()
             if code is not None:
-                self._mark_dead(f"the engine core process exited with code {code}")
+                self._core_failed(proc, f"the engine core process exited with code {code}")
                 return
             await asyncio.sleep(WATCH_INTERVAL_S)
+
+    # -- restarts ------------------------------------------------------------------------------
+
+    def _core_failed(self, proc: subprocess.Popen, reason: str) -> None:
+        """The core ``proc`` died or failed: restart it within budget, else fail everything."""
+        if proc is not self.proc or self.dead_reason is not None:
+            return  # an old incarnation, or nothing left to save
+        if self._ready is not None and not self._ready.done():
+            if self._restart_task is None:  # the first start failed: that is final
+                self._mark_dead(reason)
+            else:  # a replacement failed to start: _restart decides
+                self._ready.set_exception(EngineDeadError(reason))
+            return
+        if self._restart_task is not None:
+            return
+        if not self._allow_restart(reason):
+            return
+        logger.error("%s; starting a new engine core for %d requests in flight",
+                     reason, len(self._tracked))
+        self.restart_reason = reason
+        self._serving.clear()
+        self.metrics.set_healthy(False)
+        self._restart_task = asyncio.get_running_loop().create_task(self._restart(reason))
+
+    def _allow_restart(self, reason: str) -> bool:
+        """True if the budget allows one more restart; else the engine is marked dead."""
+        if self._restarts.allow():
+            return True
+        budget = ("core restarts are off (--max-core-restarts 0)"
+                  if self._restarts.max_restarts == 0
+                  else f"the restart budget is spent: {self._restarts.describe()}")
+        self._mark_dead(f"{reason}; {budget}")
+        return False
+
+    async def _restart(self, reason: str) -> None:
+        """Replace the dead core, then re-submit every unfinished request to the new one."""
+        started = time.monotonic()
+        while True:
+            await self._end_core()
+            self._spawn()
+            try:
+                info = await self._ready
+                break
+            except EngineDeadError as exc:  # the replacement died while starting
+                reason = f"{reason}; then a new engine core failed to start: {exc}"
+                if not self._allow_restart(reason):
+                    return
+                logger.error("%s; trying again", reason)
+        self.info = info
+        self._restart_task = None
+        self.restart_reason = None
+        resubmitted = self._resubmit()  # no await since the ready check: nothing interleaves
+        self._serving.set()
+        self.num_core_restarts += 1
+        elapsed = time.monotonic() - started
+        self.metrics.core_restarted(elapsed, resubmitted)
+        self.metrics.set_healthy(True)
+        logger.warning("engine core replaced in %.1f s (pid %d); %d requests re-submitted (%s)",
+                       elapsed, info.pid, resubmitted, self._restarts.describe())
+
+    def _resubmit(self) -> int:
+        """Send every request in flight to the new core, in arrival order; returns the count."""
+        count = 0
+        for request_id, tracked in self._tracked.items():
+            if request_id in self._admissions:  # never admitted: send it as it was
+                self._send(tracked.core_request)
+            else:
+                generated = self.processor.unfinished_token_ids(request_id)
+                if not generated:
+                    continue
+                self._send(resumed_request(tracked.core_request, generated))
+            count += 1
+        return count
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -264,6 +434,13 @@ class AsyncEngineClient:
             EngineDeadError: the core process is gone.
             RequestRejectedError: the core refused it (kind "invalid" or "overloaded").
         """
+        if not self._serving.is_set():
+            try:
+                await asyncio.wait_for(self._serving.wait(), RESTART_ADMISSION_WAIT_S)
+            except asyncio.TimeoutError:
+                raise EngineRestartingError(
+                    f"the engine core is restarting ({self.restart_reason}); retry shortly",
+                    request_id=request_id) from None
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
         arrival = time.monotonic()
@@ -292,7 +469,7 @@ class AsyncEngineClient:
         self.processor.add_request(request_id, prompt, prompt_token_ids, params, child_ids, arrival)
         stream = RequestStream(request_id, len(child_ids), notify or asyncio.Event())
         self._streams[request_id] = stream
-        self._tracked[request_id] = _Tracked(arrival, child_ids)
+        self._tracked[request_id] = _Tracked(arrival, child_ids, msg)
         for child in child_ids:
             self._child_parent[child] = request_id
         admitted = asyncio.get_running_loop().create_future()
@@ -310,7 +487,10 @@ class AsyncEngineClient:
         return stream
 
     def abort(self, request_id: str) -> None:
-        """Abort a request (the client went away); its pages are freed in the core."""
+        """Abort a request (the client went away); its pages are freed in the core.
+
+        During a core restart it is only forgotten here, so it is not re-submitted.
+        """
         future = self._admissions.pop(request_id, None)
         if future is not None and not future.done():
             future.cancel()
@@ -327,7 +507,13 @@ class AsyncEngineClient:
         return self.processor.abort(request_id)
 
     def _send(self, msg) -> None:
-        self._push.send_multipart(encode(msg), copy=False)
+        """Send to the live core; dropped while it is being replaced (or found dead)."""
+        if self._restart_task is not None or self._push is None:
+            return
+        try:
+            self._push.send_multipart(encode(msg), copy=False)
+        except zmq.Again:  # no core connected: it died; the watcher restarts or fails it
+            logger.warning("dropped a %s: the engine core is not connected", type(msg).__name__)
 
     @property
     def num_requests(self) -> int:
@@ -335,9 +521,10 @@ class AsyncEngineClient:
 
     # -- outputs -------------------------------------------------------------------------------
 
-    async def _output_loop(self) -> None:
+    async def _output_loop(self, pull: zmq.asyncio.Socket, proc: subprocess.Popen,
+                           ready: asyncio.Future) -> None:
         while True:
-            frames = await self._pull.recv_multipart(copy=False)
+            frames = await pull.recv_multipart(copy=False)
             try:
                 msg = decode(frames, MAX_OUTPUT_BYTES)
             except ProtocolError as exc:
@@ -347,10 +534,14 @@ class AsyncEngineClient:
                 if isinstance(msg, CoreOutputs):
                     self._handle(msg)
                 elif isinstance(msg, EngineReady):
-                    if self._ready is not None and not self._ready.done():
-                        self._ready.set_result(msg)
+                    if not ready.done():
+                        ready.set_result(msg)
                 elif isinstance(msg, EngineFailure):
-                    self._mark_dead(f"the engine core failed: {msg.error}")
+                    reason = f"the engine core failed: {msg.error}"
+                    if not msg.restartable and proc is self.proc:
+                        self._mark_dead(reason)  # its own budget is spent: a new core would
+                    else:                        # only reset it
+                        self._core_failed(proc, reason)
                 else:
                     logger.warning("unexpected %s from the engine core", type(msg).__name__)
             except Exception:  # a bug here must not stop every other request's outputs
@@ -362,10 +553,13 @@ class AsyncEngineClient:
             if future is not None and not future.done():
                 future.set_result(None)
         for rejection in msg.rejected:
+            error = RequestRejectedError(rejection.kind, rejection.message, rejection.request_id)
             future = self._admissions.pop(rejection.request_id, None)
             if future is not None and not future.done():
-                future.set_exception(
-                    RequestRejectedError(rejection.kind, rejection.message, rejection.request_id))
+                future.set_exception(error)
+            elif rejection.request_id in self._streams:  # a re-submitted request refused
+                self._streams[rejection.request_id].fail(error)
+                self._forget(rejection.request_id)
         for child in msg.scheduled_req_ids:
             tracked = self._tracked.get(self._child_parent.get(child, ""))
             if tracked is not None and not tracked.queued_observed:

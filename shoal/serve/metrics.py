@@ -90,6 +90,14 @@ class ServerMetrics:
                                 "Requests re-queued for recompute by worker restarts.")
         self.recomputed = counter("shoal:recomputed_tokens",
                                   "Tokens whose KV was lost with a worker group and recomputed.")
+        # the engine-core process replaced by the API server, its requests re-submitted
+        self.core_restarts = counter("shoal:core_restarts",
+                                     "Dead engine-core processes replaced by a fresh one.")
+        self.core_recovery_seconds = counter(
+            "shoal:core_recovery_seconds",
+            "Seconds from an engine-core death to its replacement being ready.")
+        self.resubmitted = counter("shoal:resubmitted_requests",
+                                   "Requests re-submitted to a new engine core after one died.")
         self._last = {"queries": 0, "hits": 0, "preemptions": 0, "restarts": 0,
                       "recovery": 0.0, "requeued": 0, "recomputed": 0}
         self._expert_totals: np.ndarray | None = None
@@ -135,6 +143,14 @@ class ServerMetrics:
         self.running.set(0)
         self.waiting.set(0)
         self.kv_usage.set(0)
+
+    def core_restarted(self, seconds: float, num_resubmitted: int) -> None:
+        """A new engine core replaced a dead one; its totals start again from zero."""
+        self.core_restarts.inc()
+        self.core_recovery_seconds.inc(seconds)
+        self.resubmitted.inc(num_resubmitted)
+        self._last = dict.fromkeys(self._last, 0)
+        self._expert_totals = None
 
     def engine_stats(self, stats: CoreStats) -> None:
         self.running.set(stats.num_running)

@@ -25,6 +25,7 @@ from shoal.frontend.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from shoal.serve.engine_client import (
     AsyncEngineClient,
     EngineDeadError,
+    EngineRestartingError,
     RequestRejectedError,
     RequestStream,
 )
@@ -66,6 +67,9 @@ def engine_error(exc: BaseException, started: bool) -> APIError:
             return APIError(503, str(exc), code="queue_full", type="server_overloaded",
                             headers={"Retry-After": str(RETRY_AFTER_S)})
         return bad_request(str(exc), None, "request_cannot_fit")
+    if isinstance(exc, EngineRestartingError):
+        return APIError(503, str(exc), code="engine_restarting", type="server_overloaded",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, EngineDeadError):
         status = 500 if started else 503
         return APIError(status, f"the engine is not running: {exc}", code="engine_dead")

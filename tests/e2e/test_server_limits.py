@@ -4,8 +4,9 @@ One running request (``--max-num-seqs 1``) and room for one waiting request
 (``--max-waiting-requests 1``): a third request gets 503 with Retry-After. A
 request whose pages could never fit in the KV cache comes back from the engine
 core as a typed rejection (400) without hurting it. Finally the engine-core
-process is killed: the stream in flight ends with an error, /health turns 503,
-new requests get 503, and the API server itself stays up.
+process is killed, with core restarts off (``--max-core-restarts 0``): the stream
+in flight ends with an error, /health turns 503, new requests get 503, and the API
+server itself stays up.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def server(tmp_path_factory):
                             max_position_embeddings=MAX_MODEL_LEN)
     args = ["--dtype", "float32", "--model", model, "--max-model-len", str(MAX_MODEL_LEN),
             "--kv-cache-memory", str(NUM_PAGES * PAGE * BYTES_PER_TOKEN), "--block-size", str(PAGE),
-            "--max-num-seqs", "1", "--max-waiting-requests", "1"]
+            "--max-num-seqs", "1", "--max-waiting-requests", "1",
+            "--max-core-restarts", "0"]  # a dead core is final (restarts: test_server_core_restart)
     with ServerProcess(args) as srv:
         yield srv
 
@@ -132,6 +134,7 @@ def test_engine_death_fails_requests_and_health(server, http):
         time.sleep(0.1)
     health = http.get("/health")
     assert health.status_code == 503 and "exited" in health.json()["error"]["message"]
+    assert "--max-core-restarts 0" in health.json()["error"]["message"]
     r = http.post("/v1/completions", json=body())
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
     assert server.proc.poll() is None  # the API server itself is still up
