@@ -38,11 +38,16 @@ PROMPT_LEN = 16
 PAGE_SIZE = 16
 
 
-def run_case(executor, num_requests: int, steps: int) -> dict:
-    executor.call(Command.RESET_STATS)
+def make_scheduler() -> Scheduler:
+    """One scheduler per executor: the workers check that plan numbers run on without gaps."""
     kv = KVCacheManager(num_pages=1 << 16, page_size=PAGE_SIZE, enable_prefix_caching=False)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=1024, max_num_batched_tokens=1 << 16), kv, 1 << 20)
-    for i in range(num_requests):
+    return Scheduler(SchedulerConfig(max_num_seqs=1024, max_num_batched_tokens=1 << 16), kv, 1 << 20)
+
+
+def run_case(executor, sched: Scheduler, num_requests: int, steps: int, first_id: int) -> dict:
+    executor.call(Command.RESET_STATS)
+    ids = range(first_id, first_id + num_requests)
+    for i in ids:
         prompt = [(i * 31 + j) % 30000 for j in range(PROMPT_LEN)]
         sched.add_request(Request(i, prompt, SamplingOptions(), max_tokens=1 << 18))
     step_times, rtt_times, plan_bytes, result_bytes = [], [], [], []
@@ -61,7 +66,7 @@ def run_case(executor, num_requests: int, steps: int) -> dict:
             plan_bytes.append(sent)
             result_bytes.append(sum(len(f) for f in encode(result)))
         assert len(result.req_ids) == num_requests
-    sched.abort_requests(list(range(num_requests)))
+    sched.abort_requests(list(ids))
     rtt = percentiles(rtt_times)
     driver = [a - b for a, b in zip(step_times, rtt_times)]  # schedule + update
     return {
@@ -141,8 +146,9 @@ def main() -> None:
                 executor.start()
                 executor.call(LoadModel(runner=RunnerKind.NULL))
                 executor.call(InitKVCache(num_pages=1 << 16, page_size=PAGE_SIZE))
-                for n in args.requests:
-                    figures = run_case(executor, n, args.steps)
+                sched = make_scheduler()
+                for case, n in enumerate(args.requests):
+                    figures = run_case(executor, sched, n, args.steps, case << 20)
                     emit({"bench": "control_plane", "executor": backend, "workers": workers,
                           "running_requests": n, "steps": args.steps, **figures})
             finally:

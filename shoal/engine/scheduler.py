@@ -12,7 +12,7 @@ preempted (its pages freed, recomputed later from the front of the queue, its
 outputs kept); no new request is admitted in a step that preempted.
 
 Plans travel as deltas: a request is sent in full once (``NewRequestData``, again
-after a preemption), then as ``CachedRequestData`` carrying only tokens sampled
+after a preemption), then as a row of ``CachedRequests`` carrying only tokens sampled
 since the workers last saw it and its new pages. Several plans may be in flight
 (pipeline parallelism): a request in an in-flight plan is left out of new plans
 until that plan's result is applied, and results are applied in plan order.
@@ -29,7 +29,7 @@ from typing import Iterable
 
 import numpy as np
 
-from shoal.engine.plan import CachedRequestData, CachedRequests, NewRequestData, StepPlan, StepResult
+from shoal.engine.plan import CachedRequests, NewRequestData, StepPlan, StepResult
 from shoal.config import SchedulerConfig
 from shoal.errors import OverloadedError, RequestError
 from shoal.engine.kv_connector import KVConnectorScheduler, NoKVConnector
@@ -435,7 +435,9 @@ class Scheduler:
             self._pending_finished_ids.append(request.req_id)
 
     def _make_plan(self, scheduled: list[tuple[Request, int]]) -> StepPlan:
-        new_requests, cached_requests = [], []
+        new_requests = []
+        # known requests' deltas go straight into CachedRequests' columns
+        c_ids, c_computed, c_ntok, c_tokens, c_npage, c_pages = [], [], [], [], [], []
         for request, num_new in scheduled:
             rid = request.req_id
             view = self._worker_views.get(rid)
@@ -458,14 +460,14 @@ class Scheduler:
                 )
                 view = self._worker_views[rid] = _WorkerView(held, len(request.page_ids))
             else:
-                cached_requests.append(
-                    CachedRequestData(
-                        req_id=rid,
-                        new_token_ids=request.all_token_ids[view.num_tokens :],
-                        new_page_ids=request.page_ids[view.num_pages :],
-                        num_computed_tokens=placed,
-                    )
-                )
+                new_tokens = request.all_token_ids[view.num_tokens :]
+                new_pages = request.page_ids[view.num_pages :]
+                c_ids.append(rid)
+                c_computed.append(placed)
+                c_ntok.append(len(new_tokens))
+                c_tokens += new_tokens
+                c_npage.append(len(new_pages))
+                c_pages += new_pages
                 view.num_tokens, view.num_pages = max(view.num_tokens, held), len(request.page_ids)
             if samples and self.async_scheduling and not request.sampling.pooling:
                 view.num_tokens += 1  # the workers append the token they sample
@@ -475,7 +477,14 @@ class Scheduler:
         plan = StepPlan(
             step_id=self._next_step_id,
             new_requests=new_requests,
-            cached_requests=CachedRequests.from_rows(cached_requests),
+            cached_requests=CachedRequests(
+                req_ids=np.asarray(c_ids, dtype=np.int64),
+                num_computed_tokens=np.asarray(c_computed, dtype=np.int64),
+                new_token_counts=np.asarray(c_ntok, dtype=np.int32),
+                new_token_ids=np.asarray(c_tokens, dtype=np.int32),
+                new_page_counts=np.asarray(c_npage, dtype=np.int32),
+                new_page_ids=np.asarray(c_pages, dtype=np.int32),
+            ),
             scheduled_req_ids=[r.req_id for r, _ in scheduled],
             num_scheduled_tokens=[n for _, n in scheduled],
             finished_req_ids=self._pending_finished_ids,
