@@ -80,12 +80,17 @@ class ServerSettings:
     tool_call_parser: str | None = None  # ... parsing replies with this parser
 
     def __post_init__(self) -> None:
-        if self.enable_auto_tool_choice and self.tool_call_parser is None:
-            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser "
-                             f"(one of {', '.join(sorted(TOOL_PARSERS))})")
-        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
-            raise ValueError(f"unknown --tool-call-parser {self.tool_call_parser!r}; known: "
-                             f"{', '.join(sorted(TOOL_PARSERS))}")
+        check_tool_options(self.enable_auto_tool_choice, self.tool_call_parser)
+
+
+def check_tool_options(enable_auto_tool_choice: bool, tool_call_parser: str | None) -> None:
+    """ValueError naming the flag when the tool-calling options do not go together."""
+    if enable_auto_tool_choice and tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser "
+                         f"(one of {', '.join(sorted(TOOL_PARSERS))})")
+    if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
+        raise ValueError(f"unknown --tool-call-parser {tool_call_parser!r}; known: "
+                         f"{', '.join(sorted(TOOL_PARSERS))}")
 
 
 def error_response(error: APIError) -> JSONResponse:

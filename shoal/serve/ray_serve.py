@@ -32,15 +32,18 @@ from shoal.config import EngineConfig, ParallelConfig
 from shoal.engine_args import ENGINE_ARGS, engine_config, is_engine_option
 from shoal.executor.ray_executor import PLACEMENT_GROUP_ENV, import_ray
 from shoal.executor.ray_placement import check_placement
-from shoal.serve.api_server import ServerSettings, served_model
+from shoal.serve.api_server import ServerSettings, check_tool_options, served_model
 from shoal.serve.api_server import build_app as build_fastapi_app
 
 logger = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "ShoalDeployment"
 ENGINE_OPTION_NAMES = tuple(a.name for a in ENGINE_ARGS)
+# options of the replica's API server (``shoal serve``'s flags of the same names)
+SERVER_OPTIONS = ("api_key", "enable_auto_tool_choice", "tool_call_parser")
 DEPLOYMENT_OPTIONS = ("num_replicas", "autoscaling_config", "max_ongoing_requests",
-                      "ray_actor_options", "placement_group_strategy", "accelerator", "api_key")
+                      "ray_actor_options", "placement_group_strategy", "accelerator",
+                      *SERVER_OPTIONS)
 def split_options(options: dict[str, Any]) -> tuple[EngineConfig, dict[str, Any]]:
     """Serve ``args`` -> (EngineConfig with the ray backend by default, deployment options).
 
@@ -78,7 +81,8 @@ def placement_bundles(config: EngineConfig, accelerator: str,
 class ShoalDeployment:
     """One replica: the API server's FastAPI app, its engine's workers in this replica's group."""
 
-    def __init__(self, config: EngineConfig, served_model_name: str | None, api_key: str | None):
+    def __init__(self, config: EngineConfig, served_model_name: str | None,
+                 server: dict[str, Any]):
         ray = import_ray()
         # the engine-core child process joins this cluster and places its workers in our group
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
@@ -87,16 +91,28 @@ class ShoalDeployment:
             os.environ[PLACEMENT_GROUP_ENV] = group.id.hex()
         self.settings = ServerSettings(engine_config=config,
                                        model=served_model(config, served_model_name),
-                                       api_key=api_key or None)
+                                       **server_settings(server))
 
     def __serve_build_asgi_app__(self):
         """Called by Ray Serve after ``__init__`` in the replica: the app to serve."""
         return build_fastapi_app(self.settings)
 
 
+def server_settings(server: dict[str, Any]) -> dict[str, Any]:
+    """The replica API server's options as ``ServerSettings`` fields (checked there)."""
+    return {"api_key": server.get("api_key") or None,
+            "enable_auto_tool_choice": str(server.get("enable_auto_tool_choice", False)).lower()
+            in ("1", "true", "yes"),
+            "tool_call_parser": server.get("tool_call_parser")}
+
+
 def plan_deployment(args: dict[str, Any], cluster_has_gpu: bool = False
-                    ) -> tuple[EngineConfig, dict[str, Any], str | None]:
-    """Serve ``args`` -> (engine config, ``serve.deployment`` options, API key)."""
+                    ) -> tuple[EngineConfig, dict[str, Any], dict[str, Any]]:
+    """Serve ``args`` -> (engine config, ``serve.deployment`` options, API server options).
+
+    The server options (``SERVER_OPTIONS``) are checked here, so a bad tool parser
+    fails the application at once rather than every replica.
+    """
     config, options = split_options(dict(args))
     accelerator = str(options.pop("accelerator", None) or ("GPU" if cluster_has_gpu else "CPU"))
     if accelerator.upper() not in ("GPU", "CPU"):
@@ -108,11 +124,13 @@ def plan_deployment(args: dict[str, Any], cluster_has_gpu: bool = False
         "placement_group_bundles": placement_bundles(config, accelerator.upper(), actor_options),
         "placement_group_strategy": options.pop("placement_group_strategy", "PACK"),
     }
-    api_key = options.pop("api_key", None)
+    server = {name: options.pop(name) for name in SERVER_OPTIONS if name in options}
+    settings = server_settings(server)
+    check_tool_options(settings["enable_auto_tool_choice"], settings["tool_call_parser"])
     for key in ("num_replicas", "autoscaling_config", "max_ongoing_requests"):
         if options.get(key) is not None:
             deployment_options[key] = options.pop(key)
-    return config, deployment_options, api_key
+    return config, deployment_options, server
 
 
 def initial_replicas(deployment_options: dict[str, Any]) -> int:
@@ -152,12 +170,12 @@ def build_app(args: dict[str, Any]) -> Any:
     """
     ray, serve = import_ray(), import_ray(serve=True)
     has_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
-    config, deployment_options, api_key = plan_deployment(args, has_gpu)
+    config, deployment_options, server = plan_deployment(args, has_gpu)
     if ray.is_initialized():
         check_replica_placement(ray, config, deployment_options)
     deployment = serve.deployment(serve.ingress()(ShoalDeployment), **deployment_options)
     logger.info("Ray Serve deployment: %s", deployment_options)
-    return deployment.bind(config, config.model.served_model_name, api_key)
+    return deployment.bind(config, config.model.served_model_name, server)
 
 
 __all__ = ["ShoalDeployment", "build_app", "check_replica_placement", "placement_bundles",

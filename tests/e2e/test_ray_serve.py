@@ -36,16 +36,18 @@ SERVE_CONFIG = Path(__file__).resolve().parents[2] / "launch" / "serve_config.ya
 
 
 def test_options_split_into_engine_config_and_deployment_options():
-    config, deployment, key = plan_deployment({
+    config, deployment, server = plan_deployment({
         "model": "/m", "tensor-parallel-size": "2", "pp": 2, "block_size": 8,
         "enable-prefix-caching": "false", "api-key": "k", "num_replicas": 3,
         "autoscaling-config": {"min_replicas": 1, "max_replicas": 4},
-        "max-ongoing-requests": 32, "placement-strategy": "SPREAD"})
+        "max-ongoing-requests": 32, "placement-strategy": "SPREAD",
+        "enable-auto-tool-choice": True, "tool-call-parser": "hermes"})
     assert (config.model.model, config.parallel.tp_size, config.parallel.pp_size) == ("/m", 2, 2)
     assert config.parallel.executor_backend == "ray"
     assert config.parallel.placement_strategy == "SPREAD"
     assert config.cache.block_size == 8 and config.cache.enable_prefix_caching is False
-    assert key == "k"
+    assert server == {"api_key": "k", "enable_auto_tool_choice": True,
+                      "tool_call_parser": "hermes"}
     assert deployment["num_replicas"] == 3 and deployment["max_ongoing_requests"] == 32
     assert deployment["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4}
     # bundle 0: the replica; then one device bundle per rank
@@ -59,6 +61,10 @@ def test_bad_options_are_named():
         split_options({"tensor-size": 2})
     with pytest.raises(ValueError, match="block-size must be int"):
         split_options({"block-size": "big"})
+    with pytest.raises(ValueError, match="unknown --tool-call-parser 'nope'"):
+        plan_deployment({"model": "/m", "tool_call_parser": "nope"})
+    with pytest.raises(ValueError, match="--enable-auto-tool-choice needs --tool-call-parser"):
+        plan_deployment({"model": "/m", "enable_auto_tool_choice": "true"})
 
 
 def test_the_launch_config_is_a_valid_serve_config():
