@@ -10,7 +10,9 @@
 #
 # Variables: DRIVER_ADDR (required), NPROC_PER_NODE (default: GPUs on this node, else 1),
 # NNODES (default 1), NODE_RANK, MASTER_ADDR, MASTER_PORT (torchrun's rendezvous, only
-# with NNODES > 1), PYTHON (default python).
+# with NNODES > 1), PYTHON (default python), MAX_RESTARTS (default 0: torchrun restarts
+# the node's workers this many times after one dies; the driver takes the new ones
+# into a new worker group and its requests carry on, see README "Fault tolerance").
 set -euo pipefail
 : "${DRIVER_ADDR:?set DRIVER_ADDR=HOST:PORT of the driver (--driver-host/--driver-port)}"
 PYTHON=${PYTHON:-python}
@@ -28,4 +30,5 @@ fi
 # read the DeepSpeed name
 export LOCAL_SIZE="$NPROC_PER_NODE"
 exec "$PYTHON" -m torch.distributed.run "${where[@]}" --nproc-per-node "$NPROC_PER_NODE" \
+    --max-restarts "${MAX_RESTARTS:-0}" \
     -m shoal.cli worker --driver-addr "$DRIVER_ADDR"

@@ -51,9 +51,14 @@ class BootstrapInfo:
 @wire_message(11)
 @dataclass
 class BootstrapRefusal:
-    """The driver will not take this worker (bad rank, ranks all taken)."""
+    """The driver will not take this worker (bad rank, ranks all taken).
+
+    ``retry_after_s`` > 0: not now, but soon. The worker replaces a rank the driver
+    is about to give up on (a launcher restarted it), so it should ask again then.
+    """
 
     reason: str
+    retry_after_s: float = 0.0
 
 
 # -- liveness and lifecycle ---------------------------------------------------------------------

@@ -80,6 +80,7 @@ class ZmqExecutor:
         self._results: collections.deque[StepResult] = collections.deque()
         self._replies: dict[int, dict[int, Reply]] = {}
         self._last_heartbeat: dict[int, float] = {}
+        self.last_receive = 0.0  # when the driver last read the return socket
         self._heartbeat_stop = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
         self._closed = False
@@ -219,6 +220,7 @@ class ZmqExecutor:
             self.check_alive()
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError("timed out waiting for the workers")
+            self.last_receive = time.monotonic()  # heartbeats read up to now count
             try:
                 msg = self.channel.recv(self.poll_interval_s)
             except ProtocolError as exc:

@@ -38,6 +38,13 @@ from shoal.executor.base import ZmqExecutor
 
 logger = logging.getLogger(__name__)
 
+# A rank whose launcher started a new process while the old one is silent this long is
+# dead (the launcher restarted it): the group is replaced now, not after the heartbeat
+# timeout. The newcomer is told to retry until the new group's bootstrap answers it.
+REPLACED_RANK_SILENCE_S = 3.0
+REPLACEMENT_RETRY_S = 1.0
+
+
 class ExternalExecutor(ZmqExecutor):
     """The driver side: bind on tcp at a known address and wait for ``world_size`` workers."""
 
@@ -62,6 +69,8 @@ class ExternalExecutor(ZmqExecutor):
         # report every worker's unsubscription (disconnect), not only the last one's
         self.channel.broadcast.setsockopt(zmq.XPUB_VERBOSER, 1)
         self._pids: dict[int, int] = {}  # rank -> pid of the worker that took it
+        self._replaced: set[int] = set()  # ranks whose launcher started a new process
+        self._newcomers: dict[tuple[int, int], float] = {}  # (rank, pid) -> first seen
         self._late_stop = threading.Event()
         self._late_thread: threading.Thread | None = None
 
@@ -107,16 +116,28 @@ class ExternalExecutor(ZmqExecutor):
         self._late_thread.start()
 
     def _refuse_late_workers(self) -> None:
+        retry = False  # set by answer(), read by refuse(): the refusal says "ask again"
+
         def answer(request) -> BootstrapInfo:
+            nonlocal retry
             rank = getattr(request, "rank", None)
+            retry = self._is_replacement(request)
+            if retry:
+                raise ProtocolError(
+                    f"rank {rank} restarted by its launcher (pid {self._pids[rank]} -> "
+                    f"{request.pid}): the driver replaces its worker group; retry")
             raise ProtocolError(
                 f"the driver already has its {self.world_size} workers; rank "
                 f"{rank!r} is not needed (check the launcher's WORLD_SIZE)"
             )
 
+        def refuse(reason: str) -> BootstrapRefusal:
+            return BootstrapRefusal(reason, REPLACEMENT_RETRY_S if retry else 0.0)
+
         while not self._late_stop.is_set():
+            retry = False
             try:
-                self.channel.serve_bootstrap(answer, BootstrapRefusal, 0.2)
+                self.channel.serve_bootstrap(answer, refuse, 0.2)
             except ProtocolError as exc:  # late workers and garbage alike: refused, logged
                 logger.warning("refused a late worker: %s", exc)
             except zmq.ZMQError:  # the socket is closing
@@ -126,6 +147,38 @@ class ExternalExecutor(ZmqExecutor):
                 time.sleep(0.2)
             except Exception:  # never let a stray end this thread
                 logger.exception("unexpected error answering a late bootstrap request")
+
+    def _is_replacement(self, request) -> bool:
+        """Is this a new process for a rank of this group (its own key, another pid)?
+
+        Launchers such as torchrun restart a rank only after it died, so a newcomer
+        whose rank has fallen silent is a replacement: it is told to retry, and once
+        the old process has been silent REPLACED_RANK_SILENCE_S the rank counts as dead
+        (``_dead_ranks``) and the group is replaced then, not after the heartbeat
+        timeout. Silence is measured only while the driver reads its return socket
+        (an idle driver reads no heartbeats). A rank that keeps beating after a
+        newcomer showed up is alive: the newcomer is a duplicate, refused for good.
+        """
+        if not isinstance(request, BootstrapRequest) or request.rank not in self._pids:
+            return False
+        if self.keys is not None and self.channel.last_peer != request.rank:
+            return False  # another rank's key: a forgery, refused as a late worker
+        rank, pid = request.rank, request.pid
+        if pid == self._pids[rank]:
+            return False
+        now = time.monotonic()
+        if now - self.last_receive > 0.5:
+            return False  # the driver is idle: silence says nothing
+        last_beat = self._last_heartbeat.get(rank, 0.0)
+        first_seen = self._newcomers.setdefault((rank, pid), now)
+        if last_beat > first_seen:
+            return False  # the old process beat since: a duplicate launcher
+        if now - last_beat > REPLACED_RANK_SILENCE_S:
+            self._replaced.add(rank)
+        return True
+
+    def _dead_ranks(self) -> list[int]:
+        return sorted(self._replaced)
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         self._late_stop.set()

@@ -18,11 +18,12 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Mapping
 
 from shoal.comm.security import WorkerKeys, worker_keys_from_file
 from shoal.worker.launch_env import LaunchEnv, parse_driver_address, wait_for_driver
-from shoal.worker.worker import WorkerArgs, run_worker
+from shoal.worker.worker import BootstrapRetry, WorkerArgs, run_worker
 
 logger = logging.getLogger(__name__)
 
@@ -98,11 +99,20 @@ def run_headless_worker(driver_addr: str, environ: Mapping[str, str] | None = No
     address = parse_driver_address(driver_addr)
     logger.info("rank %d of %d (local %d of %d): joining the driver at %s", launch.rank,
                 launch.world_size, launch.local_rank, launch.local_world_size, address)
-    wait_for_driver(address, wait_s)
-    # the driver wrote its keys when it bound its port (shoal.comm.security.key_file_path)
-    keys = worker_keys_from_file(launch.rank, int(address.rsplit(":", 1)[1]))
-    return run_worker(WorkerArgs(address, launch.rank, launch.local_rank,
-                                 launch.local_world_size, keys=keys))
+    deadline = time.monotonic() + wait_s
+    while True:
+        wait_for_driver(address, max(1.0, deadline - time.monotonic()))
+        # the driver wrote its keys when it bound its port (shoal.comm.security.key_file_path);
+        # read again on every try: a replaced group has new keys
+        keys = worker_keys_from_file(launch.rank, int(address.rsplit(":", 1)[1]))
+        try:
+            return run_worker(WorkerArgs(address, launch.rank, launch.local_rank,
+                                         launch.local_world_size, keys=keys))
+        except BootstrapRetry as exc:  # the launcher restarted us before the driver noticed
+            if time.monotonic() + exc.retry_after_s >= deadline:
+                raise
+            logger.warning("rank %d: %s", launch.rank, exc)
+            time.sleep(exc.retry_after_s)
 
 
 if __name__ == "__main__":

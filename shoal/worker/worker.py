@@ -74,6 +74,14 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL_S = 1.0
 
 
+class BootstrapRetry(ProtocolError):
+    """The driver said "not now, but soon" (it is replacing the group this rank joins)."""
+
+    def __init__(self, reason: str, retry_after_s: float):
+        super().__init__(f"driver asked to retry in {retry_after_s:g} s: {reason}")
+        self.retry_after_s = retry_after_s
+
+
 @dataclass(frozen=True)
 class WorkerArgs:
     """How a worker finds its driver; everything else comes from the bootstrap answer."""
@@ -121,6 +129,8 @@ class Worker:
         info = request_bootstrap(args.driver_address, BootstrapRequest(args.rank, os.getpid()),
                                  keys=args.keys)
         if isinstance(info, BootstrapRefusal):
+            if info.retry_after_s > 0:
+                raise BootstrapRetry(info.reason, info.retry_after_s)
             raise ProtocolError(f"driver refused bootstrap: {info.reason}")
         if not isinstance(info, BootstrapInfo):
             raise ProtocolError(f"bootstrap answered with {type(info).__name__}, not BootstrapInfo")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,19 @@ from pathlib import Path
 import pytest
 from factories import hf_greedy, tiny_checkpoint
 
-from shoal.config import ParallelConfig
+from shoal import SamplingParams
+from shoal.config import (
+    CacheConfig,
+    EngineConfig,
+    ExecutorConfig,
+    FaultToleranceConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from shoal.engine.control import CollectiveCheck
 from shoal.executor.external_executor import ExternalExecutor
+from shoal.frontend.llm_engine import LLMEngine
 from shoal.worker.launch_env import LaunchEnv, parse_driver_address
 from tests.distributed.processes import free_port, worker_env
 
@@ -175,3 +186,60 @@ def test_deepspeed_launcher_starts_headless_workers(tmp_path, hostfile):
     finally:  # DeepSpeed's CPU all-reduce buffers, should anything have created them
         for path in glob.glob(f"/dev/shm/deepspeed_*_{master_port}_*"):
             os.unlink(path)
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_requests_finish(tmp_path):
+    """kill -9 of a headless worker mid-generation under ``torchrun --max-restarts``.
+
+    torchrun stops the node's other worker and starts both again; the driver takes the
+    newcomers into a new worker group (they are told to retry until it is up) and the
+    requests finish with transformers' tokens.
+    """
+    port = free_port()
+    ckpt = tiny_checkpoint("llama", tmp_path)
+    log = open(tmp_path / "launcher.log", "w+")
+    bindir = os.path.dirname(sys.executable)
+    env = worker_env(DRIVER_ADDR=f"127.0.0.1:{port}", PYTHON=sys.executable, NPROC_PER_NODE="2",
+                     MAX_RESTARTS="2", PATH=f"{bindir}:{os.environ.get('PATH', '')}")
+    launcher = subprocess.Popen(["bash", str(LAUNCH / "torchrun_workers.sh")], env=env,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=str(tmp_path), start_new_session=True)
+    max_tokens = 24
+    try:
+        engine = LLMEngine(EngineConfig(
+            model=ModelConfig(model=ckpt, dtype="float32"),
+            parallel=ParallelConfig(tp_size=2, executor_backend="external"),
+            cache=CacheConfig(page_size=4, kv_cache_memory=1 << 22),
+            scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32),
+            executor=ExecutorConfig(host="127.0.0.1", bootstrap_port=port, threads_per_worker=1,
+                                    heartbeat_timeout_s=10.0, start_timeout_s=120),
+            fault=FaultToleranceConfig(step_timeout_s=20.0)))
+        try:
+            for i, prompt in enumerate(PROMPTS):
+                engine.add_request(str(i), prompt, SamplingParams(
+                    temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+            streamed = {str(i): [] for i in range(len(PROMPTS))}
+            first_pids = [w.pid for w in engine.core.executor.workers]
+            steps = 0
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    streamed[out.request_id] += out.delta_token_ids[0]
+                steps += 1
+                if steps == 4:
+                    os.kill(first_pids[1], signal.SIGKILL)
+            stats = engine.stats()
+            last_pids = [w.pid for w in engine.core.executor.workers]
+        finally:
+            engine.shutdown()
+        assert [streamed[str(i)] for i in range(len(PROMPTS))] == hf_greedy(ckpt, PROMPTS,
+                                                                            max_tokens)
+        assert stats.num_worker_restarts == 1
+        assert not set(first_pids) & set(last_pids)
+        assert launcher.wait(timeout=120) == 0, "the launcher did not exit cleanly"
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, 9)
+            launcher.wait()
+        log.seek(0)
+        print(log.read()[-4000:])
+        log.close()
