@@ -100,22 +100,45 @@ inline vec16 exp16(vec16 x) {
   return p * scale;
 }
 
+inline float row_max(const float* x, int64_t n) {
+  vec16 m = splat16(x[0]);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const vec16 v = load16(x + i);
+    m = v > m ? v : m;
+  }
+  float mx = m[0];
+  for (int j = 1; j < 16; ++j) mx = std::max(mx, m[j]);
+  for (; i < n; ++i) mx = std::max(mx, x[i]);
+  return mx;
+}
+
 // x[i] = exp(x[i] - shift) for i < n; x must have room for n rounded up to 16.
 inline void exp_shifted(float* x, int64_t n, float shift) {
   for (int64_t i = 0; i < n; i += 16) store16(x + i, exp16(load16(x + i) - shift));
 }
 
-// Calls fn(first position, page id, offset in page, count) for blocks of at most kBlock
-// consecutive positions of lo..hi that lie in one page.
+// Calls fn(first position, page id, offset in page, count, next page id, its offset) for
+// blocks of at most kBlock consecutive positions of lo..hi that lie in one page; the next
+// block's page id is -1 after the last block.
 template <typename Fn>
 inline void for_each_block(int64_t lo, int64_t hi, int64_t page_size, const int64_t* pages,
                            Fn fn) {
-  for (int64_t p = lo / page_size, base = p * page_size; base <= hi; ++p, base += page_size) {
-    const int64_t first = std::max<int64_t>(lo - base, 0);
-    const int64_t last = std::min<int64_t>(hi - base, page_size - 1);
-    for (int64_t off = first; off <= last; off += kBlock)
-      fn(base + off, pages[p], off, std::min<int64_t>(kBlock, last - off + 1));
+  int64_t pos = lo;
+  while (pos <= hi) {
+    const int64_t p = pos / page_size, off = pos % page_size;
+    const int64_t n = std::min({kBlock, page_size - off, hi - pos + 1});
+    const int64_t next = pos + n;
+    fn(pos, pages[p], off, n, next <= hi ? pages[next / page_size] : -1, next % page_size);
+    pos = next;
   }
+}
+
+// Asks for the cache lines of kBlock rows of `bytes` each, `stride` bytes apart.
+inline void prefetch_rows(const void* first, int64_t stride, int64_t bytes) {
+  const char* row = static_cast<const char*>(first);
+  for (int64_t k = 0; k < kBlock; ++k, row += stride)
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
 }
 
 #ifdef __AVX512F__
@@ -318,7 +341,8 @@ void run_item(const Item& it, const T* q, int64_t hq, const T* kc, const T* vc,
       uint32_t* q2 = Scratch::at_least(s.q2, nq * np);
       for (int64_t row = 0; row < nq; ++row) __builtin_memcpy(q2 + row * np, q_row(row), dk * sizeof(T));
       uint32_t* kt2 = reinterpret_cast<uint32_t*>(kt);
-      for_each_block(span_lo, span_hi, page_size, pages, [&](int64_t kpos, int64_t page, int64_t off, int64_t n) {
+      for_each_block(span_lo, span_hi, page_size, pages, [&](int64_t kpos, int64_t page, int64_t off, int64_t n, int64_t next, int64_t next_off) {
+        if (next >= 0) prefetch_rows(key_block(next, next_off), ks[1] * sizeof(T), dk * sizeof(T));
         transpose_block32(reinterpret_cast<const uint32_t*>(key_block(page, off)), ks[1] / 2, n, np, kt2);
         float* sc = scores + kpos - span_lo;
         for_row_tiles(nq, [&](auto nr, int64_t r0) {
@@ -335,7 +359,8 @@ void run_item(const Item& it, const T* q, int64_t hq, const T* kc, const T* vc,
       const T* src = q_row(row);
       for (int64_t d = 0; d < dk; ++d) qf[row * dk + d] = static_cast<float>(src[d]) * scale;
     }
-    for_each_block(span_lo, span_hi, page_size, pages, [&](int64_t kpos, int64_t page, int64_t off, int64_t n) {
+    for_each_block(span_lo, span_hi, page_size, pages, [&](int64_t kpos, int64_t page, int64_t off, int64_t n, int64_t next, int64_t next_off) {
+      if (next >= 0) prefetch_rows(key_block(next, next_off), ks[1] * sizeof(T), dk * sizeof(T));
       transpose_keys(key_block(page, off), ks[1], n, dk, kt);
       float* sc = scores + kpos - span_lo;
       for_row_tiles(nq, [&](auto nr, int64_t r0) {
@@ -347,9 +372,7 @@ void run_item(const Item& it, const T* q, int64_t hq, const T* kc, const T* vc,
   for (int64_t row = 0; row < nq; ++row) {
     const int64_t pos = pos_first + row / group, a = lo_of(pos) - span_lo, b = pos - span_lo;
     float* sc = scores + row * ld;
-    float mx = sc[a];
-#pragma omp simd reduction(max : mx)
-    for (int64_t x = a + 1; x <= b; ++x) mx = std::max(mx, sc[x]);
+    const float mx = row_max(sc + a, b - a + 1);
     exp_shifted(sc + a, b - a + 1, mx);  // reaches past b: scratch or zeroed below
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
@@ -361,8 +384,10 @@ void run_item(const Item& it, const T* q, int64_t hq, const T* kc, const T* vc,
     std::fill(sc + b + 1, sc + span, 0.f);
   }
   // weighted sum of values, each block of value rows read once for all query rows
-  for_each_block(span_lo, span_hi, page_size, pages, [&](int64_t kpos, int64_t page, int64_t off, int64_t n) {
-    const T* v0 = vc + page * vs[0] + off * vs[1] + h * vs[2];
+  auto value_block = [&](int64_t page, int64_t off) { return vc + page * vs[0] + off * vs[1] + h * vs[2]; };
+  for_each_block(span_lo, span_hi, page_size, pages, [&](int64_t kpos, int64_t page, int64_t off, int64_t n, int64_t next, int64_t next_off) {
+    if (next >= 0) prefetch_rows(value_block(next, next_off), vs[1] * sizeof(T), dv * sizeof(T));
+    const T* v0 = value_block(page, off);
     const float* w = scores + kpos - span_lo;
     for_row_tiles(nq, [&](auto nr, int64_t r0) {
       accumulate_rows<decltype(nr)::value>(w + r0 * ld, ld, v0, vs[1], n, dv, acc + r0 * dv);
