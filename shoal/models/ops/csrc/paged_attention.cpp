@@ -7,7 +7,11 @@
 // for MLA's single latent "head") share each key/value row they read. Items run largest
 // first on torch's intra-op threads, taken from an atomic counter, so ragged lengths
 // balance. Softmax is exact (scores, then max/exp/sum, then the weighted sum of values),
-// accumulated in float32 whatever the cache dtype.
+// accumulated in float32 whatever the cache dtype. Keys and values are read in blocks of
+// 16 rows of one page (the next block prefetched): a key block is transposed once, so 16
+// scores per query row are FMAs across keys; bf16 keys are dotted as bf16 pairs with
+// vdpbf16ps where AVX512-BF16 exists. AVX-512 code is guarded by __AVX512F__ /
+// __AVX512BF16__; elsewhere (AVX2, NEON) portable vector-extension code does the same.
 //
 // Shapes: q [T, Hq, Dk]; k_cache [P, S, Hkv, Dk], v_cache [P, S, Hkv, Dv] (any strides,
 // last dim contiguous: MLA passes two views of one latent cache); page_table [B, maxP];
