@@ -1,5 +1,6 @@
-"""The in-place paged attention kernel equals the gather reference (float32 tolerance),
-and the reference equals the model's gather + SDPA path."""
+"""The in-place paged attention kernel equals the gather reference (float32 tolerance;
+bfloat16 inputs against the float32 reference of the same values), and the reference
+equals the model's gather + SDPA path."""
 from __future__ import annotations
 
 import pytest
@@ -67,6 +68,42 @@ def test_kernel_bfloat16_close_to_float32():
     ref = pa.paged_attention_reference(q, kc, vc, table, starts, ctx, 0.17)
     out = pa.paged_attention(q.bfloat16(), kc.bfloat16(), vc.bfloat16(), table, starts, ctx, 0.17)
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+def _as_bf16(*tensors):
+    return [t.bfloat16() for t in tensors]
+
+
+@needs_kernel
+@pytest.mark.parametrize("page_size", [16, 32])
+@pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4), (8, 1)])
+@pytest.mark.parametrize("window", [None, 20])
+def test_kernel_bfloat16_matches_float32_reference_of_same_values(page_size, hq, hkv, window):
+    """bf16 inputs vs the float32 reference of the very same (bf16-rounded) values: only
+    the kernel's float32 sums and the bf16 rounding of its output differ."""
+    query_lens = [1, 1, 1, 37, 1, 5, 19]
+    num_computed = [0, 17, 130, 45, 64, 0, 0]
+    q, kc, vc, table, starts, ctx, _ = _batch(query_lens, num_computed, page_size, hq, hkv, 64)
+    q, kc, vc = _as_bf16(q, kc, vc)
+    out = pa.paged_attention(q, kc, vc, table, starts, ctx, 0.125, window)
+    assert out.dtype == torch.bfloat16
+    ref = pa.paged_attention_reference(q.float(), kc.float(), vc.float(), table, starts, ctx,
+                                       0.125, window)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_kernel_bfloat16_mla_latent(page_size):
+    query_lens, num_computed = [1, 1, 12, 1], [3, 70, 20, 0]
+    q, kc, vc, table, starts, ctx, _ = _batch(query_lens, num_computed, page_size, 4, 1,
+                                              dk=48, dv=32, latent=True)
+    q, kc = _as_bf16(q, kc)
+    vc = kc[..., :32]  # still a view of the latent rows
+    out = pa.paged_attention(q, kc, vc, table, starts, ctx, 0.2, None)
+    ref = pa.paged_attention_reference(q.float(), kc.float(), vc.float(), table, starts, ctx,
+                                       0.2, None)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("window", [None, 20])

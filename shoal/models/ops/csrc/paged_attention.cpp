@@ -7,7 +7,11 @@
 // for MLA's single latent "head") share each key/value row they read. Items run largest
 // first on torch's intra-op threads, taken from an atomic counter, so ragged lengths
 // balance. Softmax is exact (scores, then max/exp/sum, then the weighted sum of values),
-// accumulated in float32 whatever the cache dtype.
+// accumulated in float32 whatever the cache dtype. Keys and values are read in blocks of
+// 16 rows of one page (the next block prefetched): a key block is transposed once, so 16
+// scores per query row are FMAs across keys; bf16 keys are dotted as bf16 pairs with
+// vdpbf16ps where AVX512-BF16 exists. AVX-512 code is guarded by __AVX512F__ /
+// __AVX512BF16__; elsewhere (AVX2, NEON) portable vector-extension code does the same.
 //
 // Shapes: q [T, Hq, Dk]; k_cache [P, S, Hkv, Dk], v_cache [P, S, Hkv, Dv] (any strides,
 // last dim contiguous: MLA passes two views of one latent cache); page_table [B, maxP];
@@ -23,6 +27,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int64_t kQueryBlock = 16;  // query tokens per work item of a prefill chunk
@@ -31,88 +39,284 @@ struct Item {
   int64_t seq, kv_head, t_begin, t_end, cost;  // t_*: token rows of the flat batch
 };
 
-// GCC/Clang vector extensions: 8 floats, compiled to AVX2/AVX-512/NEON or scalar code.
-typedef float vec8 __attribute__((vector_size(32)));
+// Keys and values are read in blocks of kBlock rows of one page. A block of keys is
+// transposed once per work item ([dk][kBlock] floats, or [dk/2][kBlock] bf16 pairs), so
+// the scores of one query row against the whole block are kBlock-wide FMAs with no
+// horizontal sum, and every query row of the item (GQA group x token block) reuses it.
+constexpr int64_t kBlock = 16;
+constexpr int64_t kRowTile = 4;  // query rows whose accumulators stay in registers
 
-inline vec8 load8(const float* p) {
-  vec8 v;
+// GCC/Clang vector extensions: 16 floats, compiled to AVX-512, 2x AVX2, NEON or scalar.
+typedef float vec16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+inline vec16 load16(const float* p) {
+  vec16 v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline void store8(float* p, vec8 v) { __builtin_memcpy(p, &v, sizeof(v)); }
+inline void store16(float* p, vec16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
-inline float hsum(vec8 v) {
-  return (v[0] + v[4]) + (v[1] + v[5]) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
+inline vec16 splat16(float x) { return vec16{} + x; }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  vec8 acc0 = {}, acc1 = {};  // two chains hide the FMA latency
-  int64_t d = 0;
-  for (; d + 16 <= n; d += 16) {
-    acc0 += load8(a + d) * load8(b + d);
-    acc1 += load8(a + d + 8) * load8(b + d + 8);
-  }
-  for (; d + 8 <= n; d += 8) acc0 += load8(a + d) * load8(b + d);
-  float acc = hsum(acc0 + acc1);
-  for (; d < n; ++d) acc += a[d] * b[d];
-  return acc;
-}
-
-inline void axpy(float w, const float* x, float* y, int64_t n) {
-  const vec8 wv = {w, w, w, w, w, w, w, w};
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8) store8(y + d, load8(y + d) + wv * load8(x + d));
-  for (; d < n; ++d) y[d] += w * x[d];
-}
-
-// exp for x <= 0 (scores minus their max), Cephes' polynomial: within 2 ulp of expf,
-// written so that the compiler vectorizes it.
-inline void exp_inplace(float* x, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    float v = x[i] < -87.0f ? -87.0f : x[i];
-    const float t = v * 1.44269504088896341f;
-    const int k = static_cast<int>(t - 0.5f);  // round to nearest (t <= 0)
-    const float kf = static_cast<float>(k);
-    v = v - kf * 0.693359375f + kf * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * v + 1.3981999507e-3f;
-    p = p * v + 8.3334519073e-3f;
-    p = p * v + 4.1665795894e-2f;
-    p = p * v + 1.6666665459e-1f;
-    p = p * v + 5.0000001201e-1f;
-    p = p * v * v + v + 1.0f;
-    int bits = (k + 127) << 23;
-    float scale;
-    __builtin_memcpy(&scale, &bits, sizeof(scale));
-    x[i] = p * scale;
-  }
+// 16 bfloat16 values to float: each one is the high half of its float's bits.
+inline vec16 load16(const c10::BFloat16* p) {
+#ifdef __AVX512F__
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return (vec16)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#else
+  u16x16 h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+  vec16 v;
+  __builtin_memcpy(&v, &w, sizeof(v));
+  return v;
+#endif
 }
 
 template <typename T>
-inline const float* as_float(const T* src, float* tmp, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    return src;
-  } else {
-    for (int64_t d = 0; d < n; ++d) tmp[d] = static_cast<float>(src[d]);
-    return tmp;
-  }
+inline vec16 load16(const T* p) {  // other dtypes (half): element by element
+  vec16 v;
+  for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
 }
 
-// Calls fn(position, page id, offset in page) for positions lo..hi, page by page.
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+// exp for x <= 0 (scores minus their max), Cephes' polynomial: within 2 ulp of expf.
+inline vec16 exp16(vec16 x) {
+  x = x < -87.0f ? splat16(-87.0f) : x;
+  const i32x16 k = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i32x16);  // round (x <= 0)
+  const vec16 kf = __builtin_convertvector(k, vec16);
+  const vec16 v = x - kf * 0.693359375f + kf * 2.12194440e-4f;
+  vec16 p = splat16(1.9875691500e-4f);
+  p = p * v + 1.3981999507e-3f;
+  p = p * v + 8.3334519073e-3f;
+  p = p * v + 4.1665795894e-2f;
+  p = p * v + 1.6666665459e-1f;
+  p = p * v + 5.0000001201e-1f;
+  p = p * v * v + v + 1.0f;
+  const i32x16 bits = (k + 127) << 23;
+  vec16 scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline float row_max(const float* x, int64_t n) {
+  vec16 m = splat16(x[0]);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const vec16 v = load16(x + i);
+    m = v > m ? v : m;
+  }
+  float mx = m[0];
+  for (int j = 1; j < 16; ++j) mx = std::max(mx, m[j]);
+  for (; i < n; ++i) mx = std::max(mx, x[i]);
+  return mx;
+}
+
+// x[i] = exp(x[i] - shift) for i < n; x must have room for n rounded up to 16.
+inline void exp_shifted(float* x, int64_t n, float shift) {
+  for (int64_t i = 0; i < n; i += 16) store16(x + i, exp16(load16(x + i) - shift));
+}
+
+// Calls fn(first position, page id, offset in page, count, next page id, its offset) for
+// blocks of at most kBlock consecutive positions of lo..hi that lie in one page; the next
+// block's page id is -1 after the last block.
 template <typename Fn>
-inline void for_each_key(int64_t lo, int64_t hi, int64_t page_size, const int64_t* pages, Fn fn) {
-  for (int64_t p = lo / page_size, base = p * page_size; base <= hi; ++p, base += page_size) {
-    const int64_t first = std::max<int64_t>(lo - base, 0);
-    const int64_t last = std::min<int64_t>(hi - base, page_size - 1);
-    const int64_t page = pages[p];
-    for (int64_t off = first; off <= last; ++off) fn(base + off, page, off);
+inline void for_each_block(int64_t lo, int64_t hi, int64_t page_size, const int64_t* pages,
+                           Fn fn) {
+  int64_t pos = lo;
+  while (pos <= hi) {
+    const int64_t p = pos / page_size, off = pos % page_size;
+    const int64_t n = std::min({kBlock, page_size - off, hi - pos + 1});
+    const int64_t next = pos + n;
+    fn(pos, pages[p], off, n, next <= hi ? pages[next / page_size] : -1, next % page_size);
+    pos = next;
   }
 }
 
+// Asks for the cache lines of kBlock rows of `bytes` each, `stride` bytes apart.
+inline void prefetch_rows(const void* first, int64_t stride, int64_t bytes) {
+  const char* row = static_cast<const char*>(first);
+  for (int64_t k = 0; k < kBlock; ++k, row += stride)
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
+}
+
+#ifdef __AVX512F__
+// Rows r[0..15] of 16 32-bit values each -> out[c] = column c.
+inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + j], 128-bit lane L: column 4L + j of rows 4i..4i+3
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i xa = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88);
+    const __m512i xb = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xdd);
+    const __m512i ya = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88);
+    const __m512i yb = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xdd);
+    r[j] = _mm512_shuffle_i32x4(xa, ya, 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(xa, ya, 0xdd);
+    r[4 + j] = _mm512_shuffle_i32x4(xb, yb, 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(xb, yb, 0xdd);
+  }
+}
+
+// n rows (row stride in 32-bit words) of `words` 32-bit values -> out[w * kBlock + row];
+// rows n..15 read as zero.
+inline void transpose_block32(const uint32_t* src, int64_t stride, int64_t n, int64_t words,
+                              uint32_t* out) {
+  __m512i r[16];
+  for (int64_t w0 = 0; w0 < words; w0 += 16) {
+    const int64_t nw = std::min<int64_t>(16, words - w0);
+    const __mmask16 m = static_cast<__mmask16>((1u << nw) - 1);
+    for (int64_t k = 0; k < 16; ++k)
+      r[k] = k < n ? _mm512_maskz_loadu_epi32(m, src + k * stride + w0) : _mm512_setzero_si512();
+    transpose16x16(r);
+    for (int64_t c = 0; c < nw; ++c) _mm512_storeu_si512(out + (w0 + c) * kBlock, r[c]);
+  }
+}
+#endif
+
+// Keys of one block as floats, transposed: kt[d * kBlock + k] = key k, dim d.
+template <typename T>
+inline void transpose_keys(const T* k0, int64_t stride, int64_t n, int64_t dk, float* kt) {
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<T, float>) {
+    transpose_block32(reinterpret_cast<const uint32_t*>(k0), stride, n, dk,
+                      reinterpret_cast<uint32_t*>(kt));
+    return;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (dk % 2 == 0 && stride % 2 == 0) {  // as bf16 pairs, then split each pair
+      uint32_t* pairs = reinterpret_cast<uint32_t*>(kt) + dk / 2 * kBlock;  // upper half
+      transpose_block32(reinterpret_cast<const uint32_t*>(k0), stride / 2, n, dk / 2, pairs);
+      const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+      for (int64_t p = 0; p < dk / 2; ++p) {  // writes rows 2p, 2p+1 after reading row dk/2+p
+        const __m512i w = _mm512_loadu_si512(pairs + p * kBlock);
+        _mm512_storeu_si512(kt + 2 * p * kBlock, _mm512_slli_epi32(w, 16));
+        _mm512_storeu_si512(kt + (2 * p + 1) * kBlock, _mm512_and_si512(w, hi));
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t k = 0; k < kBlock; ++k)
+    for (int64_t d = 0; d < dk; ++d)
+      kt[d * kBlock + k] = k < n ? static_cast<float>(k0[k * stride + d]) : 0.f;
+}
+
+// scores[r * ld + 0..15] = q[r] . key block (kt [dk][kBlock]) for NR rows.
+template <int NR>
+inline void score_rows(const float* q, int64_t dk, const float* kt, float* scores, int64_t ld) {
+  vec16 a0[NR] = {}, a1[NR] = {};  // two chains per row hide the FMA latency
+  int64_t d = 0;
+  for (; d + 2 <= dk; d += 2) {
+    const vec16 k0 = load16(kt + d * kBlock), k1 = load16(kt + (d + 1) * kBlock);
+    for (int r = 0; r < NR; ++r) {
+      a0[r] += q[r * dk + d] * k0;
+      a1[r] += q[r * dk + d + 1] * k1;
+    }
+  }
+  if (d < dk) {
+    const vec16 k0 = load16(kt + d * kBlock);
+    for (int r = 0; r < NR; ++r) a0[r] += q[r * dk + d] * k0;
+  }
+  for (int r = 0; r < NR; ++r) store16(scores + r * ld, a0[r] + a1[r]);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+// bf16 queries and keys: the key block as bf16 pairs [dk/2][kBlock], dot products of
+// pairs with vdpbf16ps (exact products, float32 sums); q holds each row's pairs.
+template <int NR>
+inline void score_rows_bf16(const uint32_t* q, int64_t np, const uint32_t* kt, float scale,
+                            float* scores, int64_t ld) {
+  __m512 a0[NR], a1[NR];
+  for (int r = 0; r < NR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  int64_t p = 0;
+  for (; p + 2 <= np; p += 2) {
+    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kt + p * kBlock);
+    const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kt + (p + 1) * kBlock);
+    for (int r = 0; r < NR; ++r) {
+      a0[r] = _mm512_dpbf16_ps(a0[r], k0, (__m512bh)_mm512_set1_epi32(q[r * np + p]));
+      a1[r] = _mm512_dpbf16_ps(a1[r], k1, (__m512bh)_mm512_set1_epi32(q[r * np + p + 1]));
+    }
+  }
+  if (p < np) {
+    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kt + p * kBlock);
+    for (int r = 0; r < NR; ++r)
+      a0[r] = _mm512_dpbf16_ps(a0[r], k0, (__m512bh)_mm512_set1_epi32(q[r * np + p]));
+  }
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int r = 0; r < NR; ++r)
+    _mm512_storeu_ps(scores + r * ld, _mm512_mul_ps(_mm512_add_ps(a0[r], a1[r]), s));
+}
+#endif
+
+// out[r][d .. d + 16 NC) += sum over the block's n keys of w[r * ld + k] * v(k)[same dims]
+// for NR rows: NR x NC accumulators stay in registers over the block.
+template <int NR, int NC, typename T>
+inline void accumulate_tile(const float* w, int64_t ld, const T* v0, int64_t vstride,
+                            int64_t n, int64_t dv, int64_t d, float* out) {
+  vec16 acc[NR][NC];
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c] = load16(out + r * dv + d + 16 * c);
+  for (int64_t k = 0; k < n; ++k) {
+    vec16 x[NC];
+    for (int c = 0; c < NC; ++c) x[c] = load16(v0 + k * vstride + d + 16 * c);
+    for (int r = 0; r < NR; ++r) {
+      const float wk = w[r * ld + k];
+      for (int c = 0; c < NC; ++c) acc[r][c] += wk * x[c];
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NC; ++c) store16(out + r * dv + d + 16 * c, acc[r][c]);
+}
+
+// out[r][0..dv) += sum over the block's n keys of w[r * ld + k] * v(k), NR rows.
+template <int NR, typename T>
+inline void accumulate_rows(const float* w, int64_t ld, const T* v0, int64_t vstride,
+                            int64_t n, int64_t dv, float* out) {
+  int64_t d = 0;
+  for (; d + 64 <= dv; d += 64) accumulate_tile<NR, 4>(w, ld, v0, vstride, n, dv, d, out);
+  for (; d + 16 <= dv; d += 16) accumulate_tile<NR, 1>(w, ld, v0, vstride, n, dv, d, out);
+  for (; d < dv; ++d)
+    for (int64_t k = 0; k < n; ++k) {
+      const float x = static_cast<float>(v0[k * vstride + d]);
+      for (int r = 0; r < NR; ++r) out[r * dv + d] += w[r * ld + k] * x;
+    }
+}
+
+// Calls fn.template operator()<NR>(r0) for row tiles r0, r0 + kRowTile, ... of nrows.
+template <typename Fn>
+inline void for_row_tiles(int64_t nrows, Fn&& fn) {
+  int64_t r = 0;
+  for (; r + kRowTile <= nrows; r += kRowTile) fn(std::integral_constant<int, kRowTile>{}, r);
+  switch (nrows - r) {
+    case 3: fn(std::integral_constant<int, 3>{}, r); break;
+    case 2: fn(std::integral_constant<int, 2>{}, r); break;
+    case 1: fn(std::integral_constant<int, 1>{}, r); break;
+    default: break;
+  }
+}
+
+// Buffers of one thread, grown to the largest item and then reused.
 struct Scratch {
-  std::vector<float> q, scores, out, row_k, row_v, denom;
+  std::vector<float> q, scores, out, kt;
+  std::vector<uint32_t> q2;
+  template <typename V>
+  static auto* at_least(V& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+    return v.data();
+  }
 };
 
 template <typename T>
@@ -124,65 +328,79 @@ void run_item(const Item& it, const T* q, int64_t hq, const T* kc, const T* vc,
   auto lo_of = [&](int64_t pos) { return window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0; };
   const int64_t span_lo = lo_of(pos_first), span_hi = pos_first + ntok - 1;
   const int64_t span = span_hi - span_lo + 1;
-  s.q.resize(nq * dk);
-  s.scores.resize(nq * span);
-  s.out.assign(nq * dv, 0.f);
-  s.row_k.resize(dk);
-  s.row_v.resize(dv);
-  for (int64_t i = 0; i < ntok; ++i)  // scaled float queries, row = i * group + j
-    for (int64_t j = 0; j < group; ++j) {
-      const T* src = q + ((it.t_begin + i) * hq + h * group + j) * dk;
-      float* dst = s.q.data() + (i * group + j) * dk;
-      for (int64_t d = 0; d < dk; ++d) dst[d] = static_cast<float>(src[d]) * scale;
-    }
-  // pass 1: scores of every (row, key) in the row's window [lo_i, pos_i]
-  for_each_key(span_lo, span_hi, page_size, pages, [&](int64_t kpos, int64_t page, int64_t off) {
-    const float* k = as_float(kc + page * ks[0] + off * ks[1] + h * ks[2], s.row_k.data(), dk);
-    for (int64_t i = 0; i < ntok; ++i) {
-      const int64_t pos = pos_first + i;
-      if (kpos > pos || kpos < lo_of(pos)) continue;
-      for (int64_t j = 0; j < group; ++j) {
-        const int64_t row = i * group + j;
-        s.scores[row * span + kpos - span_lo] = dot(s.q.data() + row * dk, k, dk);
-      }
-    }
-  });
-  // softmax per row over its own window, weights left in place
-  s.denom.resize(nq);
-  float* denom = s.denom.data();
-  for (int64_t i = 0; i < ntok; ++i) {
-    const int64_t pos = pos_first + i, a = lo_of(pos) - span_lo, b = pos - span_lo;
-    for (int64_t j = 0; j < group; ++j) {
-      float* sc = s.scores.data() + (i * group + j) * span;
-      float mx = sc[a];
-      for (int64_t x = a + 1; x <= b; ++x) mx = std::max(mx, sc[x]);
-      for (int64_t x = a; x <= b; ++x) sc[x] -= mx;
-      exp_inplace(sc + a, b - a + 1);
-      float sum = 0.f;
-      for (int64_t x = a; x <= b; ++x) sum += sc[x];
-      denom[i * group + j] = sum;
+  const int64_t ld = span + kBlock;  // a block's scores are written kBlock wide
+  float* scores = Scratch::at_least(s.scores, nq * ld);
+  float* acc = Scratch::at_least(s.out, nq * dv);
+  std::fill(acc, acc + nq * dv, 0.f);
+  float* kt = Scratch::at_least(s.kt, dk * kBlock);
+  auto q_row = [&](int64_t row) {  // row = i * group + j
+    return q + ((it.t_begin + row / group) * hq + h * group + row % group) * dk;
+  };
+  auto key_block = [&](int64_t page, int64_t off) { return kc + page * ks[0] + off * ks[1] + h * ks[2]; };
+  bool scored = false;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (dk % 2 == 0 && ks[1] % 2 == 0) {
+      const int64_t np = dk / 2;
+      uint32_t* q2 = Scratch::at_least(s.q2, nq * np);
+      for (int64_t row = 0; row < nq; ++row) __builtin_memcpy(q2 + row * np, q_row(row), dk * sizeof(T));
+      uint32_t* kt2 = reinterpret_cast<uint32_t*>(kt);
+      for_each_block(span_lo, span_hi, page_size, pages, [&](int64_t kpos, int64_t page, int64_t off, int64_t n, int64_t next, int64_t next_off) {
+        if (next >= 0) prefetch_rows(key_block(next, next_off), ks[1] * sizeof(T), dk * sizeof(T));
+        transpose_block32(reinterpret_cast<const uint32_t*>(key_block(page, off)), ks[1] / 2, n, np, kt2);
+        float* sc = scores + kpos - span_lo;
+        for_row_tiles(nq, [&](auto nr, int64_t r0) {
+          score_rows_bf16<decltype(nr)::value>(q2 + r0 * np, np, kt2, scale, sc + r0 * ld, ld);
+        });
+      });
+      scored = true;
     }
   }
-  // pass 2: weighted sum of values, each value row read once for the whole block
-  for_each_key(span_lo, span_hi, page_size, pages, [&](int64_t kpos, int64_t page, int64_t off) {
-    const float* v = as_float(vc + page * vs[0] + off * vs[1] + h * vs[2], s.row_v.data(), dv);
-    for (int64_t i = 0; i < ntok; ++i) {
-      const int64_t pos = pos_first + i;
-      if (kpos > pos || kpos < lo_of(pos)) continue;
-      for (int64_t j = 0; j < group; ++j) {
-        const int64_t row = i * group + j;
-        axpy(s.scores[row * span + kpos - span_lo], v, s.out.data() + row * dv, dv);
-      }
+#endif
+  if (!scored) {
+    float* qf = Scratch::at_least(s.q, nq * dk);  // scaled float queries
+    for (int64_t row = 0; row < nq; ++row) {
+      const T* src = q_row(row);
+      for (int64_t d = 0; d < dk; ++d) qf[row * dk + d] = static_cast<float>(src[d]) * scale;
     }
+    for_each_block(span_lo, span_hi, page_size, pages, [&](int64_t kpos, int64_t page, int64_t off, int64_t n, int64_t next, int64_t next_off) {
+      if (next >= 0) prefetch_rows(key_block(next, next_off), ks[1] * sizeof(T), dk * sizeof(T));
+      transpose_keys(key_block(page, off), ks[1], n, dk, kt);
+      float* sc = scores + kpos - span_lo;
+      for_row_tiles(nq, [&](auto nr, int64_t r0) {
+        score_rows<decltype(nr)::value>(qf + r0 * dk, dk, kt, sc + r0 * ld, ld);
+      });
+    });
+  }
+  // softmax per row over its own window [a, b]; weights outside it are zero
+  for (int64_t row = 0; row < nq; ++row) {
+    const int64_t pos = pos_first + row / group, a = lo_of(pos) - span_lo, b = pos - span_lo;
+    float* sc = scores + row * ld;
+    const float mx = row_max(sc + a, b - a + 1);
+    exp_shifted(sc + a, b - a + 1, mx);  // reaches past b: scratch or zeroed below
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t x = a; x <= b; ++x) sum += sc[x];
+    const float inv = 1.f / sum;
+    std::fill(sc, sc + a, 0.f);
+#pragma omp simd
+    for (int64_t x = a; x <= b; ++x) sc[x] *= inv;
+    std::fill(sc + b + 1, sc + span, 0.f);
+  }
+  // weighted sum of values, each block of value rows read once for all query rows
+  auto value_block = [&](int64_t page, int64_t off) { return vc + page * vs[0] + off * vs[1] + h * vs[2]; };
+  for_each_block(span_lo, span_hi, page_size, pages, [&](int64_t kpos, int64_t page, int64_t off, int64_t n, int64_t next, int64_t next_off) {
+    if (next >= 0) prefetch_rows(value_block(next, next_off), vs[1] * sizeof(T), dv * sizeof(T));
+    const T* v0 = value_block(page, off);
+    const float* w = scores + kpos - span_lo;
+    for_row_tiles(nq, [&](auto nr, int64_t r0) {
+      accumulate_rows<decltype(nr)::value>(w + r0 * ld, ld, v0, vs[1], n, dv, acc + r0 * dv);
+    });
   });
-  for (int64_t i = 0; i < ntok; ++i)
-    for (int64_t j = 0; j < group; ++j) {
-      const int64_t row = i * group + j;
-      const float inv = 1.f / denom[row];
-      T* dst = out + ((it.t_begin + i) * hq + h * group + j) * dv;
-      const float* src = s.out.data() + row * dv;
-      for (int64_t d = 0; d < dv; ++d) dst[d] = static_cast<T>(src[d] * inv);
-    }
+  for (int64_t row = 0; row < nq; ++row) {
+    T* dst = out + ((it.t_begin + row / group) * hq + h * group + row % group) * dv;
+    for (int64_t d = 0; d < dv; ++d) dst[d] = static_cast<T>(acc[row * dv + d]);
+  }
 }
 
 }  // namespace
