@@ -38,10 +38,12 @@ def prompts():
             [3, 4, 5, 6, 7, 8, 9, 10, 3, 4, 5]]
 
 
-def run(checkpoint, params, speculative=None, tp=1, num_pages=None):
+def run(checkpoint, params, speculative=None, tp=1, pp=1, num_pages=None, followup=None):
+    """Outputs by request index (and the engine's stats); ``followup(done)`` gives more
+    (prompt, params) pairs, run after the first ones finished (prefix-cache hits)."""
     config = EngineConfig(
         model=ModelConfig(model=checkpoint, dtype="float32"),
-        parallel=ParallelConfig(tp_size=tp),
+        parallel=ParallelConfig(tp_size=tp, pp_size=pp),
         cache=CacheConfig(page_size=PAGE, kv_cache_memory=1 << 22,
                           num_gpu_blocks_override=num_pages),
         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32),
@@ -51,29 +53,35 @@ def run(checkpoint, params, speculative=None, tp=1, num_pages=None):
     engine = LLMEngine(config)
     try:
         assert not engine.core.async_scheduling or speculative is None
-        for i, (prompt, p) in enumerate(zip(prompts(), params)):
-            engine.add_request(str(i), prompt, p)
         done = {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    done[int(out.request_id)] = [
-                        (c.token_ids, c.finish_reason,
-                         [(lp.token_id, round(lp.logprob, 4)) for lp in c.logprobs or []])
-                        for c in out.outputs]
-            engine.core.scheduler.check_invariants()
+        batches = [list(zip(prompts(), params))]
+        while batches:
+            for i, (prompt, p) in enumerate(batches.pop(0), start=len(done)):
+                engine.add_request(str(i), prompt, p)
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        done[int(out.request_id)] = [
+                            (c.token_ids, c.finish_reason,
+                             [(lp.token_id, round(lp.logprob, 4)) for lp in c.logprobs or []])
+                            for c in out.outputs]
+                engine.core.scheduler.check_invariants()
+            if followup is not None:
+                batches.append(followup(done))
+                followup = None
         return done, engine.stats()
     finally:
         engine.shutdown()
 
 
-@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
-def test_greedy_ngram_equals_plain_and_transformers(checkpoint, tp):
+@pytest.mark.parametrize("layout", [dict(tp=1), dict(tp=2), dict(pp=2)],
+                         ids=["tp1", "tp2", "pp2"])
+def test_greedy_ngram_equals_plain_and_transformers(checkpoint, layout):
     num = 24
     expected = hf_greedy(checkpoint, prompts(), num)
     params = [SamplingParams(temperature=0.0, max_tokens=num, ignore_eos=True)] * 4
-    plain, _ = run(checkpoint, params, tp=tp)
-    spec, stats = run(checkpoint, params, NGRAM, tp=tp)
+    plain, _ = run(checkpoint, params, **layout)
+    spec, stats = run(checkpoint, params, NGRAM, **layout)
     assert spec == plain
     assert [spec[i][0][0] for i in range(4)] == expected
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
@@ -120,3 +128,19 @@ def test_seeded_sampling_with_ngram_is_deterministic(checkpoint):
     assert first == second
     assert stats.num_draft_tokens > 0
     assert all(len(first[i][0][0]) == 24 for i in range(4))
+
+
+def test_prefix_cache_pages_written_by_verified_steps(checkpoint):
+    # second round: prompts that extend the first round's prompt + output hit the pages
+    # filled during speculative steps; their greedy continuation must still be exact
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)] * 4
+    extended = []
+
+    def followup(done):
+        extended[:] = [prompts()[i] + done[i][0][0] for i in range(4)]
+        return [(prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+                for prompt in extended]
+
+    spec, stats = run(checkpoint, params, NGRAM, followup=followup)
+    assert stats.prefix_cache_hits > 0 and stats.num_accepted_tokens > 0
+    assert [spec[4 + i][0][0] for i in range(4)] == hf_greedy(checkpoint, extended, 8)
