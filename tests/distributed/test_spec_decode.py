@@ -18,7 +18,16 @@ from shoal.config import (
     SchedulerConfig,
     SpeculativeConfig,
 )
+import time
+
+import numpy as np
+
+from shoal.engine.control import RunnerKind
+from shoal.engine.core import EngineCore
+from shoal.engine.core_io import AddRequest
+from shoal.engine.plan import SamplingOptions
 from shoal.engine.sampling_params import SamplingParams
+from shoal.executor.factory import create_executor
 from shoal.frontend.llm_engine import LLMEngine
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -144,3 +153,34 @@ def test_prefix_cache_pages_written_by_verified_steps(checkpoint):
     spec, stats = run(checkpoint, params, NGRAM, followup=followup)
     assert stats.prefix_cache_hits > 0 and stats.num_accepted_tokens > 0
     assert [spec[4 + i][0][0] for i in range(4)] == hf_greedy(checkpoint, extended, 8)
+
+
+@pytest.mark.parametrize("speculative", [None, NGRAM], ids=["plain", "ngram"])
+def test_null_model_tp2_accepts_and_rejects(speculative):
+    # the null model's next token is the last one + 1: drafts that continue that chain
+    # are accepted, the others rejected; both tp ranks must follow the driver's count
+    config = EngineConfig(
+        parallel=ParallelConfig(tp_size=2),
+        cache=CacheConfig(page_size=PAGE, num_gpu_blocks_override=64),
+        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32),
+        executor=ExecutorConfig(threads_per_worker=1),
+        speculative=speculative or SpeculativeConfig(),
+    )
+    core = EngineCore(config, "", 1 << 10, executor=create_executor(config),
+                      runner=RunnerKind.NULL)
+    prompts = [[1, 2, 3, 4, 5, 6, 1], [9, 10, 11, 12, 9, 10, 11, 12, 9], [40, 41, 40]]
+    try:
+        for i, prompt in enumerate(prompts):
+            core.add_request(AddRequest(str(i), [i], np.asarray(prompt, np.int32),
+                                        [SamplingOptions()], 12, [], [], 0, time.monotonic()))
+        outputs = {i: [] for i in range(len(prompts))}
+        while core.has_unfinished():
+            for delta in core.step():
+                outputs[delta.req_id] += list(delta.new_token_ids)
+            core.scheduler.check_invariants()
+        stats = core.stats()
+    finally:
+        core.shutdown()
+    assert outputs == {i: [p[-1] + 1 + j for j in range(12)] for i, p in enumerate(prompts)}
+    if speculative is not None:
+        assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
