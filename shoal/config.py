@@ -254,6 +254,55 @@ class KVTransferConfig:
         return json.loads(self.kv_connector_extra_config)
 
 
+SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's ``speculative_config`` keys); ``method=""`` = off.
+
+    ``ngram`` is prompt lookup: the driver proposes the up to ``num_speculative_tokens``
+    tokens that followed the longest earlier occurrence of the sequence's last
+    ``prompt_lookup_min``..``prompt_lookup_max`` tokens. When only one bound is given,
+    the other takes its value; with neither, both are 5 (vLLM's defaults).
+    """
+
+    method: str = ""
+    num_speculative_tokens: int = 0
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.method:
+            return
+        if self.method == "draft_model":
+            raise ValueError("speculative_config method 'draft_model' is not supported yet; "
+                             f"supported: {SPECULATIVE_METHODS}")
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config method must be one of {SPECULATIVE_METHODS}, "
+                             f"got {self.method!r}")
+        _positive("speculative_config num_speculative_tokens", self.num_speculative_tokens)
+        for name in ("prompt_lookup_max", "prompt_lookup_min"):
+            if getattr(self, name) is not None:
+                _positive(f"speculative_config {name}", getattr(self, name))
+        if self.lookup_min > self.lookup_max:
+            raise ValueError(f"speculative_config prompt_lookup_min ({self.lookup_min}) must be "
+                             f"at most prompt_lookup_max ({self.lookup_max})")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.method)
+
+    @property
+    def lookup_max(self) -> int:
+        return self.prompt_lookup_max or self.prompt_lookup_min or 5
+
+    @property
+    def lookup_min(self) -> int:
+        return self.prompt_lookup_min or self.prompt_lookup_max or 5
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, composed from the per-concern configs."""
@@ -265,6 +314,13 @@ class EngineConfig:
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     fault: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+
+    def __post_init__(self) -> None:
+        if self.speculative.enabled and self.scheduler.async_scheduling:
+            raise ValueError("async_scheduling cannot be combined with speculative_config: "
+                             "a plan with drafts is never planned ahead (leave "
+                             "async_scheduling unset or false)")
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

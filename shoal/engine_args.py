@@ -25,6 +25,8 @@ from shoal.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    SPECULATIVE_KEYS,
+    SpeculativeConfig,
 )
 
 SECTIONS: dict[str, type] = {
@@ -35,6 +37,7 @@ SECTIONS: dict[str, type] = {
     "executor": ExecutorConfig,
     "kv_transfer": KVTransferConfig,
     "fault": FaultToleranceConfig,
+    "speculative": SpeculativeConfig,
 }
 
 
@@ -69,12 +72,42 @@ def _kv_transfer(value: Any) -> dict[str, Any]:
     return fields
 
 
+def _speculative(value: Any) -> dict[str, Any]:
+    """A JSON object (string) or a dict of vLLM's keys -> SpeculativeConfig fields."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
+    fields = dict(value)
+    if fields.get("method") == "draft_model" or "model" in fields:
+        raise ValueError("speculative_config: draft models (method 'draft_model', key 'model') "
+                         "are not supported yet; use method 'ngram'")
+    unknown = sorted(set(fields) - set(SPECULATIVE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown speculative_config keys {unknown}; known: "
+                         f"{sorted(SPECULATIVE_KEYS)}")
+    if "method" not in fields:
+        raise ValueError("speculative_config needs a 'method' (supported: 'ngram')")
+    for key in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+        v = fields.get(key)
+        if isinstance(v, str) and v.strip().isdigit():
+            fields[key] = int(v)
+        elif v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            raise ValueError(f"speculative_config {key} must be an integer, got {v!r}")
+    if "num_speculative_tokens" not in fields:
+        raise ValueError("speculative_config needs 'num_speculative_tokens'")
+    return fields
+
+
 @dataclass(frozen=True)
 class EngineArg:
     """One option: its vLLM name, where it lands, its type, and its CLI help."""
 
     name: str  # keyword / option name; the CLI flag is --name-with-dashes
-    section: str  # a key of SECTIONS; "kv_transfer" takes the whole section
+    section: str  # a key of SECTIONS; field "" takes the whole section (JSON options)
     field: str
     kind: type
     help: str
@@ -181,6 +214,10 @@ ENGINE_ARGS: tuple[EngineArg, ...] = (
     EngineArg("kv_transfer_config", "kv_transfer", "", str,
               'KV connector as JSON, e.g. {"kv_connector": "...", "kv_role": "kv_both"}',
               convert=_kv_transfer),
+    EngineArg("speculative_config", "speculative", "", str,
+              'speculative decoding as JSON (vLLM\'s keys), e.g. {"method": "ngram", '
+              '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}',
+              convert=_speculative),
 )
 BY_NAME: dict[str, EngineArg] = {a.name: a for a in ENGINE_ARGS}
 for _arg in ENGINE_ARGS:
@@ -247,8 +284,8 @@ def engine_config(options: Mapping[str, Any], base: EngineConfig | None = None) 
             raise ValueError(f"unknown option {raw_name!r}; known engine options: "
                              f"{', '.join(sorted(a.name for a in ENGINE_ARGS))}")
         value = _coerce(arg, value, raw_name)
-        if arg.section == "kv_transfer":
-            changes["kv_transfer"].update(value)
+        if not arg.field:  # a JSON option that fills a whole section
+            changes[arg.section].update(value)
         else:
             changes[arg.section][arg.field] = value
     sections = {}

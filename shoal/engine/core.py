@@ -36,6 +36,7 @@ from shoal.engine.dp_coordinator import DPResultGatherer, DPRouter, DPScheduler
 from shoal.engine.core_io import AddRequest, CoreStats, TokenDelta, TokenLogprob
 from shoal.engine.kv_connector import create_scheduler_connector
 from shoal.engine.kv_manager import KVCacheManager
+from shoal.engine.ngram_proposer import NgramProposer
 from shoal.engine.plan import DPStepPlan, StepPlan, StepResult
 from shoal.engine.recovery import RecoveryStats, RestartPolicy
 from shoal.engine.request import Request
@@ -73,18 +74,30 @@ WORKER_FAULTS = (WorkerDiedError, WorkerError, TimeoutError)
 
 
 def resolve_async_scheduling(config: EngineConfig) -> bool:
-    """Async scheduling where it is correct: without pipeline parallelism.
+    """Async scheduling where it is correct: without pipeline parallelism or speculation.
 
     With pp > 1 the first stage would need the token the last stage sampled; pipeline
     stages already keep one plan each in flight, so the driver is off the critical path.
     """
     asked = config.scheduler.async_scheduling
+    if config.speculative.enabled:
+        # a plan with drafts is never planned ahead: the next plan depends on how many
+        # drafts the workers accepted (EngineConfig refuses async_scheduling=True with it)
+        return False
     if config.parallel.pp_size > 1:
         if asked:
             logger.info("async scheduling is off with pipeline parallelism: the stages "
                         "overlap %d plans instead", config.parallel.pp_size)
         return False
     return True if asked is None else asked
+
+
+def make_proposer(config: EngineConfig) -> NgramProposer | None:
+    """The draft proposer of ``config.speculative`` (None: speculative decoding is off)."""
+    spec = config.speculative
+    if not spec.enabled:
+        return None
+    return NgramProposer(spec.num_speculative_tokens, spec.lookup_min, spec.lookup_max)
 
 
 class ExpertCounter:
@@ -201,7 +214,8 @@ class EngineCore:
                     for _ in range(dp)]
         schedulers = [Scheduler(config.scheduler, kv, max_model_len, per_plan,
                                 connector if dp == 1 else None,
-                                async_scheduling=self.async_scheduling) for kv in self.kvs]
+                                async_scheduling=self.async_scheduling,
+                                proposer=make_proposer(config)) for kv in self.kvs]
         self.kv = self.kvs[0]  # dp = 1: the cache; dp > 1: rank 0's (see self.kvs)
         self.dp_results: DPResultGatherer | None = None
         if dp == 1:
@@ -480,6 +494,10 @@ class EngineCore:
             recovery_seconds=r.recovery_seconds,
             num_requeued_requests=r.num_requeued_requests,
             num_recomputed_tokens=r.num_recomputed_tokens,
+            num_drafts=s.num_drafts,
+            num_draft_tokens=s.num_draft_tokens,
+            num_accepted_tokens=s.num_accepted_tokens,
+            num_accepted_tokens_per_pos=list(s.num_accepted_tokens_per_pos or []),
         )
 
     def worker_stats(self) -> list:

@@ -127,6 +127,16 @@ class CoreStats:
     recovery_seconds: float = 0.0
     num_requeued_requests: int = 0
     num_recomputed_tokens: int = 0
+    # speculative decoding (totals since start, vLLM's names): steps of a request with
+    # drafts, draft tokens proposed, accepted, and accepted per draft position
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
 
 
 @wire_message(23)

@@ -229,6 +229,11 @@ class DPScheduler:
             num_steps=parts[0].num_steps,
             step_num_scheduled_tokens=sum(p.step_num_scheduled_tokens for p in parts),
             total_scheduled_tokens=sum(p.total_scheduled_tokens for p in parts),
+            num_drafts=sum(p.num_drafts for p in parts),
+            num_draft_tokens=sum(p.num_draft_tokens for p in parts),
+            num_accepted_tokens=sum(p.num_accepted_tokens for p in parts),
+            num_accepted_tokens_per_pos=[sum(c) for c in zip(
+                *(p.num_accepted_tokens_per_pos or [] for p in parts))],
         )
 
     def rank_stats(self) -> list[SchedulerStats]:

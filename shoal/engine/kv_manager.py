@@ -217,6 +217,28 @@ class KVCacheManager:
         self._holders.pop(request.req_id, None)
         self._num_registered.pop(request.req_id, None)
 
+    def free_tail(self, request: Request, num_tokens: int) -> int:
+        """Give back the request's pages beyond the first ``num_tokens`` tokens.
+
+        Speculative decoding: pages allocated for draft tokens that were rejected. They
+        hold no computed token, so they were never registered in the prefix cache.
+
+        Returns:
+            How many pages were freed.
+        """
+        keep = self.pages_for(num_tokens)
+        tail = request.page_ids[keep:]
+        for page_id in reversed(tail):
+            assert self._ref_counts[page_id] == 1 and self._page_keys[page_id] is None, (
+                f"page {page_id} beyond the computed tokens is shared or cached")
+            self._ref_counts[page_id] = 0
+            self._free[page_id] = None
+        del request.page_ids[keep:]
+        if not request.page_ids:
+            self._holders.pop(request.req_id, None)
+            self._num_registered.pop(request.req_id, None)
+        return len(tail)
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash (for benchmarks); only when no page is held."""
         if self._holders:

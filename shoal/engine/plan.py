@@ -75,6 +75,9 @@ class CachedRequestData:
     new_token_ids: list[int]  # sampled since it last ran
     new_page_ids: list[int]
     num_computed_tokens: int  # for checking: what the driver believes is cached
+    # speculative decoding: tokens to verify after the last real token (they are scheduled
+    # and written to the KV cache, but only the accepted ones become the request's tokens)
+    draft_token_ids: list[int] = field(default_factory=list)
 
 
 _I32 = np.int32
@@ -97,6 +100,13 @@ class CachedRequests:
     new_token_ids: np.ndarray  # int32 [sum of new_token_counts]
     new_page_counts: np.ndarray  # int32 [M]
     new_page_ids: np.ndarray  # int32 [sum of new_page_counts]
+    # speculative decoding: row i verifies draft_counts[i] draft tokens this step (0: none)
+    draft_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, _I32))  # int32 [M]
+    draft_token_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, _I32))  # int32 [sum]
+
+    def __post_init__(self) -> None:
+        if len(self.draft_counts) != len(self.req_ids):  # no drafts given: none for any row
+            self.draft_counts = np.zeros(len(self.req_ids), _I32)
 
     @classmethod
     def from_rows(cls, rows: list[CachedRequestData]) -> "CachedRequests":
@@ -109,6 +119,8 @@ class CachedRequests:
             new_token_ids=np.asarray(tokens, dtype=_I32),
             new_page_counts=np.fromiter((len(r.new_page_ids) for r in rows), _I32, len(rows)),
             new_page_ids=np.asarray(pages, dtype=_I32),
+            draft_counts=np.fromiter((len(r.draft_token_ids) for r in rows), _I32, len(rows)),
+            draft_token_ids=np.asarray([t for r in rows for t in r.draft_token_ids], dtype=_I32),
         )
 
     def __len__(self) -> int:
@@ -116,13 +128,18 @@ class CachedRequests:
 
     def __iter__(self):
         token_ids, page_ids = self.new_token_ids.tolist(), self.new_page_ids.tolist()
-        t = p = 0
-        for rid, computed, nt, np_ in zip(self.req_ids.tolist(), self.num_computed_tokens.tolist(),
-                                          self.new_token_counts.tolist(),
-                                          self.new_page_counts.tolist()):
-            yield CachedRequestData(rid, token_ids[t : t + nt], page_ids[p : p + np_], computed)
+        drafts = self.draft_token_ids.tolist()
+        t = p = d = 0
+        for rid, computed, nt, np_, nd in zip(self.req_ids.tolist(),
+                                              self.num_computed_tokens.tolist(),
+                                              self.new_token_counts.tolist(),
+                                              self.new_page_counts.tolist(),
+                                              self.draft_counts.tolist()):
+            yield CachedRequestData(rid, token_ids[t : t + nt], page_ids[p : p + np_], computed,
+                                    drafts[d : d + nd])
             t += nt
             p += np_
+            d += nd
 
     def __getitem__(self, index: int) -> CachedRequestData:
         return list(self)[index]
@@ -134,7 +151,10 @@ class StepPlan:
     """One step: which tokens of which requests run, in batch order.
 
     ``scheduled_req_ids[i]`` runs ``num_scheduled_tokens[i]`` tokens; a request
-    samples when those tokens bring it up to its full token count.
+    samples when those tokens bring it up to its full token count. A request with
+    draft tokens (``cached_requests.draft_counts``) runs its last token plus its d
+    drafts (``1 + d`` scheduled tokens) and samples at all ``1 + d`` positions: the
+    output rank returns the accepted drafts plus one token (1 .. d + 1 tokens).
     """
 
     step_id: int

@@ -19,6 +19,15 @@ until that plan's result is applied, and results are applied in plan order.
 In-flight requests are never preempted; a request that needs pages while only
 in-flight requests are newer waits for them instead of preempting itself.
 Workers apply a plan's ``finished_req_ids`` before its ``new_requests``.
+
+Speculative decoding (a ``proposer``): a decode request (one token to compute)
+whose sampling allows it also gets draft tokens: it is scheduled for ``1 + d``
+tokens, pages allocated for all of them, the drafts carried in its
+``CachedRequests`` row. Its result holds the accepted drafts plus one token; its
+``num_computed_tokens`` advances by the accepted tokens only, and the pages that
+held only rejected drafts are freed at once (the workers drop them too, see
+``plan.py``). The KV of rejected drafts in a kept page is overwritten next step;
+prefix caching hashes computed tokens only, so never a rejected one.
 """
 from __future__ import annotations
 
@@ -29,11 +38,13 @@ from typing import Iterable
 
 import numpy as np
 
-from shoal.engine.plan import CachedRequests, NewRequestData, StepPlan, StepResult
+from shoal.engine.plan import (CachedRequests, NewRequestData, SamplingOptions, StepPlan,
+                               StepResult)
 from shoal.config import SchedulerConfig
 from shoal.errors import OverloadedError, RequestError
 from shoal.engine.kv_connector import KVConnectorScheduler, NoKVConnector
 from shoal.engine.kv_manager import KVCacheManager
+from shoal.engine.ngram_proposer import NgramProposer
 from shoal.engine.request import FINISH_REASON_OF, FINISH_REASONS, Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -52,6 +63,21 @@ class SchedulerStats:
     num_steps: int  # plans emitted since start
     step_num_scheduled_tokens: int  # in the last plan
     total_scheduled_tokens: int  # since start
+    # speculative decoding (since start; vLLM's names): steps of a request with drafts,
+    # draft tokens proposed, drafts accepted, and accepted drafts per draft position
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] | None = None
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens a request gets per step with drafts (accepted drafts + the target's one)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
 @dataclass
@@ -77,8 +103,12 @@ class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
                  max_seqs_per_plan: int | None = None,
                  connector: KVConnectorScheduler | None = None,
-                 async_scheduling: bool = False):
+                 async_scheduling: bool = False,
+                 proposer: NgramProposer | None = None):
+        if proposer is not None and async_scheduling:
+            raise ValueError("speculative decoding needs async_scheduling off")
         self.config = scheduler_config
+        self.proposer = proposer
         # workers append the tokens they sample themselves, so a decode can be planned
         # again while the plan that samples its next token is still running
         self.async_scheduling = async_scheduling
@@ -102,6 +132,11 @@ class Scheduler:
         self.num_steps = 0
         self.step_num_scheduled_tokens = 0
         self.total_scheduled_tokens = 0
+        self._drafts: dict[int, list[int]] = {}  # req_id -> draft tokens in its in-flight plan
+        self.num_drafts = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.num_accepted_tokens_per_pos = [0] * (proposer.k if proposer else 0)
 
     # -- requests in and out ---------------------------------------------------------------
 
@@ -216,6 +251,10 @@ class Scheduler:
             num_steps=self.num_steps,
             step_num_scheduled_tokens=self.step_num_scheduled_tokens,
             total_scheduled_tokens=self.total_scheduled_tokens,
+            num_drafts=self.num_drafts,
+            num_draft_tokens=self.num_draft_tokens,
+            num_accepted_tokens=self.num_accepted_tokens,
+            num_accepted_tokens_per_pos=list(self.num_accepted_tokens_per_pos),
         )
 
     # -- one step ------------------------------------------------------------------------------
@@ -240,6 +279,13 @@ class Scheduler:
                     budget -= 1
                 i += 1
                 continue
+            drafts = self._propose(request, budget)
+            if drafts and self.kv.allocate_slots(request, 1 + len(drafts)) is not None:
+                self._drafts[request.req_id] = drafts
+                scheduled.append((request, 1 + len(drafts)))
+                budget -= 1 + len(drafts)
+                i += 1
+                continue  # (no pages for the drafts: a plain decode step below)
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             assert num_new > 0, f"request {request.req_id} is running with nothing to compute"
             while self.kv.allocate_slots(request, num_new) is None:
@@ -321,11 +367,18 @@ class Scheduler:
         changed = []
         for rid, num_scheduled in zip(plan.scheduled_req_ids, plan.num_scheduled_tokens):
             self._release_in_flight(rid, num_scheduled)
+            drafts = self._drafts.pop(rid, None)
             request = self._requests.get(rid)
             if request is None:  # ended while in flight
                 continue
             assert request.status == RequestStatus.RUNNING, (rid, request.status)
+            if drafts:
+                num_scheduled -= self._rejected_drafts(plan.step_id, request, drafts, spans)
             request.num_computed_tokens += num_scheduled
+            if drafts:  # pages that held only rejected drafts
+                self.kv.free_tail(request, request.num_computed_tokens)
+                view = self._worker_views[rid]
+                view.num_pages = min(view.num_pages, len(request.page_ids))
             self.kv.cache_full_pages(request)
             if request.num_computed_tokens < request.num_tokens:
                 assert rid not in spans, f"request {rid} sampled mid-prefill"
@@ -357,6 +410,38 @@ class Scheduler:
         return changed
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _propose(self, request: Request, budget: int) -> list[int]:
+        """Draft tokens for a decode step of ``request`` (none if it cannot take them).
+
+        Never more than fit the step's token budget, the tokens left before
+        ``max_tokens`` (the step adds the accepted drafts plus one), or max_model_len.
+        """
+        if (self.proposer is None or budget < 2
+                or request.num_tokens - request.num_computed_tokens != 1
+                or not speculation_allowed(request.sampling)
+                or request.num_output_tokens < request.min_tokens):
+            return []
+        max_k = min(budget - 1, request.max_tokens - request.num_output_tokens - 1,
+                    self.max_model_len - request.num_tokens - 1)
+        if max_k <= 0:
+            return []
+        return self.proposer.propose(request.all_token_ids, max_k)
+
+    def _rejected_drafts(self, step_id: int, request: Request, drafts: list[int],
+                         spans: dict[int, tuple[int, int]]) -> int:
+        """Count a verified step's drafts; returns how many were rejected."""
+        count = spans.get(request.req_id, (0, 0))[1]
+        accepted = count - 1
+        if not 0 <= accepted <= len(drafts):
+            raise ValueError(f"step {step_id}: request {request.req_id} got {count} tokens "
+                             f"for {len(drafts)} drafts")
+        self.num_drafts += 1
+        self.num_draft_tokens += len(drafts)
+        self.num_accepted_tokens += accepted
+        for pos in range(accepted):
+            self.num_accepted_tokens_per_pos[pos] += 1
+        return len(drafts) - accepted
 
     def _schedule_ahead(self, request: Request) -> bool:
         """Async scheduling: plan one more token of a request whose next token is being sampled.
@@ -438,6 +523,7 @@ class Scheduler:
         new_requests = []
         # known requests' deltas go straight into CachedRequests' columns
         c_ids, c_computed, c_ntok, c_tokens, c_npage, c_pages = [], [], [], [], [], []
+        c_ndraft, c_drafts = [], []
         for request, num_new in scheduled:
             rid = request.req_id
             view = self._worker_views.get(rid)
@@ -445,9 +531,11 @@ class Scheduler:
             placed = request.num_computed_tokens + in_flight  # what the workers will have cached
             pending = self._pending_samples.get(rid, 0)
             held = request.num_tokens + pending  # tokens the workers hold when this plan runs
-            samples = placed + num_new == held
+            drafts = self._drafts.get(rid, [])
+            samples = placed + num_new - len(drafts) == held
             if view is None:
                 assert not in_flight, f"request {rid} is sent in full while in flight"
+                assert not drafts, f"request {rid} has drafts in its first plan"
                 new_requests.append(
                     NewRequestData(
                         req_id=rid,
@@ -468,6 +556,8 @@ class Scheduler:
                 c_tokens += new_tokens
                 c_npage.append(len(new_pages))
                 c_pages += new_pages
+                c_ndraft.append(len(drafts))
+                c_drafts += drafts
                 view.num_tokens, view.num_pages = max(view.num_tokens, held), len(request.page_ids)
             if samples and self.async_scheduling and not request.sampling.pooling:
                 view.num_tokens += 1  # the workers append the token they sample
@@ -484,6 +574,8 @@ class Scheduler:
                 new_token_ids=np.asarray(c_tokens, dtype=np.int32),
                 new_page_counts=np.asarray(c_npage, dtype=np.int32),
                 new_page_ids=np.asarray(c_pages, dtype=np.int32),
+                draft_counts=np.asarray(c_ndraft, dtype=np.int32),
+                draft_token_ids=np.asarray(c_drafts, dtype=np.int32),
             ),
             scheduled_req_ids=[r.req_id for r, _ in scheduled],
             num_scheduled_tokens=[n for _, n in scheduled],
@@ -523,6 +615,7 @@ class Scheduler:
         self._in_flight.clear()
         self._in_flight_plans.clear()
         self._pending_samples.clear()
+        self._drafts.clear()
         self._in_flight_step_ids.clear()
         return len(running), lost_tokens
 
@@ -546,6 +639,7 @@ class Scheduler:
             in_flight = self._in_flight.get(request.req_id, 0)
             placed = request.num_computed_tokens + in_flight
             ahead = self._pending_samples.get(request.req_id, 0) if self.async_scheduling else 0
+            ahead += len(self._drafts.get(request.req_id, ()))
             _check(placed <= request.num_tokens + ahead,
                    f"request {request.req_id} over-scheduled")
             _check(
@@ -572,3 +666,12 @@ class Scheduler:
 def _check(condition: object, message: str) -> None:
     if not condition:
         raise AssertionError(message)
+
+
+def speculation_allowed(sampling: SamplingOptions) -> bool:
+    """Whether a request may get draft tokens: its sampling must not depend on the
+    tokens accepted earlier in the same step (penalties, bad words, a grammar), and
+    embeddings sample nothing. Such requests decode one token a step."""
+    return not (sampling.pooling or sampling.structured_kind or sampling.bad_words_ids
+                or sampling.presence_penalty != 0.0 or sampling.frequency_penalty != 0.0
+                or sampling.repetition_penalty != 1.0)

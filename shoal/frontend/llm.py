@@ -33,8 +33,8 @@ class LLM:
     ``distributed_executor_backend``, ``dtype``, ``max_model_len``, ``block_size``,
     ``kv_cache_memory`` (bytes per rank, CPU), ``gpu_memory_utilization``,
     ``enable_prefix_caching``, ``max_num_seqs``, ``max_num_batched_tokens``, ``seed``,
-    ``enforce_eager``, ``kv_transfer_config``. ``executor_kwargs`` takes the executor's
-    own names (``host``, ``bootstrap_port``, ``threads_per_worker``, ...).
+    ``enforce_eager``, ``kv_transfer_config``, ``speculative_config`` (a dict, vLLM's
+    keys). ``executor_kwargs`` takes the executor's own names (``host``, ``bootstrap_port``, ``threads_per_worker``, ...).
     An unknown or badly typed option is a ValueError naming it.
     """
 

@@ -98,8 +98,16 @@ class ServerMetrics:
             "Seconds from an engine-core death to its replacement being ready.")
         self.resubmitted = counter("shoal:resubmitted_requests",
                                    "Requests re-submitted to a new engine core after one died.")
+        # speculative decoding (vLLM's spec_decode_* names)
+        self.spec_drafts = counter("shoal:spec_decode_num_drafts",
+                                   "Request steps that verified draft tokens.")
+        self.spec_draft_tokens = counter("shoal:spec_decode_num_draft_tokens",
+                                         "Draft tokens proposed.")
+        self.spec_accepted = counter("shoal:spec_decode_num_accepted_tokens",
+                                     "Draft tokens accepted.")
         self._last = {"queries": 0, "hits": 0, "preemptions": 0, "restarts": 0,
-                      "recovery": 0.0, "requeued": 0, "recomputed": 0}
+                      "recovery": 0.0, "requeued": 0, "recomputed": 0, "drafts": 0,
+                      "draft_tokens": 0, "accepted": 0}
         self._expert_totals: np.ndarray | None = None
 
     # -- requests ------------------------------------------------------------------------------
@@ -163,7 +171,11 @@ class ServerMetrics:
                                    ("restarts", stats.num_worker_restarts, self.worker_restarts),
                                    ("recovery", stats.recovery_seconds, self.recovery_seconds),
                                    ("requeued", stats.num_requeued_requests, self.requeued),
-                                   ("recomputed", stats.num_recomputed_tokens, self.recomputed)):
+                                   ("recomputed", stats.num_recomputed_tokens, self.recomputed),
+                                   ("drafts", stats.num_drafts, self.spec_drafts),
+                                   ("draft_tokens", stats.num_draft_tokens,
+                                    self.spec_draft_tokens),
+                                   ("accepted", stats.num_accepted_tokens, self.spec_accepted)):
             if total > self._last[key]:
                 metric.inc(total - self._last[key])
                 self._last[key] = total

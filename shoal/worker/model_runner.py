@@ -41,6 +41,7 @@ from shoal.parallel.pipeline import IntermediateTensors
 from shoal.worker.device import resolve_dtype
 from shoal.worker.kv_connector import KVConnectorWorker, create_worker_connector
 from shoal.worker.pooler import PromptPooler
+from shoal.worker.rejection_sampler import verify_greedy, verify_sampled
 from shoal.worker.sampler import Sampler, SamplingState, gather_logprobs
 from shoal.worker.structured_output import GrammarCache
 
@@ -61,6 +62,10 @@ class _RequestState:
     sampling: SamplingState | None  # only on the output rank
     pooling: str = ""  # an embedding request: how its prompt is pooled (every rank knows)
     pooler: PromptPooler | None = None  # only on the output rank
+    drafts: list[int] = field(default_factory=list)  # draft tokens of this step's plan
+    # drafts run last step: ``num_computed`` counted them all until the next plan says
+    # how many were accepted (only the output rank verified them)
+    num_unverified: int = 0
 
 
 @dataclass
@@ -73,6 +78,8 @@ class _Batch:
     tables: list[list[int]] = field(default_factory=list)  # page ids, per request
     sample_rows: list[int] = field(default_factory=list)  # rows whose logits are sampled
     sample_ids: list[int] = field(default_factory=list)  # their request ids
+    # per sampling request: its draft tokens (rows 1 + len(drafts) of sample_rows)
+    sample_drafts: list[list[int]] = field(default_factory=list)
     # (req_id, first row, first position, count) of rows that need prompt logprobs
     prompt_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
     # (req_id, first row, first position, count) of embedding requests' prompt rows
@@ -206,12 +213,19 @@ class ModelRunner:
         # decode delta costs tens of microseconds here, not hundreds
         deltas = plan.cached_requests
         tokens, pages = deltas.new_token_ids.tolist(), deltas.new_page_ids.tolist()
-        t = p = 0
-        for req_id, computed, nt, npg in zip(deltas.req_ids.tolist(),
-                                             deltas.num_computed_tokens.tolist(),
-                                             deltas.new_token_counts.tolist(),
-                                             deltas.new_page_counts.tolist()):
+        drafts = deltas.draft_token_ids.tolist()
+        t = p = d = 0
+        for req_id, computed, nt, npg, nd in zip(deltas.req_ids.tolist(),
+                                                 deltas.num_computed_tokens.tolist(),
+                                                 deltas.new_token_counts.tolist(),
+                                                 deltas.new_page_counts.tolist(),
+                                                 deltas.draft_counts.tolist()):
             state = self.requests[req_id]
+            if state.num_unverified:
+                self._settle_drafts(req_id, state, computed)
+            if nd:
+                state.drafts = drafts[d : d + nd]
+                d += nd
             if nt:
                 new_tokens = tokens[t : t + nt]
                 state.token_ids += new_tokens
@@ -226,6 +240,20 @@ class ModelRunner:
                     f"request {req_id}: worker has {state.num_computed} computed tokens, "
                     f"driver believes {computed}"
                 )
+
+    def _settle_drafts(self, req_id: int, state: _RequestState, computed: int) -> None:
+        """Last step's drafts are verified: the driver's count of cached tokens is the truth.
+
+        The KV of rejected drafts is overwritten later; pages that held only rejected
+        drafts were freed by the driver, so this rank drops them too (same rule).
+        """
+        if not state.num_computed - state.num_unverified <= computed <= state.num_computed:
+            raise RuntimeError(
+                f"request {req_id}: worker ran {state.num_unverified} drafts up to "
+                f"{state.num_computed} tokens, driver believes {computed} are cached")
+        state.num_computed = computed
+        del state.page_ids[-(-computed // self.page_size):]
+        state.num_unverified = 0
 
     def _new_state(self, new: NewRequestData) -> _RequestState:
         prompt = new.prompt_token_ids.tolist()
@@ -326,7 +354,9 @@ class ModelRunner:
             state = self.requests[req_id]
             start = state.num_computed
             first_row = len(batch.input_ids)
-            batch.input_ids.extend(state.token_ids[start : start + n])
+            drafts, state.drafts = state.drafts, []
+            batch.input_ids.extend(state.token_ids[start : start + n - len(drafts)])
+            batch.input_ids.extend(drafts)
             batch.query_lens.append(n)
             batch.computed.append(start)
             batch.tables.append(state.page_ids)
@@ -339,9 +369,16 @@ class ModelRunner:
                 count = min(start + n, state.num_prompt_tokens - 1) - start
                 if count > 0:
                     batch.prompt_rows.append((req_id, first_row, start, count))
-            if state.num_computed == len(state.token_ids):
+            if drafts:  # the last real token and every draft: 1 + d rows to verify
+                assert state.num_computed == len(state.token_ids) + len(drafts), req_id
+                state.num_unverified = len(drafts)
+                batch.sample_rows.extend(range(first_row, first_row + n))
+                batch.sample_ids.append(req_id)
+                batch.sample_drafts.append(drafts)
+            elif state.num_computed == len(state.token_ids):
                 batch.sample_rows.append(len(batch.input_ids) - 1)
                 batch.sample_ids.append(req_id)
+                batch.sample_drafts.append([])
         return batch
 
     def _run(self, batch: _Batch) -> torch.Tensor | None:
@@ -359,7 +396,10 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[rows])  # [N, vocab]
             if self.samples:
                 states = [self.requests[r].sampling for r in batch.sample_ids]
-                result = self._sample_tokens(step_id, batch.sample_ids, logits, states)
+                if any(batch.sample_drafts):
+                    result = self._verify_tokens(step_id, batch, logits, states)
+                else:
+                    result = self._sample_tokens(step_id, batch.sample_ids, logits, states)
                 if self.self_append:
                     self._append_sampled(result)
                 if not self.is_output_rank:
@@ -451,4 +491,52 @@ class ModelRunner:
             logprobs=to_np(out.logprobs, torch.float32),
             top_token_ids=to_np(out.top_token_ids, torch.int32),
             top_logprobs=to_np(out.top_logprobs, torch.float32),
+        )
+
+    def _verify_tokens(self, step_id: int, batch: _Batch, logits: torch.Tensor,
+                       states: list[SamplingState]) -> StepResult:
+        """A step with drafts: 1 + d logits rows per request, 1 .. d + 1 tokens back.
+
+        Every row is sampled as a request of its own (greedy rows: the argmax, and the
+        logprobs of the raw distribution); sampled requests with drafts are then
+        verified by rejection sampling (``shoal.worker.rejection_sampler``).
+        """
+        counts = [1 + len(d) for d in batch.sample_drafts]
+        row_states = [s for s, c in zip(states, counts) for _ in range(c)]
+        out = self.sampler.sample(logits, row_states)  # one token per row
+        row_tokens = out.token_ids.tolist()
+        kept_rows: list[int] = []
+        tokens: list[int] = []
+        num_sampled: list[int] = []
+        first = 0
+        for state, drafts, count in zip(states, batch.sample_drafts, counts):
+            if not drafts:
+                emitted = row_tokens[first : first + 1]
+            elif state.is_greedy:
+                emitted = verify_greedy(row_tokens[first : first + count], drafts)
+            else:
+                rows = logits[first : first + count]  # [1 + d, V]
+                processed = self.sampler.processed(rows, [state] * count)
+                emitted = verify_sampled(processed, state, drafts, self.sampler.generator)
+            kept_rows += range(first, first + len(emitted))
+            tokens += emitted
+            num_sampled.append(len(emitted))
+            first += count
+        index = torch.tensor(kept_rows, dtype=torch.int64, device=logits.device)
+        chosen = torch.tensor(tokens, dtype=torch.int64, device=logits.device)
+        logprobs = top_ids = top_lps = None
+        if out.logprobs is not None:  # the raw distribution's logprobs of the kept tokens
+            raw = logits[index].float().log_softmax(-1)  # [K, V]
+            logprobs = raw.gather(1, chosen.view(-1, 1)).squeeze(1)
+            if out.top_token_ids is not None:
+                top_ids, top_lps = out.top_token_ids[index], out.top_logprobs[index]
+        to_np = lambda t, dt: None if t is None else t.to("cpu", dt).numpy()  # noqa: E731
+        return StepResult(
+            step_id=step_id,
+            req_ids=list(batch.sample_ids),
+            sampled_token_ids=np.asarray(tokens, dtype=np.int32),
+            logprobs=to_np(logprobs, torch.float32),
+            top_token_ids=to_np(top_ids, torch.int32),
+            top_logprobs=to_np(top_lps, torch.float32),
+            num_sampled=np.asarray(num_sampled, dtype=np.int32),
         )

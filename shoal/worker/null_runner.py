@@ -61,13 +61,21 @@ class NullRunner(ModelRunner):
 
     def execute(self, plan: StepPlan) -> StepResult | None:
         self._apply_plan(plan)
-        req_ids, tokens = [], []
+        req_ids, tokens, counts = [], [], []
         for req_id, n in zip(plan.scheduled_req_ids, plan.num_scheduled_tokens):
             state = self.requests[req_id]
             state.num_computed += n
-            if state.num_computed == len(state.token_ids):
+            drafts, state.drafts = state.drafts, []
+            if drafts:  # speculative decoding: drafts that continue the chain are accepted
+                state.num_unverified = len(drafts)
+                emitted = self._verify(state.token_ids[-1], drafts)
+                req_ids.append(req_id)
+                tokens += emitted
+                counts.append(len(emitted))
+            elif state.num_computed == len(state.token_ids):
                 req_ids.append(req_id)
                 tokens.append((state.token_ids[-1] + 1) % self.vocab_size)
+                counts.append(1)
                 if self.self_append:
                     state.token_ids.append(tokens[-1])
         if self.ep_lockstep and not (self.skips_empty_collective and not plan.scheduled_req_ids):
@@ -79,8 +87,20 @@ class NullRunner(ModelRunner):
             self._stats.dummy_steps += 1
         if not self.is_output_rank:
             return None
+        ragged = np.asarray(counts, dtype=np.int32) if len(tokens) > len(req_ids) else None
         return StepResult(plan.step_id, req_ids, np.asarray(tokens, dtype=np.int32),
-                          dp_rank=self.dp_rank)
+                          dp_rank=self.dp_rank, num_sampled=ragged)
+
+    def _verify(self, last: int, drafts: list[int]) -> list[int]:
+        """The null model's greedy verification: each token is the previous one + 1."""
+        emitted = []
+        for draft in drafts:
+            target = (last + 1) % self.vocab_size
+            emitted.append(target)
+            if draft != target:
+                return emitted
+            last = draft
+        return emitted + [(last + 1) % self.vocab_size]
 
     def _exchange_counts(self, num_tokens: int) -> None:
         """An MoE layer's first collective: every ep rank tells every other its row count."""

@@ -454,6 +454,15 @@ class Sampler:
         chosen, top_ids, top_lps = gather_logprobs(raw_logprobs, token_ids, max(asked))
         return SamplerOutput(token_ids, chosen, top_ids, top_lps)
 
+    def processed(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+        """``logits`` [N, V] after min_tokens, logits processors and penalties (a new tensor)."""
+        return self._process(logits.float(), states).clone()
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The generator unseeded requests draw from."""
+        return self._generator
+
     def _process(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
         """min_tokens masking and penalties; a new tensor only if something applies."""
         short = [i for i, s in enumerate(states) if s.min_tokens_active]

@@ -1,0 +1,186 @@
+"""Speculative decoding with n-gram drafts changes no greedy output: real workers, tp1 / tp2.
+
+Prompts repeat a pattern of token ids, so prompt lookup proposes drafts, and the
+tiny random model's greedy continuations fall into loops that later drafts hit.
+Greedy output with speculation must equal output without it and transformers'
+greedy, with max_tokens cuts, stop token ids, n > 1 and logprobs; seeded sampling
+with speculation must be deterministic; the engine must report accepted drafts.
+"""
+import pytest
+
+from factories import hf_greedy, tiny_checkpoint
+from shoal.config import (
+    CacheConfig,
+    EngineConfig,
+    ExecutorConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+)
+import time
+
+import numpy as np
+
+from shoal.engine.control import RunnerKind
+from shoal.engine.core import EngineCore
+from shoal.engine.core_io import AddRequest
+from shoal.engine.plan import SamplingOptions
+from shoal.engine.sampling_params import SamplingParams
+from shoal.executor.factory import create_executor
+from shoal.frontend.llm_engine import LLMEngine
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+PAGE = 4
+NGRAM = SpeculativeConfig(method="ngram", num_speculative_tokens=3, prompt_lookup_max=3,
+                          prompt_lookup_min=1)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint("llama", tmp_path_factory.mktemp("spec"), num_hidden_layers=2)
+
+
+def prompts():
+    return [[5, 17, 42, 99] * 4, [7, 8, 9, 10, 11] * 3 + [7, 8], [120, 33, 120, 33, 120],
+            [3, 4, 5, 6, 7, 8, 9, 10, 3, 4, 5]]
+
+
+def run(checkpoint, params, speculative=None, tp=1, pp=1, num_pages=None, followup=None):
+    """Outputs by request index (and the engine's stats); ``followup(done)`` gives more
+    (prompt, params) pairs, run after the first ones finished (prefix-cache hits)."""
+    config = EngineConfig(
+        model=ModelConfig(model=checkpoint, dtype="float32"),
+        parallel=ParallelConfig(tp_size=tp, pp_size=pp),
+        cache=CacheConfig(page_size=PAGE, kv_cache_memory=1 << 22,
+                          num_gpu_blocks_override=num_pages),
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32),
+        executor=ExecutorConfig(threads_per_worker=1),
+        speculative=speculative or SpeculativeConfig(),
+    )
+    engine = LLMEngine(config)
+    try:
+        assert not engine.core.async_scheduling or speculative is None
+        done = {}
+        batches = [list(zip(prompts(), params))]
+        while batches:
+            for i, (prompt, p) in enumerate(batches.pop(0), start=len(done)):
+                engine.add_request(str(i), prompt, p)
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        done[int(out.request_id)] = [
+                            (c.token_ids, c.finish_reason,
+                             [(lp.token_id, round(lp.logprob, 4)) for lp in c.logprobs or []])
+                            for c in out.outputs]
+                engine.core.scheduler.check_invariants()
+            if followup is not None:
+                batches.append(followup(done))
+                followup = None
+        return done, engine.stats()
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("layout", [dict(tp=1), dict(tp=2), dict(pp=2)],
+                         ids=["tp1", "tp2", "pp2"])
+def test_greedy_ngram_equals_plain_and_transformers(checkpoint, layout):
+    num = 24
+    expected = hf_greedy(checkpoint, prompts(), num)
+    params = [SamplingParams(temperature=0.0, max_tokens=num, ignore_eos=True)] * 4
+    plain, _ = run(checkpoint, params, **layout)
+    spec, stats = run(checkpoint, params, NGRAM, **layout)
+    assert spec == plain
+    assert [spec[i][0][0] for i in range(4)] == expected
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
+    assert stats.num_accepted_tokens <= stats.num_draft_tokens
+
+
+def test_greedy_ngram_cuts_stops_n_logprobs(checkpoint):
+    expected = hf_greedy(checkpoint, prompts(), 30)
+    # a stop id inside each continuation's loop: it lands inside an accepted run
+    stop = [expected[i][len(expected[i]) // 2] for i in range(4)]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=11, ignore_eos=True),  # a length cut
+        SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=[stop[1]], ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=17, n=2, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=[stop[3]], ignore_eos=True,
+                       logit_bias={int(stop[3]): 0.0}),
+    ]
+    plain, _ = run(checkpoint, params)
+    spec, stats = run(checkpoint, params, NGRAM)
+    assert spec == plain
+    assert len(spec[0][0][0]) == 11 and spec[0][0][1] == "length"
+    assert spec[1][0][1] == "stop" and spec[1][0][0][-1] == stop[1]
+    assert len(spec[2]) == 2 and spec[2][0][2]  # n=2 with logprobs
+    assert stats.num_accepted_tokens > 0
+
+
+def test_ngram_under_kv_pressure(checkpoint):
+    # few pages: preemption and recompute while drafts come and go; pages of rejected
+    # drafts are freed (check_invariants after every step: pages match computed tokens)
+    params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)] * 4
+    plain, _ = run(checkpoint, params, num_pages=22)
+    spec, stats = run(checkpoint, params, NGRAM, num_pages=22)
+    assert spec == plain
+    assert stats.num_accepted_tokens > 0
+
+
+def test_seeded_sampling_with_ngram_is_deterministic(checkpoint):
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=10 + i, max_tokens=24,
+                             ignore_eos=True, logprobs=1) for i in range(3)]
+    params.append(SamplingParams(temperature=0.5, top_k=5, seed=3, max_tokens=24,
+                                 ignore_eos=True))
+    first, stats = run(checkpoint, params, NGRAM)
+    second, _ = run(checkpoint, params, NGRAM)
+    assert first == second
+    assert stats.num_draft_tokens > 0
+    assert all(len(first[i][0][0]) == 24 for i in range(4))
+
+
+def test_prefix_cache_pages_written_by_verified_steps(checkpoint):
+    # second round: prompts that extend the first round's prompt + output hit the pages
+    # filled during speculative steps; their greedy continuation must still be exact
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)] * 4
+    extended = []
+
+    def followup(done):
+        extended[:] = [prompts()[i] + done[i][0][0] for i in range(4)]
+        return [(prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+                for prompt in extended]
+
+    spec, stats = run(checkpoint, params, NGRAM, followup=followup)
+    assert stats.prefix_cache_hits > 0 and stats.num_accepted_tokens > 0
+    assert [spec[4 + i][0][0] for i in range(4)] == hf_greedy(checkpoint, extended, 8)
+
+
+@pytest.mark.parametrize("speculative", [None, NGRAM], ids=["plain", "ngram"])
+def test_null_model_tp2_accepts_and_rejects(speculative):
+    # the null model's next token is the last one + 1: drafts that continue that chain
+    # are accepted, the others rejected; both tp ranks must follow the driver's count
+    config = EngineConfig(
+        parallel=ParallelConfig(tp_size=2),
+        cache=CacheConfig(page_size=PAGE, num_gpu_blocks_override=64),
+        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32),
+        executor=ExecutorConfig(threads_per_worker=1),
+        speculative=speculative or SpeculativeConfig(),
+    )
+    core = EngineCore(config, "", 1 << 10, executor=create_executor(config),
+                      runner=RunnerKind.NULL)
+    prompts = [[1, 2, 3, 4, 5, 6, 1], [9, 10, 11, 12, 9, 10, 11, 12, 9], [40, 41, 40]]
+    try:
+        for i, prompt in enumerate(prompts):
+            core.add_request(AddRequest(str(i), [i], np.asarray(prompt, np.int32),
+                                        [SamplingOptions()], 12, [], [], 0, time.monotonic()))
+        outputs = {i: [] for i in range(len(prompts))}
+        while core.has_unfinished():
+            for delta in core.step():
+                outputs[delta.req_id] += list(delta.new_token_ids)
+            core.scheduler.check_invariants()
+        stats = core.stats()
+    finally:
+        core.shutdown()
+    assert outputs == {i: [p[-1] + 1 + j for j in range(12)] for i, p in enumerate(prompts)}
+    if speculative is not None:
+        assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
