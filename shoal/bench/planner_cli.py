@@ -122,12 +122,12 @@ def run_plan_cli(args: argparse.Namespace) -> int:
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'layout':<14}{'repl':>5}{'devs':>5}{'SLO':>5}{'out tok/s':>11}{'p99 TTFT':>10}"
-            f"{'p99 TPOT':>10}{'KV tokens':>11}{'conc':>6}{'$/Mtok':>9}")
+            f"{'p99 TPOT':>10}{'KV tokens':>11}{'conc':>6}{'preempt':>8}{'$/Mtok':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['layout']:<14}{r['replicas']:>5}{r['devices']:>5}"
                      f"{'yes' if r['meets_slo'] else 'no':>5}{r['output_throughput']:>11.1f}"
                      f"{r['p99_ttft_ms']:>10.1f}{r['p99_tpot_ms']:>10.2f}"
                      f"{r['kv_capacity_tokens']:>11}{r['max_concurrent_requests']:>6}"
-                     f"{r['cost_per_mtok']:>9.3f}")
+                     f"{r['num_preemptions']:>8}{r['cost_per_mtok']:>9.3f}")
     print("\n".join(lines), file=sys.stderr)

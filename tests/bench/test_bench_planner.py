@@ -158,10 +158,7 @@ def test_simulator_closed_batch_and_kv_limit():
     assert r.e2el == pytest.approx([10 * s] * 4)
     assert r.tpot == pytest.approx([s] * 4)
     assert r.duration == pytest.approx(10 * s) and r.output_tokens == 40
-    # KV room for two requests at a time: two waves
-    r = simulate(lambda *_: s, [0.0] * 4, [5] * 4, [10] * 4, kv_capacity_tokens=30)
-    assert sorted(r.e2el) == pytest.approx([10 * s] * 2 + [20 * s] * 2)
-    assert r.kv_blocked_steps > 0
+    assert r.num_preemptions == 0
     # token budget: 2 requests x 5 prompt tokens with a budget of 6 -> chunked prefill
     r = simulate(lambda *_: s, [0.0] * 2, [5] * 2, [1] * 2, max_num_batched_tokens=6)
     assert sorted(r.ttft) == pytest.approx([s, 2 * s])
@@ -170,6 +167,38 @@ def test_simulator_closed_batch_and_kv_limit():
     assert r.e2el == pytest.approx([2 * s] * 3) and r.duration == pytest.approx(6 * s)
     with pytest.raises(ValueError, match="never fits"):
         simulate(lambda *_: s, [0.0], [50], [10], kv_capacity_tokens=40)
+
+
+def test_simulator_preempts_when_kv_is_short_and_is_deterministic():
+    """The real scheduler admits all four, then runs out of pages while they decode."""
+    s = 0.02
+    # 30 one-token pages: four 5-token prompts fit, four requests of 14 KV tokens do not
+    r = simulate(lambda *_: s, [0.0] * 4, [5] * 4, [10] * 4, kv_capacity_tokens=30,
+                 page_size=1)
+    assert r.num_preemptions > 0 and r.max_kv_usage == 1.0
+    assert r.output_tokens == 40 and len(r.e2el) == 4
+    assert max(r.e2el) > 10 * s  # someone was recomputed after a preemption
+    # an offered load whose KV need exceeds the cache: preemptions, same numbers each run
+    n = 300
+    arrivals = arrival_offsets(n, 40.0, 1.0, seed=3)
+
+    def step_time(num_decode, ctx, prefill, pctx):
+        return 0.005 + 1e-5 * num_decode * ctx + 2e-5 * prefill
+
+    def run(seed_arrivals):
+        return simulate(step_time, seed_arrivals, [200] * n, [100] * n, max_num_seqs=32,
+                        kv_capacity_tokens=16 * 160, dp_size=2).summary()
+    first = run(arrivals)
+    assert first["num_preemptions"] > 0 and first["total_output_tokens"] == 100 * n
+    assert run(list(arrivals)) == first
+    assert run(arrival_offsets(n, 40.0, 1.0, seed=4)) != first
+
+
+def test_simulator_data_parallel_splits_the_load():
+    s = 0.01
+    # eight requests of one step each, all at once, over 4 ranks of one slot: two steps
+    r = simulate(lambda *_: s, [0.0] * 8, [4] * 8, [1] * 8, max_num_seqs=1, dp_size=4)
+    assert r.num_steps == 2 and sorted(r.e2el) == pytest.approx([s] * 4 + [2 * s] * 4)
 
 
 def test_calibration_recovers_its_own_predictions():

@@ -71,9 +71,7 @@ def predict_measured(model: ModelSpec, hw: HardwareProfile, m: Measured, eff: Ef
                      dtype: str) -> dict[str, float]:
     cost = StepCostModel(model, hw, m.layout, eff, dtype,
                          kv_cache_bytes_per_device=m.kv_cache_bytes_per_device)
-    summary = run_workload(cost, m.workload, m.limits).summary()
-    summary["output_throughput"] *= m.layout.dp
-    return summary
+    return run_workload(cost, m.workload, m.limits).summary()
 
 
 def errors(model: ModelSpec, hw: HardwareProfile, runs: list[Measured], eff: Efficiency,

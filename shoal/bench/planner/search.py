@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from shoal.bench.planner.cost_model import Efficiency, Layout, StepCostModel
 from shoal.bench.planner.hardware import HardwareProfile
 from shoal.bench.planner.model_spec import ModelSpec
-from shoal.bench.planner.workload import SLO, EngineLimits, Workload, run_workload
+from shoal.bench.planner.workload import PAGE_SIZE, SLO, EngineLimits, Workload, run_workload
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def predict(model: ModelSpec, hw: HardwareProfile, layout: Layout, eff: Efficien
     """Figures of one layout (x replicas) under the workload."""
     cost = StepCostModel(model, hw, layout, eff, opts.dtype, opts.kv_dtype,
                          opts.memory_utilization, opts.kv_cache_bytes_per_device)
-    kv_tokens = cost.kv_capacity_tokens()
+    kv_tokens = cost.kv_capacity_tokens() // PAGE_SIZE * PAGE_SIZE  # whole pages
     row = {"layout": layout.label, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp,
            "ep": layout.ep, "replicas": replicas, "devices": layout.devices * replicas,
            "weights_gb_per_device": cost.weight_bytes_per_device() / 1e9,
@@ -64,7 +64,7 @@ def predict(model: ModelSpec, hw: HardwareProfile, layout: Layout, eff: Efficien
         return row
     sim = run_workload(cost, workload, limits, replicas)
     row.update(sim.summary())
-    row["output_throughput"] *= layout.dp * replicas  # every replica serves its share
+    row["output_throughput"] *= replicas  # every replica serves its share
     price = hw.cost_per_device_hour if opts.cost_per_device_hour is None \
         else opts.cost_per_device_hour
     tokens_per_hour = min(workload.request_rate * workload.output_len,

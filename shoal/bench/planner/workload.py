@@ -7,6 +7,8 @@ from shoal.bench.arrivals import arrival_offsets
 from shoal.bench.planner.cost_model import StepCostModel
 from shoal.bench.planner.simulator import SimResult, simulate
 
+PAGE_SIZE = 16  # tokens per KV page: the engine's default --block-size
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -50,14 +52,15 @@ class SLO:
 
 
 def run_workload(cost: StepCostModel, workload: Workload, limits: EngineLimits,
-                 replicas: int = 1) -> SimResult:
-    """Simulate one data-parallel replica's share of the traffic (rate / (dp x replicas))."""
-    share = cost.layout.dp * replicas
-    n = max(1, round(workload.num_requests / share))
-    arrivals = arrival_offsets(n, workload.request_rate / share, workload.burstiness,
+                 replicas: int = 1, page_size: int = PAGE_SIZE) -> SimResult:
+    """Simulate one replica (its dp ranks together) serving its share (rate / replicas)."""
+    n = max(1, round(workload.num_requests / replicas))
+    arrivals = arrival_offsets(n, workload.request_rate / replicas, workload.burstiness,
                                workload.seed)
-    cap = None if workload.max_concurrency is None else max(1, workload.max_concurrency // share)
+    cap = None if workload.max_concurrency is None else \
+        max(1, workload.max_concurrency // replicas)
     return simulate(cost.step_time, arrivals, [workload.input_len] * n,
                     [workload.output_len] * n, max_num_seqs=limits.max_num_seqs,
                     max_num_batched_tokens=limits.max_num_batched_tokens,
-                    kv_capacity_tokens=cost.kv_capacity_tokens(), max_concurrency=cap)
+                    kv_capacity_tokens=cost.kv_capacity_tokens(), max_concurrency=cap,
+                    page_size=page_size, dp_size=cost.layout.dp)
