@@ -105,11 +105,11 @@ class ModelRunner:
             kernel_available()  # build/load the C++ kernel now, not inside the first timed step
         # compiled forward: measured no faster than eager here yet, with a cold compile of
         # about a minute per worker, so opt-in (SHOAL_COMPILE=1) until it wins
-        self.compiled = compile_model(
+        self.compiled: bool = compile_model(
             self.model, args.enforce_eager or os.environ.get("SHOAL_COMPILE") != "1")
         # eager on CPU bf16: linear weights reordered once for oneDNN (parallel/linear.py)
         self.num_prepacked = 0
-        if self.compiled is None and kernels_enabled():
+        if not self.compiled and kernels_enabled():
             self.num_prepacked = prepack_weights(self.model, self.dtype, self.device)
             if self.num_prepacked:
                 logger.info("prepacked %d linear weights for oneDNN", self.num_prepacked)

@@ -104,3 +104,38 @@ def test_smollm2_as_moe_with_expert_parallelism_writes_the_dense_text(
         moe_dir, prompts, reference, layout):
     texts = shoal_texts(str(moe_dir), prompts, enable_expert_parallel=True, **layout)
     assert texts == reference
+
+
+TOP_K = 5
+
+
+def test_smollm2_bfloat16_is_close_to_transformers_bfloat16(smollm2_dir, prompts):
+    """bfloat16 (the default on CPUs with native bf16: prepacked oneDNN linears, the bf16
+    paged-attention kernel) against transformers in bfloat16, as vLLM's tests compare
+    low-precision runs (``check_logprobs_close``): the greedy tokens agree up to the first
+    divergence, and there each side's token is in the other's top 5."""
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16).eval()
+    hf = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True)
+        tokens = out.sequences[0, ids.shape[1]:].tolist()
+        tops = [set(s[0].float().topk(TOP_K).indices.tolist()) for s in out.scores]
+        hf.append((tokens, tops))
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=TOP_K)
+    with LLM(str(smollm2_dir), kv_cache_memory=64 << 20, dtype="bfloat16",
+             executor_kwargs={"threads_per_worker": 1}) as llm:
+        outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    for (hf_tokens, hf_tops), out in zip(hf, outs):
+        for pos, (ours, theirs) in enumerate(zip(out.token_ids, hf_tokens)):
+            if ours != theirs:
+                assert ours in hf_tops[pos], (pos, ours, theirs)
+                assert theirs in out.logprobs[pos].top, (pos, ours, theirs)
+                break
+    # and the two agree on most tokens (a broken bf16 path diverges at once)
+    agree = [next((i for i, (a, b) in enumerate(zip(o.token_ids, t)) if a != b), NEW_TOKENS)
+             for o, (t, _) in zip(outs, hf)]
+    assert sum(agree) >= NEW_TOKENS * len(prompts) // 2, agree
