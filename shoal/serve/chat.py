@@ -22,9 +22,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from shoal.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from shoal.errors import RequestError
 from shoal.frontend.outputs import RequestOutput
-from shoal.serve.engine_client import RequestStream
 from shoal.serve.logprobs import chat_logprobs
 from shoal.serve.openai_protocol import APIError, ChatCompletionRequest, bad_request
+from shoal.serve.request_stream import RequestStream
 from shoal.serve.serving import (
     OpenAIServing,
     choice_deltas,

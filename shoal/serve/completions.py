@@ -14,9 +14,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from shoal.engine.sampling_params import SamplingParams
 from shoal.frontend.outputs import RequestOutput
-from shoal.serve.engine_client import RequestStream
 from shoal.serve.logprobs import completion_logprobs
 from shoal.serve.openai_protocol import CompletionRequest, bad_request
+from shoal.serve.request_stream import RequestStream
 from shoal.serve.serving import (
     OpenAIServing,
     choice_deltas,

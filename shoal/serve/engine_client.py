@@ -3,7 +3,7 @@
 ``AsyncEngineClient`` starts ``python -m shoal.frontend.core_main`` as a fresh
 interpreter, binds the two ipc:// sockets it connects to, and turns its
 CoreOutputs into text with an ``OutputProcessor`` on the event loop. Each user
-request gets a ``RequestStream`` that its HTTP handler reads. Admission is
+request gets a ``RequestStream`` (``shoal.serve.request_stream``) that its HTTP handler reads. Admission is
 awaited: ``generate`` returns only once the core accepted the request, so a
 rejection (prompt can never fit, queue full) becomes an HTTP error before any
 byte of a stream is sent.
@@ -29,7 +29,6 @@ when the first core never became ready, every request fails with
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import os
@@ -54,11 +53,17 @@ from shoal.engine.core_io import (
 )
 from shoal.engine.recovery import RestartPolicy
 from shoal.engine.sampling_params import PoolingParams, SamplingParams
-from shoal.errors import EngineDeadError, EngineRestartingError, ProtocolError, ShoalError
+from shoal.errors import EngineDeadError, EngineRestartingError, ProtocolError
 from shoal.frontend.input_processor import InputProcessor
 from shoal.frontend.output_processor import OutputProcessor
 from shoal.frontend.outputs import RequestOutput
 from shoal.serve.metrics import ServerMetrics
+from shoal.serve.request_stream import (
+    RequestRejectedError,
+    RequestStream,
+    _Tracked,
+    resumed_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,89 +72,6 @@ WATCH_INTERVAL_S = 0.2
 SEND_TIMEOUT_MS = 2000  # a send blocks only with no core connected (dead): then it is dropped
 EXIT_GRACE_S = 5.0  # a core that reported EngineFailure gets this long to exit by itself
 RESTART_ADMISSION_WAIT_S = 30.0  # new requests wait this long for a restarting core, then 503
-
-
-class RequestRejectedError(ShoalError):
-    """The core refused a request: ``kind`` is "invalid" or "overloaded"."""
-
-    def __init__(self, kind: str, message: str, request_id: str | None = None):
-        super().__init__(message, request_id=request_id)
-        self.kind = kind
-
-
-class RequestStream:
-    """One request's outputs as its handler sees them: text merged since it last looked.
-
-    Several streams may share one ``notify`` event (a completion with several prompts).
-    """
-
-    def __init__(self, request_id: str, n: int, notify: asyncio.Event):
-        self.request_id = request_id
-        self.notify = notify
-        self.latest: RequestOutput | None = None
-        self.finished = False
-        self.error: BaseException | None = None
-        self._pending = [""] * n
-
-    def put(self, output: RequestOutput) -> None:
-        for i, text in enumerate(output.delta_text):
-            self._pending[i] += text
-        self.latest = output
-        self.finished = output.finished
-        self.notify.set()
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self.notify.set()
-
-    def take_text(self) -> list[str]:
-        """Text per completion since the last call (raises the stream's error, if any)."""
-        if self.error is not None:
-            raise self.error
-        pending, self._pending = self._pending, [""] * len(self._pending)
-        return pending
-
-    async def result(self) -> RequestOutput:
-        """Wait for the finished output (non-streaming requests)."""
-        while not self.finished:
-            if self.error is not None:
-                raise self.error
-            self.notify.clear()
-            await self.notify.wait()
-        if self.error is not None:
-            raise self.error
-        assert self.latest is not None
-        return self.latest
-
-
-class _Tracked:
-    """Per-request timing the metrics need, and the request as sent (to re-submit it)."""
-
-    __slots__ = ("arrival", "child_ids", "core_request", "last_token", "queued_observed")
-
-    def __init__(self, arrival: float, child_ids: list[int], core_request: AddRequest):
-        self.arrival = arrival
-        self.child_ids = child_ids
-        self.last_token: float | None = None
-        self.queued_observed = False
-        self.core_request = core_request
-
-
-def resumed_request(msg: AddRequest, generated: dict[int, list[int]]) -> AddRequest:
-    """``msg`` for a new engine core: the children in ``generated``, after their tokens.
-
-    Prompt logprobs arrive with a child's first token, so a child that has tokens does
-    not ask for them again.
-    """
-    keep = [i for i, req_id in enumerate(msg.req_ids) if req_id in generated]
-    tokens = [list(generated[msg.req_ids[i]]) for i in keep]
-    return dataclasses.replace(
-        msg,
-        req_ids=[msg.req_ids[i] for i in keep],
-        sampling=[dataclasses.replace(msg.sampling[i], prompt_logprobs=None) if t
-                  else msg.sampling[i] for i, t in zip(keep, tokens)],
-        output_token_ids=tokens,
-    )
 
 
 class AsyncEngineClient:

@@ -22,15 +22,10 @@ from starlette.requests import Request
 from shoal.engine.sampling_params import SamplingParams
 from shoal.errors import RequestError
 from shoal.frontend.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from shoal.serve.engine_client import (
-    AsyncEngineClient,
-    EngineDeadError,
-    EngineRestartingError,
-    RequestRejectedError,
-    RequestStream,
-)
+from shoal.serve.engine_client import AsyncEngineClient, EngineDeadError, EngineRestartingError
 from shoal.serve.logprobs import TokenTexts
 from shoal.serve.openai_protocol import APIError, bad_request
+from shoal.serve.request_stream import RequestRejectedError, RequestStream
 
 logger = logging.getLogger(__name__)
 
