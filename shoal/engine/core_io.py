@@ -105,6 +105,28 @@ class RequestRejection:
 
 
 @dataclass
+class SchedulerStats:
+    """A snapshot from ``Scheduler.stats`` (stays in the driver): the core turns it
+    into the :class:`CoreStats` that cross the boundary."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    prefix_cache_queries: int  # tokens
+    prefix_cache_hits: int  # tokens
+    num_preemptions: int  # since start
+    num_steps: int  # plans emitted since start
+    step_num_scheduled_tokens: int  # in the last plan
+    total_scheduled_tokens: int  # since start
+    # speculative decoding (since start; vLLM's names): steps of a request with drafts,
+    # draft tokens proposed, drafts accepted, and accepted drafts per draft position
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] | None = None
+
+
+@dataclass
 class CoreStats:
     """The core's gauges and counters (totals since start)."""
 

@@ -34,7 +34,8 @@ from shoal.config import SchedulerConfig
 from shoal.engine.kv_manager import hash_page
 from shoal.engine.plan import DPStepPlan, StepResult
 from shoal.engine.request import Request
-from shoal.engine.scheduler import Scheduler, SchedulerStats
+from shoal.engine.core_io import SchedulerStats
+from shoal.engine.scheduler import Scheduler
 from shoal.errors import OverloadedError
 
 ROUTED_HASHES_PER_RANK = 65536  # bound on the routing record of each rank (LRU)

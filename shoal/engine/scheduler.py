@@ -38,46 +38,17 @@ from typing import Iterable
 
 import numpy as np
 
-from shoal.engine.plan import (CachedRequests, NewRequestData, SamplingOptions, StepPlan,
-                               StepResult)
+from shoal.engine.plan import CachedRequests, NewRequestData, StepPlan, StepResult
 from shoal.config import SchedulerConfig
 from shoal.errors import OverloadedError, RequestError
+from shoal.engine.core_io import SchedulerStats
 from shoal.engine.kv_connector import KVConnectorScheduler, NoKVConnector
 from shoal.engine.kv_manager import KVCacheManager
 from shoal.engine.ngram_proposer import NgramProposer
+from shoal.engine.spec_decode import Speculation
 from shoal.engine.request import FINISH_REASON_OF, FINISH_REASONS, Request, RequestStatus
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SchedulerStats:
-    """Counters for the engine's metrics; a snapshot from ``Scheduler.stats``."""
-
-    num_running: int
-    num_waiting: int
-    kv_usage: float
-    prefix_cache_queries: int  # tokens
-    prefix_cache_hits: int  # tokens
-    num_preemptions: int  # since start
-    num_steps: int  # plans emitted since start
-    step_num_scheduled_tokens: int  # in the last plan
-    total_scheduled_tokens: int  # since start
-    # speculative decoding (since start; vLLM's names): steps of a request with drafts,
-    # draft tokens proposed, drafts accepted, and accepted drafts per draft position
-    num_drafts: int = 0
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    num_accepted_tokens_per_pos: list[int] | None = None
-
-    @property
-    def draft_acceptance_rate(self) -> float:
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
-
-    @property
-    def mean_acceptance_length(self) -> float:
-        """Tokens a request gets per step with drafts (accepted drafts + the target's one)."""
-        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
 @dataclass
@@ -108,7 +79,7 @@ class Scheduler:
         if proposer is not None and async_scheduling:
             raise ValueError("speculative decoding needs async_scheduling off")
         self.config = scheduler_config
-        self.proposer = proposer
+        self.spec = Speculation(proposer, max_model_len)
         # workers append the tokens they sample themselves, so a decode can be planned
         # again while the plan that samples its next token is still running
         self.async_scheduling = async_scheduling
@@ -132,11 +103,6 @@ class Scheduler:
         self.num_steps = 0
         self.step_num_scheduled_tokens = 0
         self.total_scheduled_tokens = 0
-        self._drafts: dict[int, list[int]] = {}  # req_id -> draft tokens in its in-flight plan
-        self.num_drafts = 0
-        self.num_draft_tokens = 0
-        self.num_accepted_tokens = 0
-        self.num_accepted_tokens_per_pos = [0] * (proposer.k if proposer else 0)
 
     # -- requests in and out ---------------------------------------------------------------
 
@@ -231,10 +197,6 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
-    @property
-    def num_in_flight_plans(self) -> int:
-        return len(self._in_flight_step_ids)
-
     def get_request(self, req_id: int) -> Request | None:
         """An unfinished request by id."""
         return self._requests.get(req_id)
@@ -251,10 +213,10 @@ class Scheduler:
             num_steps=self.num_steps,
             step_num_scheduled_tokens=self.step_num_scheduled_tokens,
             total_scheduled_tokens=self.total_scheduled_tokens,
-            num_drafts=self.num_drafts,
-            num_draft_tokens=self.num_draft_tokens,
-            num_accepted_tokens=self.num_accepted_tokens,
-            num_accepted_tokens_per_pos=list(self.num_accepted_tokens_per_pos),
+            num_drafts=self.spec.num_drafts,
+            num_draft_tokens=self.spec.num_draft_tokens,
+            num_accepted_tokens=self.spec.num_accepted_tokens,
+            num_accepted_tokens_per_pos=list(self.spec.num_accepted_tokens_per_pos),
         )
 
     # -- one step ------------------------------------------------------------------------------
@@ -279,9 +241,9 @@ class Scheduler:
                     budget -= 1
                 i += 1
                 continue
-            drafts = self._propose(request, budget)
+            drafts = self.spec.propose(request, budget)
             if drafts and self.kv.allocate_slots(request, 1 + len(drafts)) is not None:
-                self._drafts[request.req_id] = drafts
+                self.spec.in_flight[request.req_id] = drafts
                 scheduled.append((request, 1 + len(drafts)))
                 budget -= 1 + len(drafts)
                 i += 1
@@ -367,13 +329,13 @@ class Scheduler:
         changed = []
         for rid, num_scheduled in zip(plan.scheduled_req_ids, plan.num_scheduled_tokens):
             self._release_in_flight(rid, num_scheduled)
-            drafts = self._drafts.pop(rid, None)
+            drafts = self.spec.in_flight.pop(rid, None)
             request = self._requests.get(rid)
             if request is None:  # ended while in flight
                 continue
             assert request.status == RequestStatus.RUNNING, (rid, request.status)
             if drafts:
-                num_scheduled -= self._rejected_drafts(plan.step_id, request, drafts, spans)
+                num_scheduled -= self.spec.rejected(plan.step_id, request, drafts, spans)
             request.num_computed_tokens += num_scheduled
             if drafts:  # pages that held only rejected drafts
                 self.kv.free_tail(request, request.num_computed_tokens)
@@ -410,38 +372,6 @@ class Scheduler:
         return changed
 
     # -- internals -----------------------------------------------------------------------------
-
-    def _propose(self, request: Request, budget: int) -> list[int]:
-        """Draft tokens for a decode step of ``request`` (none if it cannot take them).
-
-        Never more than fit the step's token budget, the tokens left before
-        ``max_tokens`` (the step adds the accepted drafts plus one), or max_model_len.
-        """
-        if (self.proposer is None or budget < 2
-                or request.num_tokens - request.num_computed_tokens != 1
-                or not speculation_allowed(request.sampling)
-                or request.num_output_tokens < request.min_tokens):
-            return []
-        max_k = min(budget - 1, request.max_tokens - request.num_output_tokens - 1,
-                    self.max_model_len - request.num_tokens - 1)
-        if max_k <= 0:
-            return []
-        return self.proposer.propose(request.all_token_ids, max_k)
-
-    def _rejected_drafts(self, step_id: int, request: Request, drafts: list[int],
-                         spans: dict[int, tuple[int, int]]) -> int:
-        """Count a verified step's drafts; returns how many were rejected."""
-        count = spans.get(request.req_id, (0, 0))[1]
-        accepted = count - 1
-        if not 0 <= accepted <= len(drafts):
-            raise ValueError(f"step {step_id}: request {request.req_id} got {count} tokens "
-                             f"for {len(drafts)} drafts")
-        self.num_drafts += 1
-        self.num_draft_tokens += len(drafts)
-        self.num_accepted_tokens += accepted
-        for pos in range(accepted):
-            self.num_accepted_tokens_per_pos[pos] += 1
-        return len(drafts) - accepted
 
     def _schedule_ahead(self, request: Request) -> bool:
         """Async scheduling: plan one more token of a request whose next token is being sampled.
@@ -531,7 +461,7 @@ class Scheduler:
             placed = request.num_computed_tokens + in_flight  # what the workers will have cached
             pending = self._pending_samples.get(rid, 0)
             held = request.num_tokens + pending  # tokens the workers hold when this plan runs
-            drafts = self._drafts.get(rid, [])
+            drafts = self.spec.in_flight.get(rid, [])
             samples = placed + num_new - len(drafts) == held
             if view is None:
                 assert not in_flight, f"request {rid} is sent in full while in flight"
@@ -615,7 +545,7 @@ class Scheduler:
         self._in_flight.clear()
         self._in_flight_plans.clear()
         self._pending_samples.clear()
-        self._drafts.clear()
+        self.spec.in_flight.clear()
         self._in_flight_step_ids.clear()
         return len(running), lost_tokens
 
@@ -639,7 +569,7 @@ class Scheduler:
             in_flight = self._in_flight.get(request.req_id, 0)
             placed = request.num_computed_tokens + in_flight
             ahead = self._pending_samples.get(request.req_id, 0) if self.async_scheduling else 0
-            ahead += len(self._drafts.get(request.req_id, ()))
+            ahead += len(self.spec.in_flight.get(request.req_id, ()))
             _check(placed <= request.num_tokens + ahead,
                    f"request {request.req_id} over-scheduled")
             _check(
@@ -667,11 +597,3 @@ def _check(condition: object, message: str) -> None:
     if not condition:
         raise AssertionError(message)
 
-
-def speculation_allowed(sampling: SamplingOptions) -> bool:
-    """Whether a request may get draft tokens: its sampling must not depend on the
-    tokens accepted earlier in the same step (penalties, bad words, a grammar), and
-    embeddings sample nothing. Such requests decode one token a step."""
-    return not (sampling.pooling or sampling.structured_kind or sampling.bad_words_ids
-                or sampling.presence_penalty != 0.0 or sampling.frequency_penalty != 0.0
-                or sampling.repetition_penalty != 1.0)

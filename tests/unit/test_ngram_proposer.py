@@ -70,9 +70,9 @@ def test_scheduler_bounds_drafts_by_max_tokens_and_budget():
         return sched, request
 
     sched, request = decode_request(max_tokens=3)
-    assert sched._propose(request, budget=64) == [1]  # 1 output, 2 left: 1 draft + 1 token
+    assert sched.spec.propose(request, budget=64) == [1]  # 1 output, 2 left: 1 draft + 1 token
     sched, request = decode_request(max_tokens=30)
-    assert sched._propose(request, budget=3) == [1, 2]  # budget 3: the token + 2 drafts
-    assert sched._propose(request, budget=64) == [1, 2, 3, 1]
+    assert sched.spec.propose(request, budget=3) == [1, 2]  # budget 3: the token + 2 drafts
+    assert sched.spec.propose(request, budget=64) == [1, 2, 3, 1]
     sched, request = decode_request(max_tokens=30, repetition_penalty=1.2)
-    assert sched._propose(request, budget=64) == []  # penalties: one token a step
+    assert sched.spec.propose(request, budget=64) == []  # penalties: one token a step
