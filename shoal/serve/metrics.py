@@ -105,9 +105,18 @@ class ServerMetrics:
                                          "Draft tokens proposed.")
         self.spec_accepted = counter("shoal:spec_decode_num_accepted_tokens",
                                      "Draft tokens accepted.")
-        self._last = {"queries": 0, "hits": 0, "preemptions": 0, "restarts": 0,
-                      "recovery": 0.0, "requeued": 0, "recomputed": 0, "drafts": 0,
-                      "draft_tokens": 0, "accepted": 0}
+        # the core's running totals (CoreStats fields) that counters follow by increments
+        self._totals = (("prefix_cache_queries", self.prefix_queries),
+                        ("prefix_cache_hits", self.prefix_hits),
+                        ("num_preemptions", self.preemptions),
+                        ("num_worker_restarts", self.worker_restarts),
+                        ("recovery_seconds", self.recovery_seconds),
+                        ("num_requeued_requests", self.requeued),
+                        ("num_recomputed_tokens", self.recomputed),
+                        ("num_drafts", self.spec_drafts),
+                        ("num_draft_tokens", self.spec_draft_tokens),
+                        ("num_accepted_tokens", self.spec_accepted))
+        self._last = dict.fromkeys((name for name, _ in self._totals), 0)
         self._expert_totals: np.ndarray | None = None
 
     # -- requests ------------------------------------------------------------------------------
@@ -165,17 +174,8 @@ class ServerMetrics:
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_usage)
         self.num_pages.set(stats.num_pages)
-        for key, total, metric in (("queries", stats.prefix_cache_queries, self.prefix_queries),
-                                   ("hits", stats.prefix_cache_hits, self.prefix_hits),
-                                   ("preemptions", stats.num_preemptions, self.preemptions),
-                                   ("restarts", stats.num_worker_restarts, self.worker_restarts),
-                                   ("recovery", stats.recovery_seconds, self.recovery_seconds),
-                                   ("requeued", stats.num_requeued_requests, self.requeued),
-                                   ("recomputed", stats.num_recomputed_tokens, self.recomputed),
-                                   ("drafts", stats.num_drafts, self.spec_drafts),
-                                   ("draft_tokens", stats.num_draft_tokens,
-                                    self.spec_draft_tokens),
-                                   ("accepted", stats.num_accepted_tokens, self.spec_accepted)):
+        for key, metric in self._totals:
+            total = getattr(stats, key)
             if total > self._last[key]:
                 metric.inc(total - self._last[key])
                 self._last[key] = total
