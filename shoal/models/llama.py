@@ -21,6 +21,7 @@ from torch import nn
 from shoal.config import DTYPES
 from shoal.models.attention import AttentionMetadata, PagedAttention, StepTensors
 from shoal.models.kv_spec import KVCacheSpec
+from shoal.models.ops import fused
 from shoal.models.rope import RotaryEmbedding, rope_parameters
 from shoal.moe.experts import ACTIVATIONS
 from shoal.parallel.context import ParallelContext
@@ -82,7 +83,10 @@ def sliding_window_of(config: Any, layer_idx: int) -> int | None:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32; with ``residual`` it adds first and returns both."""
+    """RMSNorm computed in float32; with ``residual`` it adds first and returns both.
+
+    On CPU the fused kernel does it in one call, writing the sum into ``residual`` and
+    the normed rows into ``x`` (callers hand over both)."""
 
     def __init__(
         self, hidden_size: int, eps: float, ctx: ParallelContext, dtype: torch.dtype
@@ -92,6 +96,12 @@ class RMSNorm(nn.Module):
         self.weight = new_parameter((hidden_size,), ctx, dtype, default_weight_loader)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if fused.fused_ops_on(x):  # one C++ call (ops/fused.py); with residual, in place
+            if residual is None and x.dim() in (2, 3):
+                return fused.rms_norm(x, self.weight, self.eps)
+            if residual is not None and x.dim() == 2 and x.is_contiguous() \
+                    and residual.is_contiguous():
+                return fused.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
             residual = x
@@ -175,9 +185,13 @@ class LlamaMLP(nn.Module):
             inter, config.hidden_size, ctx, bias=bias, dtype=dtype, input_range=(start, end)
         )
         self.act = ACTIVATIONS[config.hidden_act]
+        self.silu = config.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.local_inter, dim=-1)  # 2 x [T, local_inter]
+        gate_up = self.gate_up_proj(x)  # [T, 2 * local_inter]
+        if self.silu and fused.fused_ops_on(gate_up):
+            return self.down_proj(fused.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.local_inter, dim=-1)  # 2 x [T, local_inter]
         return self.down_proj(self.act(gate) * up)  # [T, hidden]
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from shoal.models.attention import AttentionMetadata, StepTensors
+from shoal.models.ops import fused
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -173,7 +174,14 @@ class RotaryEmbedding(nn.Module):
         """Rotate q ``[T, Hq * D]`` and k ``[T, Hkv * D]`` for ``positions`` ``[T]``.
 
         With ``meta``, cos/sin are computed once per forward and shared by all layers.
+        On CPU the fused kernel rotates ``q`` and ``k`` in place and returns them.
         """
+        if fused.fused_ops_on(q) and not isinstance(meta, StepTensors) and q.dim() == k.dim() == 2:
+            max_len = meta.max_context_len if meta is not None else int(positions.max()) + 1
+            if self.rope_type != "dynamic" or max_len <= self.max_position:
+                self.ensure(max_len)  # one C++ call rotates q and k in place
+                fused.rotary_embedding(positions, q, k, self._cos, self._sin, self.head_dim)
+                return q, k
         if isinstance(meta, StepTensors):  # compiled forward: the table covers every position
             cos = self._cos[positions].to(q.dtype)[:, None, :]  # [T, 1, R/2]
             sin = self._sin[positions].to(q.dtype)[:, None, :]

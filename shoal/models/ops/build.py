@@ -2,8 +2,8 @@
 
 ``load_kernel(name)`` compiles ``csrc/<name>.cpp`` with ``torch.utils.cpp_extension``
 (``-O3 -march=native -fopenmp``) into ``$SHOAL_CACHE_DIR/kernels/<name>-<hash>``
-(default ``~/.cache/shoal``); the hash covers the source, the torch version and the
-CPU's flags, so a changed file, torch or machine builds afresh and a warm start only
+(default ``~/.cache/shoal``); the hash covers the source, the shared headers
+(``csrc/*.h``), the flags, the torch version and the CPU's flags, so a changed file, torch or machine builds afresh and a warm start only
 loads the shared object. Concurrent builders (tp ranks of one host) wait on the
 build directory's lock. No compiler: :class:`KernelBuildError` says what to install.
 Set ``SHOAL_DISABLE_KERNELS=1`` to use the pure-torch paths only.
@@ -30,6 +30,8 @@ CSRC = Path(__file__).parent / "csrc"
 # libgomp.so.1 to the copy torch has already loaded, so both share one thread pool.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-DNDEBUG"]
 LDFLAGS = ["-fopenmp"]
+# fused_ops rounds where the torch ops it replaces round: no FMA contraction there
+EXTRA_CFLAGS = {"fused_ops": ["-ffp-contract=off"]}
 
 
 class KernelBuildError(ShoalError):
@@ -73,10 +75,12 @@ def load_kernel(name: str) -> None:
     """Build (first use) and load ``csrc/<name>.cpp``, which registers ``torch.ops.shoal.*``."""
     source = CSRC / f"{name}.cpp"
     _compiler()
+    cflags = CFLAGS + EXTRA_CFLAGS.get(name, [])
 
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), torch.__version__.encode(), _cpu_flags().encode(),
-                 " ".join(CFLAGS + LDFLAGS).encode()):
+    headers = [h.read_bytes() for h in sorted(CSRC.glob("*.h"))]  # shared by every kernel
+    for part in (source.read_bytes(), *headers, torch.__version__.encode(),
+                 _cpu_flags().encode(), " ".join(cflags + LDFLAGS).encode()):
         digest.update(part)
     tag = digest.hexdigest()[:16]
     build_dir = cache_root() / "kernels" / f"{name}-{tag}"
@@ -96,7 +100,7 @@ def load_kernel(name: str) -> None:
         cpp_extension.load(
             name=f"shoal_{name}_{tag}",
             sources=[str(source)],
-            extra_cflags=CFLAGS,
+            extra_cflags=cflags,
             extra_ldflags=LDFLAGS,
             build_directory=str(build_dir),
             is_python_module=False,

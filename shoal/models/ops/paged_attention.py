@@ -18,7 +18,7 @@ Shapes:
 The kernel is ``torch.ops.shoal.paged_attention`` (``csrc/paged_attention.cpp``, built
 on first use by :mod:`shoal.models.ops.build`); it has a fake implementation, so
 ``torch.compile`` treats it as one opaque call. ``torch.ops.shoal.cached_attention``
-writes the new keys/values into the cache first, in the same opaque call.
+(same file) writes the new keys/values into the cache first, in the same opaque call.
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ def kernel_available() -> bool:
 def _register_fake() -> None:
     @torch.library.register_fake("shoal::paged_attention")
     def _(q, k_cache, v_cache, page_table, query_start, context_lens, scale, window):
+        return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[3]))
+
+    @torch.library.register_fake("shoal::cached_attention")
+    def _(q, k_new, v_new, k_cache, v_cache, slot_mapping, page_table, query_start,
+          context_lens, scale, window):
         return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[3]))
 
 
@@ -104,7 +109,6 @@ def paged_attention_reference(
     return out
 
 
-@torch.library.custom_op("shoal::cached_attention", mutates_args=())
 def cached_attention(
     q: torch.Tensor,
     k_new: torch.Tensor,
@@ -120,21 +124,10 @@ def cached_attention(
 ) -> torch.Tensor:
     """Write ``k_new``/``v_new`` [T, Hkv, D] at ``slot_mapping`` [T], then attend in place.
 
-    ``v_new`` None: the values are a view of the key rows (MLA's latent). The cache is
-    written although the schema declares no mutation (as vLLM's attention op does): no
-    other op of a compiled graph reads it, so the compiler must neither copy nor reorder
-    it, and declaring it would make functionalization clone the whole cache.
+    ``v_new`` None: the values are a view of the key rows (MLA's latent). One C++ call
+    (``torch.ops.shoal.cached_attention``), whose schema does not declare the cache
+    writes: see ``csrc/paged_attention.cpp``.
     """
-    hkv = k_cache.shape[2]
-    k_cache.view(-1, hkv, k_cache.shape[3]).index_copy_(0, slot_mapping, k_new)
-    if v_new is not None:
-        v_cache.view(-1, hkv, v_cache.shape[3]).index_copy_(0, slot_mapping, v_new)
-    return torch.ops.shoal.paged_attention(
-        q, k_cache, v_cache, page_table, query_start, context_lens, scale, window
-    )
-
-
-@cached_attention.register_fake
-def _(q, k_new, v_new, k_cache, v_cache, slot_mapping, page_table, query_start, context_lens,
-      scale, window):
-    return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[3]))
+    return torch.ops.shoal.cached_attention(
+        q, k_new, v_new, k_cache, v_cache, slot_mapping, page_table, query_start,
+        context_lens, float(scale), int(window))

@@ -23,9 +23,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <optional>
 #include <cmath>
 #include <type_traits>
 #include <vector>
+
+#include "vec16.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -46,63 +49,7 @@ struct Item {
 constexpr int64_t kBlock = 16;
 constexpr int64_t kRowTile = 4;  // query rows whose accumulators stay in registers
 
-// GCC/Clang vector extensions: 16 floats, compiled to AVX-512, 2x AVX2, NEON or scalar.
-typedef float vec16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-
-inline vec16 load16(const float* p) {
-  vec16 v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store16(float* p, vec16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
-
-inline vec16 splat16(float x) { return vec16{} + x; }
-
-// 16 bfloat16 values to float: each one is the high half of its float's bits.
-inline vec16 load16(const c10::BFloat16* p) {
-#ifdef __AVX512F__
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return (vec16)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-#else
-  u16x16 h;
-  __builtin_memcpy(&h, p, sizeof(h));
-  u32x16 w = __builtin_convertvector(h, u32x16) << 16;
-  vec16 v;
-  __builtin_memcpy(&v, &w, sizeof(v));
-  return v;
-#endif
-}
-
-template <typename T>
-inline vec16 load16(const T* p) {  // other dtypes (half): element by element
-  vec16 v;
-  for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(p[i]);
-  return v;
-}
-
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
-// exp for x <= 0 (scores minus their max), Cephes' polynomial: within 2 ulp of expf.
-inline vec16 exp16(vec16 x) {
-  x = x < -87.0f ? splat16(-87.0f) : x;
-  const i32x16 k = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i32x16);  // round (x <= 0)
-  const vec16 kf = __builtin_convertvector(k, vec16);
-  const vec16 v = x - kf * 0.693359375f + kf * 2.12194440e-4f;
-  vec16 p = splat16(1.9875691500e-4f);
-  p = p * v + 1.3981999507e-3f;
-  p = p * v + 8.3334519073e-3f;
-  p = p * v + 4.1665795894e-2f;
-  p = p * v + 1.6666665459e-1f;
-  p = p * v + 5.0000001201e-1f;
-  p = p * v * v + v + 1.0f;
-  const i32x16 bits = (k + 127) << 23;
-  vec16 scale;
-  __builtin_memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
+using namespace shoal_vec;
 
 inline float row_max(const float* x, int64_t n) {
   vec16 m = splat16(x[0]);
@@ -469,9 +416,68 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k_cache,
   return out;
 }
 
+namespace {
+
+// dst[slot_mapping[t]] = src[t] for the rows [T, H, D] of one cache [P, S, H, D].
+template <typename T>
+void write_rows(const at::Tensor& src, const at::Tensor& cache, const int64_t* slots) {
+  const int64_t heads = cache.size(2), dim = cache.size(3), page_size = cache.size(1);
+  const T* sp = src.data_ptr<T>();
+  T* cp = cache.data_ptr<T>();
+  for (int64_t t = 0; t < src.size(0); ++t) {
+    const int64_t page = slots[t] / page_size, off = slots[t] % page_size;
+    for (int64_t h = 0; h < heads; ++h)
+      std::copy_n(sp + t * src.stride(0) + h * src.stride(1), dim,
+                  cp + page * cache.stride(0) + off * cache.stride(1) + h * cache.stride(2));
+  }
+}
+
+void check_rows(const at::Tensor& src, const at::Tensor& cache, const char* name) {
+  TORCH_CHECK(src.dim() == 3 && src.size(1) == cache.size(2) && src.size(2) == cache.size(3) &&
+                  src.stride(2) == 1 && src.scalar_type() == cache.scalar_type(),
+              "cached_attention: ", name, " must be [T, Hkv, D] rows of the cache's dtype");
+}
+
+}  // namespace
+
+// Writes k_new (and v_new; None: the values are a view of the key rows, MLA's latent)
+// [T, Hkv, D] at slot_mapping [T], then paged_attention over the updated caches.
+at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k_new,
+                            const std::optional<at::Tensor>& v_new, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& slot_mapping_in,
+                            const at::Tensor& page_table, const at::Tensor& query_start,
+                            const at::Tensor& context_lens, double scale, int64_t window) {
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, "cached_attention: caches [P, S, Hkv, D]");
+  const at::Tensor slot_mapping = slot_mapping_in.to(at::kLong).contiguous();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  TORCH_CHECK(slot_mapping.numel() == k_new.size(0), "cached_attention: one slot per new token");
+  for (int64_t t = 0; t < slot_mapping.numel(); ++t)
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, "cached_attention: slot ", slots[t],
+                " is outside the cache of ", num_slots, " slots");
+  check_rows(k_new, k_cache, "k_new");
+  const bool has_v = v_new.has_value() && v_new->defined();
+  if (has_v) check_rows(*v_new, v_cache, "v_new");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "kv_write", [&] {
+    write_rows<scalar_t>(k_new, k_cache, slots);
+    if (has_v) write_rows<scalar_t>(*v_new, v_cache, slots);
+  });
+  return paged_attention(q, k_cache, v_cache, page_table, query_start, context_lens, scale,
+                         window);
+}
+
+// cached_attention's schema does not declare its cache writes (as vLLM's attention op):
+// no other op of a compiled graph reads the caches, so the compiler must neither copy nor reorder them,
+// and declaring the mutation would make functionalization clone every cache each step.
 TORCH_LIBRARY_FRAGMENT(shoal, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, "
         "Tensor query_start, Tensor context_lens, float scale, int window) -> Tensor");
+  m.def("cached_attention(Tensor q, Tensor k_new, Tensor? v_new, Tensor k_cache, "
+        "Tensor v_cache, Tensor slot_mapping, Tensor page_table, Tensor query_start, "
+        "Tensor context_lens, float scale, int window) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(shoal, CPU, m) { m.impl("paged_attention", &paged_attention); }
+TORCH_LIBRARY_IMPL(shoal, CPU, m) {
+  m.impl("paged_attention", &paged_attention);
+  m.impl("cached_attention", &cached_attention);
+}

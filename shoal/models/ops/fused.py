@@ -1,0 +1,61 @@
+"""Fused elementwise CPU kernels of the eager forward (``csrc/fused_ops.cpp``).
+
+``rms_norm``, ``fused_add_rms_norm`` (the residual add, then RMSNorm, both in place),
+``rotary_embedding`` (q and k rotated in place) and ``silu_and_mul`` each replace a chain
+of eager torch ops with one call, rounding where the torch ops round (see the C++ file).
+The modules call them through :func:`fused_ops_on`: on CPU tensors, when the kernels
+build, outside ``torch.compile`` (inductor fuses the same ops itself). Elsewhere, and
+with ``SHOAL_DISABLE_KERNELS=1``, they keep their torch code.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from shoal.models.ops.build import KernelBuildError, kernels_enabled, load_kernel
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def fused_ops_available() -> bool:
+    """True once ``fused_ops`` is built and loaded (False, logged, if it cannot be)."""
+    if not kernels_enabled():
+        return False
+    try:
+        load_kernel("fused_ops")
+    except KernelBuildError as exc:
+        logger.warning("fused RMSNorm/rotary/SiLU kernels unavailable, torch ops instead: %s", exc)
+        return False
+    return True
+
+
+def fused_ops_on(x: torch.Tensor) -> bool:
+    """Whether an op on ``x`` runs the fused C++ kernels."""
+    return x.device.type == "cpu" and fused_ops_available() and not torch.compiler.is_compiling()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x [N, D] or [N, H, D] (last dim contiguous) -> a new contiguous tensor."""
+    return torch.ops.shoal.rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual += x``, then ``x = rms_norm(residual)``, in place ([N, D] contiguous)."""
+    torch.ops.shoal.fused_add_rms_norm(x, residual, weight, eps)
+    return x, residual
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> None:
+    """Rotate q [T, Hq*D] and k [T, Hk*D] in place by the float32 tables [P, R/2]."""
+    torch.ops.shoal.rotary_embedding(positions, q, k, cos, sin, head_dim)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[N, 2I] (gate | up) -> silu(gate) * up [N, I]."""
+    return torch.ops.shoal.silu_and_mul(x)
