@@ -78,6 +78,10 @@ def run_shoal(model: str, name: str, requests, kv_bytes: int, dtype: str = "auto
         "total_tokens_per_s": round((out_tokens + in_tokens) / elapsed, 1),
         "preemptions": core.num_preemptions,
         "max_plans_in_flight": core.max_plans_in_flight,
+        # rank 0: time inside steps, and between them (waiting on the driver)
+        "worker_forward_s": round(stats[0].forward_s, 2),
+        "worker_idle_s": round(stats[0].idle_s, 2),
+        "worker_steps": stats[0].steps,
     }
     if name.startswith("pp"):
         # per stage (tp-rank-0 of each): idle between steps, blocked in recv on the previous

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from shoal.engine.plan import SAMPLING_EPS, SamplingOptions
+from shoal.models.ops import fused
 from shoal.worker.structured_output import RequestGrammar, apply_grammars
 
 _MASK64 = (1 << 64) - 1
@@ -171,6 +172,11 @@ class SamplingState:
         num_distinct = len(self._out_slot)
         # views of the bookkeeping arrays: valid until the next call
         return self._out_ids[:num_distinct], self._out_counts[:num_distinct]
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """Row argmax of float32 [N, V]: the fused CPU kernel where it runs, else torch's."""
+    return fused.argmax_rows(x) if fused.fused_ops_on(x) else x.argmax(-1)
 
 
 @dataclass
@@ -434,14 +440,14 @@ class Sampler:
         processed = self._process(logits, states)  # [N, V]
         greedy = [s.is_greedy for s in states]
         if all(greedy):
-            token_ids = processed.argmax(-1)  # [N]
+            token_ids = _argmax(processed)  # [N]
         elif not any(greedy):
             token_ids = self._sample_random(processed, states)
         else:
             device = logits.device
             token_ids = torch.empty(len(states), dtype=torch.int64, device=device)
             rows = torch.tensor([i for i, g in enumerate(greedy) if g], device=device)
-            token_ids[rows] = processed[rows].argmax(-1)
+            token_ids[rows] = _argmax(processed[rows])
             random_rows = [i for i, g in enumerate(greedy) if not g]
             rows = torch.tensor(random_rows, device=device)
             out = self._buffer(1, len(random_rows), logits.shape[1], device)

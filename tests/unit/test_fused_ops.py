@@ -116,3 +116,19 @@ def test_cached_attention_writes_new_rows_then_attends(dtype):
     with pytest.raises(RuntimeError, match="outside the cache"):
         pa.cached_attention(q, kv[0], kv[1], cache[0], cache[1], torch.tensor([0, 1, 24]),
                             table, qstart, ctx, 0.25, 0)
+
+
+@pytest.mark.parametrize("shape", [(24, 49152), (1, 17), (3, 7), (5, 16), (2, 33)])
+def test_argmax_rows_equals_torch(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1]))
+    assert torch.equal(fused.argmax_rows(x), x.argmax(-1))
+
+
+def test_argmax_rows_ties_and_nan_as_torch():
+    x = torch.randn(4, 100)
+    x[0, 10:] = 9.0  # a tie: the first index
+    x[1, 50] = x[1, 70] = float("nan")  # NaN is the maximum: the first NaN
+    x[2, 3:] = 5.0
+    x[3, 98] = float("nan")  # in the scalar tail
+    assert torch.equal(fused.argmax_rows(x), x.argmax(-1))
+    assert fused.argmax_rows(x).tolist() == [10, 50, 3, 98]

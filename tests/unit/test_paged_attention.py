@@ -122,3 +122,15 @@ def test_reference_matches_gather_sdpa_layer(window):
     out = layer(q.reshape(len(q), -1), k_new.reshape(len(q), -1), v_new.reshape(len(q), -1), meta)
     ref = pa.paged_attention_reference(q, kc, vc, table, starts, ctx, dim**-0.5, window)
     torch.testing.assert_close(out.view_as(ref), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_reads_strided_queries_in_place():
+    # q as the models pass it: the q part of fused qkv rows (token stride > Hq * Dk)
+    query_lens, num_computed = [1, 7, 1], [30, 12, 0]
+    q, kc, vc, table, starts, ctx, _ = _batch(query_lens, num_computed, 16, 6, 2, 32)
+    qkv = torch.randn(q.shape[0], 10, 32)
+    qkv[:, :6] = q
+    args = (table, starts, ctx, 0.2, None)
+    torch.testing.assert_close(pa.paged_attention(qkv[:, :6], kc, vc, *args),
+                               pa.paged_attention(q, kc, vc, *args), rtol=0, atol=0)

@@ -1,5 +1,6 @@
 // Fused elementwise CPU kernels of the eager forward: RMSNorm (alone, or with the residual
-// add before it), rotary embedding in place (GPT-NeoX "rotate half"), and SiLU(gate) * up.
+// add before it), rotary embedding in place (GPT-NeoX "rotate half"), SiLU(gate) * up,
+// and the greedy sampler's row argmax.
 //
 // Each replaces a chain of eager torch ops (RMSNorm alone is eight of them: a cast, pow,
 // mean, add, rsqrt, mul, a cast back and the weight's mul), so a decode step of a small
@@ -234,7 +235,52 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   return out;
 }
 
+// Index of each row's maximum of x [N, V] float32 (the first one; a NaN counts as the
+// maximum, as torch.argmax): 16 lanes keep their best value and index in one pass.
+at::Tensor argmax_rows(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) > 0 && x_in.scalar_type() == at::kFloat &&
+                  x_in.device().is_cpu(),
+              "argmax_rows: x must be a non-empty float32 [N, V] CPU tensor");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.size(0), vocab = x.size(1);
+  at::Tensor out = at::empty({n}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  for_rows(n, vocab, [&](int64_t r) {
+    const float* row = xp + r * vocab;
+    vec16 best = splat16(row[0]);
+    i32x16 best_at{}, at_lane;
+    for (int j = 0; j < 16; ++j) at_lane[j] = j;
+    i32x16 nan{};
+    int64_t i = 0;
+    for (; i + 16 <= vocab; i += 16, at_lane += 16) {
+      const vec16 v = load16(row + i);
+      nan |= v != v;
+      const i32x16 better = v > best;
+      best = better ? v : best;
+      best_at = better ? at_lane : best_at;
+    }
+    float m = best[0];
+    int64_t arg = best_at[0];
+    for (int j = 1; j < 16; ++j)
+      if (best[j] > m || (best[j] == m && best_at[j] < arg)) m = best[j], arg = best_at[j];
+    if (i < 16) arg = 0, m = row[0];  // no whole vector: the scalar tail decides
+    bool has_nan = false;
+    for (int j = 0; j < 16; ++j) has_nan |= nan[j] != 0;
+    for (; i < vocab; ++i) {
+      has_nan |= row[i] != row[i];
+      if (row[i] > m) m = row[i], arg = i;
+    }
+    if (has_nan)
+      for (arg = 0; row[arg] == row[arg]; ++arg) {
+      }
+    op[r] = arg;
+  });
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(shoal, m) {
+  m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
   m.def("rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, "
@@ -247,4 +293,5 @@ TORCH_LIBRARY_IMPL(shoal, CPU, m) {
   m.impl("fused_add_rms_norm", &fused_add_rms_norm);
   m.impl("rotary_embedding", &rotary_embedding);
   m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("argmax_rows", &argmax_rows);
 }

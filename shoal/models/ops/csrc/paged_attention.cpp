@@ -13,7 +13,7 @@
 // vdpbf16ps where AVX512-BF16 exists. AVX-512 code is guarded by __AVX512F__ /
 // __AVX512BF16__; elsewhere (AVX2, NEON) portable vector-extension code does the same.
 //
-// Shapes: q [T, Hq, Dk]; k_cache [P, S, Hkv, Dk], v_cache [P, S, Hkv, Dv] (any strides,
+// Shapes: q [T, Hq, Dk] (any token/head strides); k_cache [P, S, Hkv, Dk], v_cache [P, S, Hkv, Dv] (any strides,
 // last dim contiguous: MLA passes two views of one latent cache); page_table [B, maxP];
 // query_start [B + 1]; context_lens [B] (cached + new tokens). Returns [T, Hq, Dv].
 #include <ATen/ATen.h>
@@ -267,7 +267,8 @@ struct Scratch {
 };
 
 template <typename T>
-void run_item(const Item& it, const T* q, int64_t hq, const T* kc, const T* vc,
+void run_item(const Item& it, const T* q, int64_t qs0, int64_t qs1, int64_t hq, const T* kc,
+              const T* vc,
               const int64_t ks[3], const int64_t vs[3], int64_t page_size, int64_t dk,
               int64_t dv, const int64_t* pages, int64_t pos_first, int64_t group, float scale,
               int64_t window, T* out, Scratch& s) {
@@ -281,7 +282,7 @@ void run_item(const Item& it, const T* q, int64_t hq, const T* kc, const T* vc,
   std::fill(acc, acc + nq * dv, 0.f);
   float* kt = Scratch::at_least(s.kt, dk * kBlock);
   auto q_row = [&](int64_t row) {  // row = i * group + j
-    return q + ((it.t_begin + row / group) * hq + h * group + row % group) * dk;
+    return q + (it.t_begin + row / group) * qs0 + (h * group + row % group) * qs1;
   };
   auto key_block = [&](int64_t page, int64_t off) { return kc + page * ks[0] + off * ks[1] + h * ks[2]; };
   bool scored = false;
@@ -365,7 +366,8 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k_cache,
   TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
               "paged_attention: cache rows must be contiguous");
   TORCH_CHECK(k_cache.size(3) == q_in.size(2), "paged_attention: key and query sizes differ");
-  const at::Tensor q = q_in.contiguous();
+  // q may be a view of fused qkv rows: any token and head strides, contiguous head dims
+  const at::Tensor q = q_in.stride(2) == 1 ? q_in : q_in.contiguous();
   const at::Tensor table = page_table_in.to(at::kLong).contiguous();
   const at::Tensor qstart = query_start_in.to(at::kLong).contiguous();
   const at::Tensor ctx = context_lens_in.to(at::kLong).contiguous();
@@ -407,8 +409,8 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k_cache,
         const Item& it = items[i];
         const int64_t len = qs[it.seq + 1] - qs[it.seq];
         const int64_t pos_first = cl[it.seq] - len + (it.t_begin - qs[it.seq]);
-        run_item<scalar_t>(it, qp, hq, kp, vp, ks, vs, page_size, q.size(2), v_cache.size(3),
-                           tp + it.seq * max_pages, pos_first, group, static_cast<float>(scale),
+        run_item<scalar_t>(it, qp, q.stride(0), q.stride(1), hq, kp, vp, ks, vs, page_size,
+                           q.size(2), v_cache.size(3), tp + it.seq * max_pages, pos_first, group, static_cast<float>(scale),
                            window, op, scratch);
       }
     });
