@@ -21,6 +21,7 @@ from torch import nn
 from shoal.config import DTYPES
 from shoal.models.attention import AttentionMetadata, PagedAttention, StepTensors
 from shoal.models.kv_spec import KVCacheSpec
+from shoal.models.layer_loop import LayerLoop
 from shoal.models.ops import fused
 from shoal.models.rope import RotaryEmbedding, rope_parameters
 from shoal.moe.experts import ACTIVATIONS
@@ -302,6 +303,9 @@ class LlamaForCausalLM(nn.Module):
         )
         self.loaded_bytes = 0
         self.compiled: Any = None  # a CompiledForward (shoal.models.compiled), or None
+        # every layer in one C++ call where it applies (shoal.models.layer_loop); built on
+        # the first forward after the KV cache is bound (False: not built yet)
+        self._layer_loop: LayerLoop | None | bool = False
 
     @classmethod
     def attention_flags(cls, config: Any) -> AttentionFlags:
@@ -331,6 +335,7 @@ class LlamaForCausalLM(nn.Module):
                     f"[2, pages, page_size, {attn.num_kv_heads}, {attn.head_dim}]"
                 )
             attn.kv_cache = cache
+        self._layer_loop = False
 
     def forward(
         self,
@@ -360,8 +365,15 @@ class LlamaForCausalLM(nn.Module):
         else:
             assert intermediate is not None, "a later pipeline stage needs intermediate tensors"
             hidden, residual = intermediate.hidden_states, intermediate.residual
-        for layer in self.model.layers:
-            hidden, residual = layer(positions, hidden, residual, meta)
+        loop = self._layer_loop
+        if loop is False:
+            loop = self._layer_loop = LayerLoop.build(
+                self, (LlamaDecoderLayer, LlamaAttention, LlamaMLP))
+        if loop is not None and loop.runs(meta, hidden):
+            hidden, residual = loop(positions, hidden, residual, meta)
+        else:
+            for layer in self.model.layers:
+                hidden, residual = layer(positions, hidden, residual, meta)
         if self.model.norm is None:
             return IntermediateTensors(hidden, residual)
         hidden, _ = self.model.norm(hidden, residual)

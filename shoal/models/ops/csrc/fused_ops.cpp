@@ -15,10 +15,15 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "vec16.h"
 
@@ -279,6 +284,105 @@ at::Tensor argmax_rows(const at::Tensor& x_in) {
   return out;
 }
 
+// ---- the decoder-layer loop ------------------------------------------------------------
+//
+// Every layer of a Llama-layout dense model (tp = 1) in one call: the same ops, in the
+// same order, as the modules' eager forward (shoal/models/llama.py), without the ~15
+// Python-level calls per layer between them. Linears run through oneDNN's prepacked
+// bf16 path (mkldnn::_linear_pointwise, as shoal/parallel/linear.py) or at::linear, and
+// attention through shoal::cached_attention (the other kernel library), both found
+// in the dispatcher.
+
+namespace {
+
+at::Tensor run_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                      bool packed) {
+  if (!packed) return at::linear(x, w, b);
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack;
+  stack.reserve(6);
+  stack.emplace_back(x.contiguous());
+  stack.emplace_back(w);
+  stack.emplace_back(b.has_value() ? c10::IValue(*b) : c10::IValue());
+  stack.emplace_back(std::string("none"));
+  stack.emplace_back(c10::List<std::optional<at::Scalar>>());
+  stack.emplace_back(std::string(""));
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+std::optional<at::Tensor> item(const c10::List<std::optional<at::Tensor>>& list, size_t i) {
+  std::optional<at::Tensor> t = list.get(i);
+  return t.has_value() && t->defined() ? t : std::nullopt;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> decoder_layers(
+    const at::Tensor& hidden_in, const std::optional<at::Tensor>& residual_in,
+    const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+    at::TensorList input_norm, at::TensorList post_norm, at::TensorList qkv_w,
+    const c10::List<std::optional<at::Tensor>>& qkv_b, at::TensorList o_w,
+    const c10::List<std::optional<at::Tensor>>& o_b, at::TensorList gate_up_w,
+    const c10::List<std::optional<at::Tensor>>& gate_up_b, at::TensorList down_w,
+    const c10::List<std::optional<at::Tensor>>& down_b,
+    const c10::List<std::optional<at::Tensor>>& q_norm,
+    const c10::List<std::optional<at::Tensor>>& k_norm, at::TensorList k_cache,
+    at::TensorList v_cache, at::IntArrayRef windows, const at::Tensor& slot_mapping,
+    const at::Tensor& page_table, const at::Tensor& query_start, const at::Tensor& context_lens,
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double scale, double eps,
+    bool packed) {
+  const size_t layers = input_norm.size();
+  TORCH_CHECK(post_norm.size() == layers && qkv_w.size() == layers && qkv_b.size() == layers &&
+                  o_w.size() == layers && o_b.size() == layers && gate_up_w.size() == layers &&
+                  gate_up_b.size() == layers && down_w.size() == layers &&
+                  down_b.size() == layers && q_norm.size() == layers &&
+                  k_norm.size() == layers && k_cache.size() == layers &&
+                  v_cache.size() == layers && windows.size() == layers,
+              "decoder_layers: one entry per layer in every list");
+  TORCH_CHECK(hidden_in.dim() == 2 && hidden_in.size(0) > 0,
+              "decoder_layers: hidden must be a non-empty [T, H]");
+  static const auto attend =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("shoal::cached_attention", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                            int64_t)>();
+  const int64_t tokens = hidden_in.size(0);
+  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  at::Tensor hidden = hidden_in;
+  at::Tensor residual = residual_in.has_value() ? *residual_in : at::Tensor();
+  for (size_t l = 0; l < layers; ++l) {
+    if (!residual.defined()) {
+      residual = hidden;
+      hidden = rms_norm(hidden, input_norm[l], eps);
+    } else {
+      fused_add_rms_norm(hidden, residual, input_norm[l], eps);
+    }
+    const at::Tensor qkv = run_linear(hidden, qkv_w[l], item(qkv_b, l), packed);
+    at::Tensor q = qkv.narrow(1, 0, q_size);
+    at::Tensor k = qkv.narrow(1, q_size, kv_size);
+    const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size);
+    if (const auto qn = item(q_norm, l)) {  // Qwen3: RMSNorm over each head before RoPE
+      q = rms_norm(q.view({tokens, num_heads, head_dim}), *qn, eps).view({tokens, q_size});
+      k = rms_norm(k.view({tokens, num_kv_heads, head_dim}), *item(k_norm, l), eps)
+              .view({tokens, kv_size});
+    }
+    rotary_embedding(positions, q, k, cos, sin, head_dim);
+    const at::Tensor attn =
+        attend.call(q.view({tokens, num_heads, head_dim}), k.view({tokens, num_kv_heads, head_dim}),
+                    v.view({tokens, num_kv_heads, head_dim}), k_cache[l], v_cache[l],
+                    slot_mapping, page_table, query_start, context_lens, scale, windows[l]);
+    hidden = run_linear(attn.view({tokens, q_size}), o_w[l], item(o_b, l), packed);
+    fused_add_rms_norm(hidden, residual, post_norm[l], eps);
+    const at::Tensor gate_up = run_linear(hidden, gate_up_w[l], item(gate_up_b, l), packed);
+    hidden = run_linear(silu_and_mul(gate_up), down_w[l], item(down_b, l), packed);
+  }
+  return {hidden, residual};
+}
+
 TORCH_LIBRARY_FRAGMENT(shoal, m) {
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -286,6 +390,14 @@ TORCH_LIBRARY_FRAGMENT(shoal, m) {
   m.def("rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, "
         "int head_dim) -> ()");
   m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("decoder_layers(Tensor hidden, Tensor? residual, Tensor positions, Tensor cos, "
+        "Tensor sin, Tensor[] input_norm, Tensor[] post_norm, Tensor[] qkv_w, Tensor?[] qkv_b, "
+        "Tensor[] o_w, Tensor?[] o_b, Tensor[] gate_up_w, Tensor?[] gate_up_b, Tensor[] down_w, "
+        "Tensor?[] down_b, Tensor?[] q_norm, "
+        "Tensor?[] k_norm, Tensor[] k_cache, Tensor[] v_cache, int[] windows, "
+        "Tensor slot_mapping, Tensor page_table, Tensor query_start, Tensor context_lens, "
+        "int num_heads, int num_kv_heads, int head_dim, float scale, float eps, bool packed) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(shoal, CPU, m) {
@@ -294,4 +406,8 @@ TORCH_LIBRARY_IMPL(shoal, CPU, m) {
   m.impl("rotary_embedding", &rotary_embedding);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("decoder_layers", &decoder_layers);
 }
+
+// prepacked oneDNN weights among the arguments dispatch the loop to the MkldnnCPU key
+TORCH_LIBRARY_IMPL(shoal, MkldnnCPU, m) { m.impl("decoder_layers", &decoder_layers); }
