@@ -9,7 +9,8 @@ order as the modules (same kernels, so the same numbers) without returning to Py
 It applies where the modules would run exactly those ops: CPU, the C++ kernels built,
 tp = 1 (no collectives between the ops), every layer a plain Llama decoder layer
 (Llama, Mistral, SmolLM2, Qwen2, Qwen3; not MoE or MLA) with a SiLU MLP, no forward
-hooks on them (a KV connector's per-layer hooks), outside ``torch.compile``, and RoPE
+hooks on them (a KV connector's per-layer hooks), outside ``torch.compile`` (the caller
+checks), and RoPE
 whose table does not depend on the step (``dynamic`` beyond its original length does).
 Elsewhere the modules' own forward runs. Built lazily after the KV cache is bound.
 """
@@ -125,9 +126,7 @@ class LayerLoop:
         if not isinstance(meta, AttentionMetadata) or hidden.shape[0] == 0:
             return False
         rotary = self.rotary
-        if rotary.rope_type == "dynamic" and meta.max_context_len > rotary.max_position:
-            return False
-        return not torch.compiler.is_compiling()
+        return rotary.rope_type != "dynamic" or meta.max_context_len <= rotary.max_position
 
     def __call__(self, positions: torch.Tensor, hidden: torch.Tensor,
                  residual: torch.Tensor | None,

@@ -365,7 +365,7 @@ class LlamaForCausalLM(nn.Module):
         else:
             assert intermediate is not None, "a later pipeline stage needs intermediate tensors"
             hidden, residual = intermediate.hidden_states, intermediate.residual
-        loop = self._layer_loop
+        loop = None if torch.compiler.is_compiling() else self._layer_loop
         if loop is False:
             loop = self._layer_loop = LayerLoop.build(
                 self, (LlamaDecoderLayer, LlamaAttention, LlamaMLP))

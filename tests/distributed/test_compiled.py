@@ -77,12 +77,15 @@ def _on_ranks(ctx: ParallelContext, ckpt: str, config) -> dict:
     return {"generated": generated, "logits": logits}
 
 
-# The compiled step is opt-in (SHOAL_COMPILE=1). Its tp2 layout failed in the last
-# full run of the session that wrote it (not yet diagnosed): kept out of CI until fixed.
-@pytest.mark.skipif(os.environ.get("SHOAL_TEST_COMPILED_MULTIRANK") != "1",
-                    reason="compiled tp2/pp2 is opt-in and under repair; "
-                           "SHOAL_TEST_COMPILED_MULTIRANK=1 runs it")
-@pytest.mark.parametrize("sizes", [{"tp": 2}, {"pp": 2}])
+# The compiled step is opt-in (SHOAL_COMPILE=1). At tp2 dynamo fails while tracing a
+# frame resumed after the all-reduce's graph break (a fake-tensor shape mismatch in
+# RMSNorm, not yet diagnosed): kept out of CI until fixed.
+TP2_UNDER_REPAIR = pytest.mark.skipif(
+    os.environ.get("SHOAL_TEST_COMPILED_MULTIRANK") != "1",
+    reason="compiled tp2 is opt-in and under repair; SHOAL_TEST_COMPILED_MULTIRANK=1 runs it")
+
+
+@pytest.mark.parametrize("sizes", [pytest.param({"tp": 2}, marks=TP2_UNDER_REPAIR), {"pp": 2}])
 def test_compiled_tp2_and_pp2_match_transformers(tmp_path, sizes):
     ckpt = tiny_checkpoint("llama", tmp_path, num_hidden_layers=3, **SMOL_SHAPE)
     results = run_distributed(_on_ranks, 2, ckpt, plain_config(ckpt), timeout_s=600,

@@ -36,7 +36,8 @@ def fused_ops_available() -> bool:
 
 def fused_ops_on(x: torch.Tensor) -> bool:
     """Whether an op on ``x`` runs the fused C++ kernels."""
-    return x.device.type == "cpu" and fused_ops_available() and not torch.compiler.is_compiling()
+    # is_compiling first: under torch.compile the rest is never traced
+    return not torch.compiler.is_compiling() and x.device.type == "cpu" and fused_ops_available()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
