@@ -37,10 +37,10 @@ def one_start(model: str, cache_dir: str, compiled: bool, label: str) -> dict:
     env = {"SHOAL_CACHE_DIR": cache_dir}
     if compiled:
         env["SHOAL_COMPILE"] = "1"
-    server = ServerProcess([model, "--kv-cache-memory", str(256 << 20)], env=env,
+    server = ServerProcess(["--model", model, "--kv-cache-memory", str(256 << 20)], env=env,
                            startup_timeout_s=900)
     began = time.perf_counter()
-    with server.start():
+    with server:  # starts it, waits for /health, stops it after
         healthy = time.perf_counter() - began
         first = first_completion_s(server.url, model)
     return {"start": label, "compiled": compiled, "healthy_s": round(healthy, 2),

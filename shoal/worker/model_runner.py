@@ -33,6 +33,7 @@ from shoal.engine.plan import NewRequestData, StepPlan, StepResult
 from shoal.models.attention import AttentionMetadata
 from shoal.models.compiled import compile_model
 from shoal.models.ops.build import kernels_enabled
+from shoal.models.ops.fused import fused_ops_available
 from shoal.models.ops.paged_attention import kernel_available
 from shoal.models.registry import build_model
 from shoal.parallel.context import ParallelContext
@@ -101,8 +102,9 @@ class ModelRunner:
             self.model = build_model(self.hf_config, ctx, self.dtype, pp_layer_partition=partition)
         self.model.load_weights(args.model)
         self.model.eval()
-        if self.device.type == "cpu":
-            kernel_available()  # build/load the C++ kernel now, not inside the first timed step
+        if self.device.type == "cpu":  # build/load the C++ kernels now, not in the first step
+            kernel_available()
+            fused_ops_available()
         # compiled forward: measured no faster than eager here yet, with a cold compile of
         # about a minute per worker, so opt-in (SHOAL_COMPILE=1) until it wins
         self.compiled: bool = compile_model(

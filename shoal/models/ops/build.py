@@ -28,10 +28,12 @@ logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 # -fopenmp: ATen's parallel_for is inline OpenMP code; the extension then resolves
 # libgomp.so.1 to the copy torch has already loaded, so both share one thread pool.
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-DNDEBUG"]
-LDFLAGS = ["-fopenmp"]
+# tuples: torch's cpp_extension.load extends the flag lists it is given in place (a
+# shared list once leaked its additions into the next kernel's build hash)
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-DNDEBUG")
+LDFLAGS = ("-fopenmp",)
 # fused_ops rounds where the torch ops it replaces round: no FMA contraction there
-EXTRA_CFLAGS = {"fused_ops": ["-ffp-contract=off"]}
+EXTRA_CFLAGS = {"fused_ops": ("-ffp-contract=off",)}
 
 
 class KernelBuildError(ShoalError):
@@ -75,7 +77,7 @@ def load_kernel(name: str) -> None:
     """Build (first use) and load ``csrc/<name>.cpp``, which registers ``torch.ops.shoal.*``."""
     source = CSRC / f"{name}.cpp"
     _compiler()
-    cflags = CFLAGS + EXTRA_CFLAGS.get(name, [])
+    cflags = CFLAGS + EXTRA_CFLAGS.get(name, ())
 
     digest = hashlib.sha256()
     headers = [h.read_bytes() for h in sorted(CSRC.glob("*.h"))]  # shared by every kernel
@@ -100,8 +102,8 @@ def load_kernel(name: str) -> None:
         cpp_extension.load(
             name=f"shoal_{name}_{tag}",
             sources=[str(source)],
-            extra_cflags=cflags,
-            extra_ldflags=LDFLAGS,
+            extra_cflags=list(cflags),
+            extra_ldflags=list(LDFLAGS),
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=False,
