@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
+import psutil
 import pytest
 import yaml
 
@@ -251,3 +256,57 @@ def test_a_placement_that_fits_only_later_waits_the_timeout_then_fails(serve_clu
     assert "--placement-timeout" in str(info.value)
     pending = [g for g in ray.util.placement_group_table().values() if g["state"] == "PENDING"]
     assert pending == [], pending  # the waiting group was removed
+
+
+def _stream(url: str, prompt: list[int], max_tokens: int, out: list[str]) -> None:
+    """One streaming greedy completion; its text pieces (or an error marker) into ``out``."""
+    body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    try:
+        with httpx.Client(timeout=300) as http, \
+                http.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    event = json.loads(line[len("data: "):])
+                    out.extend(c["text"] for c in event.get("choices", []))
+    except httpx.HTTPError as exc:
+        out.append(f"<transport error {exc!r}>")
+
+
+def _core_processes() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"])
+            if "shoal.frontend.core_main" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_replica_engine_core_killed_mid_stream_is_replaced(client, serve_url):
+    """kill -9 of the replica's engine-core process during 4 streams: the replica's API
+    server starts a new core (its workers re-placed in the replica's group) and every
+    stream finishes with the text of a run without the kill."""
+    prompts = [[5, 17, 33, 2, 99, 150], [7, 7, 8], [120, 3, 44, 61], [42, 43]]
+    max_tokens = 24
+    expected = [client.completions.create(model=NAME, prompt=p, max_tokens=max_tokens,
+                                          temperature=0.0, extra_body={"ignore_eos": True})
+                .choices[0].text for p in prompts]
+    (core,) = _core_processes()
+    outs: list[list[str]] = [[] for _ in prompts]
+    threads = [threading.Thread(target=_stream, args=(serve_url, p, max_tokens, o), daemon=True)
+               for p, o in zip(prompts, outs)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while not all(len(o) >= 2 for o in outs):
+        assert time.monotonic() < deadline, [len(o) for o in outs]
+        time.sleep(0.02)
+    core.send_signal(signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads)
+    assert ["".join(o) for o in outs] == expected
+    replacements = _core_processes()
+    assert len(replacements) == 1 and replacements[0].pid != core.pid
+    # and the replica serves new requests as before
+    again = client.completions.create(model=NAME, prompt=prompts[0], max_tokens=max_tokens,
+                                      temperature=0.0, extra_body={"ignore_eos": True})
+    assert again.choices[0].text == expected[0]
