@@ -184,3 +184,76 @@ def test_null_model_tp2_accepts_and_rejects(speculative):
     assert outputs == {i: [p[-1] + 1 + j for j in range(12)] for i, p in enumerate(prompts)}
     if speculative is not None:
         assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+
+
+def _sample_outcomes(checkpoint, prompt, num, temperature, speculative=None):
+    """The 3-token continuations of ``num`` seeded top-k samples of one prompt, counted."""
+    config = EngineConfig(
+        model=ModelConfig(model=checkpoint, dtype="float32"),
+        cache=CacheConfig(page_size=16, kv_cache_memory=1 << 26),
+        scheduler=SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=8192),
+        executor=ExecutorConfig(threads_per_worker=1),
+        speculative=speculative or SpeculativeConfig(),
+    )
+    engine = LLMEngine(config)
+    counts: dict[tuple, int] = {}
+    try:
+        for i in range(num):
+            engine.add_request(str(i), prompt, SamplingParams(
+                temperature=temperature, top_k=3, seed=1000 + i, max_tokens=3, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    key = tuple(out.outputs[0].token_ids)
+                    counts[key] = counts.get(key, 0) + 1
+        return counts, engine.stats()
+    finally:
+        engine.shutdown()
+
+
+def _same_distribution_p(a: dict, b: dict) -> float:
+    """p-value of a two-sample chi-square test that ``a`` and ``b`` (equal totals) come
+    from one distribution; bins under 10 counts pooled; Wilson-Hilferty's tail."""
+    import math
+
+    keys = sorted(set(a) | set(b))
+    bins, rest = [], [0, 0]
+    for k in keys:
+        pair = (a.get(k, 0), b.get(k, 0))
+        if sum(pair) < 10:
+            rest = [rest[0] + pair[0], rest[1] + pair[1]]
+        else:
+            bins.append(pair)
+    if sum(rest):
+        bins.append(tuple(rest))
+    stat = sum((x - y) ** 2 / (x + y) for x, y in bins)
+    df = len(bins) - 1
+    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def test_sampled_ngram_output_follows_the_target_distribution(checkpoint):
+    """Engine level, end to end: top-k sampled continuations with n-gram drafts have the
+    distribution of those without (two-sample chi-square over 3-token outcomes); the same
+    test flags a shift of 4% of the samples onto one outcome, what a sampler accepting
+    drafts too often would produce (it has the power to fail)."""
+    # a prompt of the model's own greedy chain: sampled tokens often repeat a part of it,
+    # so prompt lookup proposes drafts that are sometimes accepted and sometimes not
+    chain, _ = run(checkpoint, [SamplingParams(temperature=0.0, max_tokens=40,
+                                               ignore_eos=True)] * 4)
+    prompt = [5, 17, 42, 99] * 4 + list(chain[0][0][0])
+    num = 3000
+    plain, _ = _sample_outcomes(checkpoint, prompt, num, 1.0)
+    spec, stats = _sample_outcomes(checkpoint, prompt, num, 1.0, NGRAM)
+    assert stats.num_draft_tokens > 1000 and 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    assert _same_distribution_p(plain, spec) > 1e-3, (plain, spec)
+    biased = dict(spec)
+    top = max(biased, key=biased.get)
+    moved = 0
+    for key in sorted(biased, key=biased.get):  # take 4% from the rarest outcomes
+        take = min(biased[key], num * 4 // 100 - moved)
+        if key != top and take > 0:
+            biased[key] -= take
+            moved += take
+    biased[top] += moved
+    assert _same_distribution_p(plain, biased) < 1e-3
