@@ -64,6 +64,10 @@ class ServerProcess:
             return f.read().decode("utf-8", "replace")
 
     def start(self) -> ServerProcess:
+        if self.proc is not None and self.proc.poll() is None:
+            # a second launch would orphan the first (``with server.start():`` starts twice)
+            raise RuntimeError("this ServerProcess is already running: use "
+                               "`with ServerProcess(...) as server:` or start(), not both")
         cmd = [sys.executable, "-m", "shoal.cli", "serve", "--host", self.host,
                "--port", str(self.port), *self.args]
         self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL,
