@@ -132,3 +132,29 @@ def test_argmax_rows_ties_and_nan_as_torch():
     x[3, 98] = float("nan")  # in the scalar tail
     assert torch.equal(fused.argmax_rows(x), x.argmax(-1))
     assert fused.argmax_rows(x).tolist() == [10, 50, 3, 98]
+
+
+def test_cached_attention_fresh_bf16_prefill_through_flash_sdpa():
+    # a fresh 80-token bf16 prefill (flash SDPA), beside a decode and a chunk after cached
+    # context (the kernel): all within bf16 tolerance of the float32 reference
+    gen = torch.Generator().manual_seed(7)
+    pages, page_size, hq, hkv, dim = 16, 16, 6, 2, 32
+    cache = torch.zeros(2, pages, page_size, hkv, dim, dtype=torch.bfloat16)
+    cache[:, 10:] = torch.randn(2, 6, page_size, hkv, dim, generator=gen).bfloat16()
+    lens, computed = [80, 1, 20], [0, 30, 40]
+    tables = torch.tensor([[0, 1, 2, 3, 4], [10, 11, 0, 0, 0], [12, 13, 14, 15, 0]])
+    slots = torch.cat([tables[b, (c + torch.arange(n)) // page_size] * page_size
+                       + (c + torch.arange(n)) % page_size
+                       for b, (n, c) in enumerate(zip(lens, computed))])
+    total = sum(lens)
+    q = torch.randn(total, hq, dim, generator=gen).bfloat16()
+    kv = torch.randn(2, total, 3 * hkv, dim, generator=gen).bfloat16()[:, :, :hkv]
+    qstart = torch.tensor([0, 80, 81, 101])
+    ctx = torch.tensor([n + c for n, c in zip(lens, computed)])
+    out = pa.cached_attention(q, kv[0], kv[1], cache[0], cache[1], slots, tables, qstart, ctx,
+                              0.2, 0)
+    ref = pa.paged_attention_reference(q.float(), cache[0].float(), cache[1].float(), tables,
+                                       qstart, ctx, 0.2)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    kernel_only = pa.paged_attention(q, cache[0], cache[1], tables, qstart, ctx, 0.2, 0)
+    assert torch.equal(out[80:], kernel_only[80:])  # the other sequences: the kernel's rows

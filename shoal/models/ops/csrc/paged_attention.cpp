@@ -353,10 +353,14 @@ void run_item(const Item& it, const T* q, int64_t qs0, int64_t qs1, int64_t hq, 
 
 }  // namespace
 
-at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k_cache,
-                           const at::Tensor& v_cache, const at::Tensor& page_table_in,
-                           const at::Tensor& query_start_in, const at::Tensor& context_lens_in,
-                           double scale, int64_t window) {
+namespace {
+
+// paged_attention, leaving the output rows of sequences with skip[b] set unwritten
+at::Tensor paged_attention_into(const at::Tensor& q_in, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache, const at::Tensor& page_table_in,
+                                const at::Tensor& query_start_in,
+                                const at::Tensor& context_lens_in, double scale, int64_t window,
+                                const std::vector<char>* skip) {
   TORCH_CHECK(q_in.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4,
               "paged_attention: q [T, Hq, Dk], caches [P, S, Hkv, D]");
   TORCH_CHECK(q_in.device().is_cpu() && k_cache.device().is_cpu(), "paged_attention: CPU only");
@@ -383,6 +387,7 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k_cache,
     const int64_t len = qs[b + 1] - qs[b];
     TORCH_CHECK(len <= cl[b] && (cl[b] + page_size - 1) / page_size <= max_pages,
                 "paged_attention: sequence ", b, " does not fit its context or page table");
+    if (skip != nullptr && (*skip)[b]) continue;
     for (int64_t t = qs[b]; t < qs[b + 1]; t += kQueryBlock) {
       const int64_t end = std::min(t + kQueryBlock, qs[b + 1]);
       const int64_t last_pos = cl[b] - len + (end - qs[b]) - 1;
@@ -418,7 +423,22 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k_cache,
   return out;
 }
 
+}  // namespace
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& page_table,
+                           const at::Tensor& query_start, const at::Tensor& context_lens,
+                           double scale, int64_t window) {
+  return paged_attention_into(q, k_cache, v_cache, page_table, query_start, context_lens, scale,
+                              window, nullptr);
+}
+
 namespace {
+
+// bf16 prefill chunks with no cached context and at least this many tokens run through
+// torch's flash SDPA (AMX/AVX-512 GEMMs over blocks: about 1.5x this kernel at 512
+// tokens); shorter ones, cached context, windows and float32 stay in the kernel
+constexpr int64_t kFlashMinTokens = 64;
 
 // dst[slot_mapping[t]] = src[t] for the rows [T, H, D] of one cache [P, S, H, D].
 template <typename T>
@@ -464,8 +484,35 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k_new,
     write_rows<scalar_t>(k_new, k_cache, slots);
     if (has_v) write_rows<scalar_t>(*v_new, v_cache, slots);
   });
-  return paged_attention(q, k_cache, v_cache, page_table, query_start, context_lens, scale,
-                         window);
+  // fresh bf16 prefill chunks: their keys and values are exactly k_new/v_new's rows
+  const at::Tensor qstart = query_start.to(at::kLong).contiguous();
+  const at::Tensor ctx = context_lens.to(at::kLong).contiguous();
+  const int64_t* qs = qstart.data_ptr<int64_t>();
+  const int64_t* cl = ctx.data_ptr<int64_t>();
+  std::vector<char> flash(ctx.size(0), 0);
+  bool any_flash = false;
+  if (q.scalar_type() == at::kBFloat16 && has_v && window <= 0 && q.dim() == 3 &&
+      q.size(2) == v_cache.size(3) && qstart.size(0) == ctx.size(0) + 1) {
+    for (int64_t b = 0; b < ctx.size(0); ++b) {
+      const int64_t len = qs[b + 1] - qs[b];
+      flash[b] = len >= kFlashMinTokens && cl[b] == len;
+      any_flash |= flash[b] != 0;
+    }
+  }
+  at::Tensor out = paged_attention_into(q, k_cache, v_cache, page_table, qstart, ctx, scale,
+                                        window, any_flash ? &flash : nullptr);
+  for (int64_t b = 0; any_flash && b < ctx.size(0); ++b) {
+    if (!flash[b]) continue;
+    const int64_t first = qs[b], len = qs[b + 1] - qs[b];
+    auto heads_first = [&](const at::Tensor& t) {  // [len, H, D] -> [1, H, len, D]
+      return t.narrow(0, first, len).transpose(0, 1).unsqueeze(0);
+    };
+    const at::Tensor o = at::scaled_dot_product_attention(
+        heads_first(q), heads_first(k_new), heads_first(*v_new), std::nullopt, 0.0,
+        /*is_causal=*/true, scale, /*enable_gqa=*/q.size(1) != k_new.size(1));
+    out.narrow(0, first, len).copy_(o[0].transpose(0, 1));
+  }
+  return out;
 }
 
 // cached_attention's schema does not declare its cache writes (as vLLM's attention op):
