@@ -176,7 +176,8 @@ class RotaryEmbedding(nn.Module):
         With ``meta``, cos/sin are computed once per forward and shared by all layers.
         On CPU the fused kernel rotates ``q`` and ``k`` in place and returns them.
         """
-        if fused.fused_ops_on(q) and not isinstance(meta, StepTensors) and q.dim() == k.dim() == 2:
+        if (fused.fused_ops_on(q) and not isinstance(meta, StepTensors)
+                and q.dim() == k.dim() == 2 and q.shape[0] > 0):
             max_len = meta.max_context_len if meta is not None else int(positions.max()) + 1
             if self.rope_type != "dynamic" or max_len <= self.max_position:
                 self.ensure(max_len)  # one C++ call rotates q and k in place
