@@ -122,9 +122,11 @@ def _run(args: argparse.Namespace) -> int:
                                      args.num_iters, args.seed or 0)
         _emit({"bench": "latency", **llm_kwargs(args), **result}, args.output_json)
     elif command == "sweep":
-        return sweep.run_sweep_cli(args)
+        print(json.dumps(sweep.run_sweep_cli(args)), flush=True)
+        return 0
     elif command == "plot":
-        return plot.run_plot_cli(args)
+        print(json.dumps(plot.run_plot_cli(args)), flush=True)
+        return 0
     elif command == "plan":
         return planner_cli.run_plan_cli(args)
     return 0

@@ -16,7 +16,6 @@ matplotlib is optional (``pip install 'shoal[bench]'``); it is imported here onl
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -180,8 +179,8 @@ def add_plot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--title", default="", help="appended to every figure's title")
 
 
-def run_plot_cli(args: argparse.Namespace) -> int:
+def run_plot_cli(args: argparse.Namespace) -> dict:
+    """Plot the result files; the summary line the CLI prints."""
     rows = [row for path in args.results for row in read_results(path)]
     paths = plot_all(rows, args.output_dir, args.title)
-    print(json.dumps({"plots": [str(p) for p in paths], "runs": len(rows)}))
-    return 0
+    return {"plots": [str(p) for p in paths], "runs": len(rows)}

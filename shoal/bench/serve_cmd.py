@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
-import sys
 import urllib.request
 
 from shoal.bench.datasets import (
@@ -22,6 +22,8 @@ from shoal.bench.metrics import parse_goodput, parse_metric_names, parse_percent
 from shoal.bench.results import default_filename, now_stamp, save_json
 from shoal.bench.serve_client import BACKENDS
 from shoal.bench.serving import ServeBenchConfig, detailed_fields, run_serve_benchmark
+
+logger = logging.getLogger(__name__)
 
 
 def add_dataset_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
@@ -120,7 +122,7 @@ def bench_serve(args: argparse.Namespace, base_url: str | None = None) -> dict:
     if args.save_result or args.save_detailed:
         name = args.result_filename or default_filename(args.backend, args.request_rate,
                                                         args.max_concurrency, model)
-        print(f"saved {save_json(result, args.result_dir, name)}", file=sys.stderr)
+        logger.info("saved %s", save_json(result, args.result_dir, name))
     return result
 
 

@@ -13,14 +13,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
 from shoal.bench.results import append_jsonl, now_stamp
 from shoal.bench.serve_cmd import bench_serve, serve_parser
 from shoal.serve.launcher import ServerProcess
+
+logger = logging.getLogger(__name__)
 
 _SIZES = {"tensor-parallel-size": "tp", "tp": "tp", "pipeline-parallel-size": "pp",
           "pp": "pp", "data-parallel-size": "dp", "dp": "dp"}
@@ -88,7 +90,7 @@ def run_sweep(serve_params: list[dict], bench_params: list[dict], output: str | 
             for bench_setting in bench_params:
                 args = serve_parser().parse_args([*bench_args, *to_flags(bench_setting),
                                                   "--disable-tqdm"])
-                print(f"sweep: {layout} {bench_setting}", file=sys.stderr)
+                logger.info("sweep: %s %s", layout, bench_setting)
                 result = bench_serve(args, base_url=url)
                 row = {"serve_params": serve_setting, "bench_params": bench_setting,
                        "serve_args": full_serve, "layout": layout, "num_devices": devices,
@@ -115,15 +117,15 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
                    help="JSONL file to append to (default results/sweep-DATE.jsonl)")
 
 
-def run_sweep_cli(args: argparse.Namespace) -> int:
+def run_sweep_cli(args: argparse.Namespace) -> dict:
+    """Run the sweep; the summary line the CLI prints."""
     output = args.output or f"results/sweep-{now_stamp()}.jsonl"
     serve_params, bench_params = load_params(args.serve_params), load_params(args.bench_params)
     rows = run_sweep(serve_params, bench_params, output, serve_args=shlex.split(args.serve_args),
                      bench_args=shlex.split(args.bench_args), base_url=args.base_url)
     for row in rows:
-        print(json.dumps({k: row.get(k) for k in (
+        logger.info("%s", json.dumps({k: row.get(k) for k in (
             "layout", "bench_params", "completed", "output_throughput", "mean_ttft_ms",
-            "mean_tpot_ms")}), file=sys.stderr)
-    print(json.dumps({"sweep": str(output), "runs": len(rows),
-                      "pairs": len(list(itertools.product(serve_params, bench_params)))}))
-    return 0
+            "mean_tpot_ms")}))
+    return {"sweep": str(output), "runs": len(rows),
+            "pairs": len(list(itertools.product(serve_params, bench_params)))}
