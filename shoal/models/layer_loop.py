@@ -125,8 +125,7 @@ class LayerLoop:
         """Whether this step goes through the loop (else through the modules)."""
         if not isinstance(meta, AttentionMetadata) or hidden.shape[0] == 0:
             return False
-        rotary = self.rotary
-        return rotary.rope_type != "dynamic" or meta.max_context_len <= rotary.max_position
+        return self.rotary.static_table(meta.max_context_len)
 
     def __call__(self, positions: torch.Tensor, hidden: torch.Tensor,
                  residual: torch.Tensor | None,

@@ -178,8 +178,8 @@ class RotaryEmbedding(nn.Module):
         """
         if (fused.fused_ops_on(q) and not isinstance(meta, StepTensors)
                 and q.dim() == k.dim() == 2 and q.shape[0] > 0):
-            max_len = meta.max_context_len if meta is not None else int(positions.max()) + 1
-            if self.rope_type != "dynamic" or max_len <= self.max_position:
+            max_len = self._table_length(positions, meta)
+            if self.static_table(max_len):
                 self.ensure(max_len)  # one C++ call rotates q and k in place
                 fused.rotary_embedding(positions, q, k, self._cos, self._sin, self.head_dim)
                 return q, k
@@ -200,11 +200,20 @@ class RotaryEmbedding(nn.Module):
     def _cos_sin(
         self, positions: torch.Tensor, meta: AttentionMetadata | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        max_len = meta.max_context_len if meta is not None else int(positions.max()) + 1
-        if self.rope_type == "dynamic" and meta is not None and max_len > self.max_position:
+        max_len = self._table_length(positions, meta)
+        if meta is not None and not self.static_table(max_len):
             return self._dynamic_cos_sin(positions, meta.token_context_lens)
         self.ensure(max_len)
         return self._cos[positions], self._sin[positions]  # [T, rotary_dim / 2]
+
+    def static_table(self, length: int) -> bool:
+        """Whether contexts up to ``length`` use the fixed cos/sin table (``dynamic``
+        rescales its base past ``max_position_embeddings``)."""
+        return self.rope_type != "dynamic" or length <= self.max_position
+
+    @staticmethod
+    def _table_length(positions: torch.Tensor, meta: AttentionMetadata | None) -> int:
+        return meta.max_context_len if meta is not None else int(positions.max()) + 1
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]

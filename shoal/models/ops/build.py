@@ -115,3 +115,16 @@ def load_kernel(name: str) -> None:
             "SHOAL_DISABLE_KERNELS=1"
         ) from exc
     logger.info("loaded C++ kernel %s from %s", name, build_dir)
+
+
+def kernel_loaded(name: str, fallback: str) -> bool:
+    """:func:`load_kernel` where kernels are enabled; False (a warning saying what runs
+    instead, ``fallback``) when disabled or the build fails. Callers cache the answer."""
+    if not kernels_enabled():
+        return False
+    try:
+        load_kernel(name)
+    except KernelBuildError as exc:
+        logger.warning("C++ kernel %s unavailable, %s instead: %s", name, fallback, exc)
+        return False
+    return True

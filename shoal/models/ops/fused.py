@@ -12,26 +12,16 @@ with ``SHOAL_DISABLE_KERNELS=1``, they keep their torch code.
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 
-from shoal.models.ops.build import KernelBuildError, kernels_enabled, load_kernel
-
-logger = logging.getLogger(__name__)
+from shoal.models.ops.build import kernel_loaded
 
 
 @functools.cache
 def fused_ops_available() -> bool:
     """True once ``fused_ops`` is built and loaded (False, logged, if it cannot be)."""
-    if not kernels_enabled():
-        return False
-    try:
-        load_kernel("fused_ops")
-    except KernelBuildError as exc:
-        logger.warning("fused RMSNorm/rotary/SiLU kernels unavailable, torch ops instead: %s", exc)
-        return False
-    return True
+    return kernel_loaded("fused_ops", "the torch ops")
 
 
 def fused_ops_on(x: torch.Tensor) -> bool:

@@ -24,24 +24,16 @@ on first use by :mod:`shoal.models.ops.build`); it has a fake implementation, so
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 
-from shoal.models.ops.build import KernelBuildError, kernels_enabled, load_kernel
-
-logger = logging.getLogger(__name__)
+from shoal.models.ops.build import kernel_loaded
 
 
 @functools.cache
 def kernel_available() -> bool:
     """True once the C++ kernel is built and loaded (False, logged, if it cannot be)."""
-    if not kernels_enabled():
-        return False
-    try:
-        load_kernel("paged_attention")
-    except KernelBuildError as exc:
-        logger.warning("paged attention falls back to gather + SDPA: %s", exc)
+    if not kernel_loaded("paged_attention", "gather + SDPA"):
         return False
     _register_fake()
     return True
