@@ -132,6 +132,16 @@ def test_launch_scripts_parse(script):
     subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True, timeout=30)
 
 
+def stop_launcher(launcher: subprocess.Popen, log) -> None:
+    """Kill what is left of the launcher's process group, show its log's tail, close it."""
+    if launcher.poll() is None:
+        os.killpg(launcher.pid, 9)
+        launcher.wait()
+    log.seek(0)
+    print(log.read()[-4000:])
+    log.close()
+
+
 def run_with_launcher(script: str, env: dict, tmp_path, port: int) -> None:
     """Run ``launch/<script>`` (headless workers), drive them with an LLM, compare with HF."""
     from shoal import LLM, SamplingParams
@@ -156,12 +166,7 @@ def run_with_launcher(script: str, env: dict, tmp_path, port: int) -> None:
         assert sorted(w.rank for w in workers) == [0, 1]
         assert launcher.wait(timeout=120) == 0, "the launcher did not exit cleanly"
     finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, 9)
-            launcher.wait()
-        log.seek(0)
-        print(log.read()[-4000:])
-        log.close()
+        stop_launcher(launcher, log)
 
 
 def test_torchrun_starts_headless_workers(tmp_path):
@@ -237,9 +242,4 @@ def test_torchrun_restarts_a_killed_worker_and_the_requests_finish(tmp_path):
         assert not set(first_pids) & set(last_pids)
         assert launcher.wait(timeout=120) == 0, "the launcher did not exit cleanly"
     finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, 9)
-            launcher.wait()
-        log.seek(0)
-        print(log.read()[-4000:])
-        log.close()
+        stop_launcher(launcher, log)

@@ -133,6 +133,14 @@ def next_json(lines: queue.Queue, timeout_s: float) -> dict:
             return json.loads(line)
 
 
+def show_logs(tmp_path) -> None:
+    """The tails of the driver's and the workers' logs (pytest shows them on failure)."""
+    for name in ("driver.log", "worker0.log", "worker1.log"):
+        path = tmp_path / name
+        if path.exists():
+            print(f"--- {name}\n{path.read_text()[-3000:]}")
+
+
 def test_driver_and_workers_on_two_hosts(tmp_path, two_hosts):
     ns_d, ns_w, ip_d, ip_w, veth_d = two_hosts
     ckpt = tiny_checkpoint("llama", tmp_path)
@@ -179,10 +187,7 @@ def test_driver_and_workers_on_two_hosts(tmp_path, two_hosts):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        for name in ("driver.log", "worker0.log", "worker1.log"):
-            path = tmp_path / name
-            if path.exists():
-                print(f"--- {name}\n{path.read_text()[-3000:]}")
+        show_logs(tmp_path)
 
 
 RECOVERING_DRIVER = textwrap.dedent("""
@@ -292,7 +297,4 @@ def test_link_down_then_up_the_group_is_replaced_and_requests_finish(tmp_path, t
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        for name in ("driver.log", "worker0.log", "worker1.log"):
-            path = tmp_path / name
-            if path.exists():
-                print(f"--- {name}\n{path.read_text()[-3000:]}")
+        show_logs(tmp_path)
