@@ -269,7 +269,6 @@ at::Tensor argmax_rows(const at::Tensor& x_in) {
     int64_t arg = best_at[0];
     for (int j = 1; j < 16; ++j)
       if (best[j] > m || (best[j] == m && best_at[j] < arg)) m = best[j], arg = best_at[j];
-    if (i < 16) arg = 0, m = row[0];  // no whole vector: the scalar tail decides
     bool has_nan = false;
     for (int j = 0; j < 16; ++j) has_nan |= nan[j] != 0;
     for (; i < vocab; ++i) {
