@@ -415,8 +415,10 @@ class ModelRunner:
                 f"request {ids[i]} runs up to token {int(end[i])} but holds only "
                 f"{int(table.num_pages[slots[i]])} pages of {self.page_size}")
         max_pages = -(-int(end.max(initial=0)) // self.page_size)
-        batch = _Batch(input_ids=input_ids, query_lens=n, computed=start,
-                       tables=table.pages[slots, :max_pages])
+        tables = table.pages[slots, :max_pages]
+        # past its own pages a row holds what an earlier request left: pad with page 0
+        tables[np.arange(max_pages) >= table.num_pages[slots][:, None]] = 0
+        batch = _Batch(input_ids=input_ids, query_lens=n, computed=start, tables=tables)
         table.num_computed[slots] = end
         last_rows = np.cumsum(n) - 1
         if not special:
