@@ -86,10 +86,13 @@ def test_workers_exit_when_the_driver_is_killed(tmp_path):
 
 
 def test_plans_and_calls_through_the_shared_memory_ring(monkeypatch):
-    monkeypatch.setenv("SHOAL_SHM_RING", "1")
+    monkeypatch.delenv("SHOAL_SHM_RING", raising=False)  # the default for local workers
     with MpExecutor(ParallelConfig(tp_size=2), threads_per_worker=1) as ex:
         ex.start()
-        assert ex.channel.ring is not None and not os.path.exists(ex.channel.ring.path)
+        ring = ex.channel.ring
+        assert ring is not None and not os.path.exists(ring.path)
+        assert not [f for f in os.listdir("/dev/shm") if os.path.basename(ring.path) in f]
+        assert -1 not in ring._bells  # every reader's doorbell is open
         assert [r.tp_sum for r in ex.call(CollectiveCheck(numel=3))] == [[3.0] * 3] * 2
         big = "y" * (3 << 20)  # spans many slots of the ring
         assert ex.call(Echo(big)) == [Echo(big)] * 2
