@@ -121,8 +121,12 @@ class ShmRing:
 
     @classmethod
     def create(cls, num_readers: int, num_slots: int = DEFAULT_SLOTS,
-               slot_bytes: int = DEFAULT_SLOT_BYTES) -> "ShmRing":
-        """A new ring in /dev/shm for ``num_readers`` readers (this process writes)."""
+               slot_bytes: int = DEFAULT_SLOT_BYTES, reader: int | None = None) -> "ShmRing":
+        """A new ring in /dev/shm for ``num_readers`` readers.
+
+        This process is the writer, or reader ``reader`` when given (a return ring:
+        the driver creates it and reads, a worker attaches to write).
+        """
         if num_readers < 1 or num_slots < 2 or slot_bytes < 64 or slot_bytes % 8:
             raise ValueError(f"bad ring shape: readers={num_readers}, slots={num_slots}, "
                              f"slot_bytes={slot_bytes}")
@@ -137,23 +141,40 @@ class ShmRing:
             os.close(fd)
         np.ndarray((_HEADER_WORDS,), np.int64, buf, 0)[:] = [MAGIC, num_readers, num_slots,
                                                              slot_bytes]
-        for reader in range(num_readers):
-            os.mkfifo(_bell_path(path, reader), 0o600)
-        return cls(path, buf, None)
+        for index in range(num_readers):
+            os.mkfifo(_bell_path(path, index), 0o600)
+        return cls(path, buf, reader)
 
     @classmethod
-    def attach(cls, path: str, reader: int) -> "ShmRing":
-        """Map an existing ring as reader ``reader`` (0-based)."""
+    def attach(cls, path: str, reader: int | None) -> "ShmRing":
+        """Map an existing ring as reader ``reader`` (0-based), or as its writer (None)."""
         fd = os.open(path, os.O_RDWR)
         try:
             buf = mmap.mmap(fd, os.fstat(fd).st_size)
         finally:
             os.close(fd)
         ring = cls(path, buf, reader)
-        if not 0 <= reader < ring.num_readers:
+        if reader is None:
+            ring._open_bells()  # the readers (the creator) hold their ends already
+        elif not 0 <= reader < ring.num_readers:
             ring.close()
             raise ValueError(f"reader {reader} of a ring for {ring.num_readers}")
         return ring
+
+    # -- a reader that waits on several sources (the driver) ----------------------------------
+
+    @property
+    def bell_fd(self) -> int:
+        """This reader's doorbell (-1 if none), to wait on with select or zmq.Poller."""
+        return self._bell
+
+    def has_message(self) -> bool:
+        """Whether the next message is here (never waits)."""
+        return int(self._meta[self._seq % self.num_slots][0]) == self._seq
+
+    def drain_bell(self) -> None:
+        if self._bell >= 0:
+            self._drain_bell()
 
     def unlink(self) -> None:
         """Drop the segment's and FIFOs' names (open ends stay valid); safe to call twice.
