@@ -352,13 +352,13 @@ def _dataclass(cls, spec: Any, where: str):
 
 def _mapping(value: Any, where: str) -> dict:
     if not isinstance(value, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(value).__name__}")
+        raise ValueError(f"{where} must be a mapping, got {type(value).__name__}")  # noqa: TRY004
     return value
 
 
 def _list(value: Any, where: str) -> list:
     if not isinstance(value, list):
-        raise ValueError(f"{where} must be a list, got {type(value).__name__}")
+        raise ValueError(f"{where} must be a list, got {type(value).__name__}")  # noqa: TRY004
     return value
 
 

@@ -436,8 +436,8 @@ class Gateway:
         for name, router in self.config.routers.items():
             data.append({"id": name, "object": "model", "created": 0,
                          "owned_by": "shoal-gateway", "root": None, "parent": None,
-                         "router": {"default": router.config.default,
-                                    "fallbacks": list(router.config.fallbacks)}})
+                         "router": {"default": router.default,
+                                    "fallbacks": list(router.fallbacks)}})
         return {"object": "list", "data": data}
 
     def health(self) -> dict:

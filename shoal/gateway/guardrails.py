@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from shoal.gateway.config import InputGuardConfig, OutputGuardConfig
 
 EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
-PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])"
-                   r"\d{3,4}[ .-]?\d{3,4}(?!\w)")
+# not part of a longer run of digit groups (a card or account number is no phone number)
+PHONE = re.compile(r"(?<![\w+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])"
+                   r"\d{3,4}[ .-]?\d{3,4}(?!\w)(?![ .-]\d)")
 CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
 PLACEHOLDERS = {"email": "[EMAIL]", "phone": "[PHONE]", "card": "[CARD]"}
 INJECTION_PATTERNS = (

@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from shoal.gateway.config import KeyConfig
 

@@ -10,7 +10,7 @@ Policies:
   than ``balance_rel_threshold`` times as many, as SGLang's router), affinity is
   ignored and the least-loaded replica takes it.
 - ``round_robin``: healthy replicas in turn.
-- ``least_loaded``: fewest requests in flight (ties: fewest routed so far).
+- ``least_loaded``: fewest requests in flight (ties: in turn).
 
 Dead replicas (a connect failure, or a failed health probe) are skipped until a
 probe finds them healthy again. Hash-to-replica entries are a bounded LRU.
@@ -52,10 +52,10 @@ class ReplicaSet:
     """The replicas of one model and the policy that picks one."""
 
     def __init__(self, backends: tuple[Backend, ...], policy: str,
-                 config: ReplicaRoutingConfig = ReplicaRoutingConfig()):
+                 config: ReplicaRoutingConfig | None = None):
         self.replicas = [Replica(b, i) for i, b in enumerate(backends)]
         self.policy = policy
-        self.config = config
+        self.config = config or ReplicaRoutingConfig()
         self._next = 0
         self._owner: OrderedDict[bytes, int] = OrderedDict()  # prefix hash -> replica index
 
@@ -63,7 +63,15 @@ class ReplicaSet:
         return [r for r in self.replicas if r.healthy]
 
     def _least_loaded(self, replicas: list[Replica]) -> Replica:
-        return min(replicas, key=lambda r: (r.in_flight, r.routed, r.index))
+        """Fewest requests in flight; ties in turn (so cold prefixes spread evenly)."""
+        low = min(r.in_flight for r in replicas)
+        return self._in_turn([r for r in replicas if r.in_flight == low])
+
+    def _in_turn(self, replicas: list[Replica]) -> Replica:
+        n = len(self.replicas)
+        chosen = min(replicas, key=lambda r: (r.index - self._next) % n)
+        self._next = (chosen.index + 1) % n
+        return chosen
 
     def _imbalanced(self, replicas: list[Replica]) -> bool:
         loads = [r.in_flight for r in replicas]
@@ -80,10 +88,7 @@ class ReplicaSet:
         if not candidates:
             return None, False
         if self.policy == "round_robin":
-            ordered = sorted(candidates, key=lambda r: (r.index - self._next) % len(self.replicas))
-            chosen = ordered[0]
-            self._next = (chosen.index + 1) % len(self.replicas)
-            return chosen, False
+            return self._in_turn(candidates), False
         if self.policy == "least_loaded":
             return self._least_loaded(candidates), False
         hashes = prefix_hashes(text, self.config.block_chars)

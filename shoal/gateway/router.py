@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from shoal.gateway.config import RouteRule, RouterConfig
+from shoal.gateway.config import RouterConfig, RouteRule
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,7 @@ class ModelRouter:
         if rule.keywords and not any(
                 (k in words) if " " not in k else (k in text.lower()) for k in rule.keywords):
             return False
-        if rule.tools is not None and rule.tools != tools:
-            return False
-        return True
+        return not (rule.tools is not None and rule.tools != tools)
 
     def route(self, body: dict) -> Route:
         text = request_text(body)
