@@ -21,13 +21,19 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from shoal.gateway.config import GatewayConfig, ModelConfig
 from shoal.gateway.guardrails import GuardrailRejection, InputGuard, InputVerdict
 from shoal.gateway.keys import KeyLimiter, KeyStore, retry_after_header
 from shoal.gateway.metrics import GatewayMetrics
-from shoal.gateway.relay import ReplyStats, filter_body, guard_active, relay_stream
+from shoal.gateway.relay import (
+    RelayResponse,
+    ReplyStats,
+    filter_body,
+    guard_active,
+    relay_stream,
+)
 from shoal.gateway.replicas import Replica, ReplicaSet
 from shoal.gateway.router import ModelRouter, Route, request_text
 from shoal.gateway.semantic_cache import SemanticCache, cache_scope
@@ -165,8 +171,8 @@ class Gateway:
         except BaseException:
             finish()
             raise
-        if not isinstance(response, StreamingResponse):
-            finish()
+        if not isinstance(response, RelayResponse):
+            finish()  # a relayed stream finishes when it closes
         return response
 
     async def _serve(self, request: Request, endpoint: str, body: dict, route: Route,
@@ -210,7 +216,13 @@ class Gateway:
         if stream and attempt.upstream.status_code == 200:
             wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
+            closed = False
+
             def on_close() -> None:
+                nonlocal closed
+                if closed:
+                    return
+                closed = True
                 replica.in_flight -= 1
                 self._guard_output_metrics(stats, output_guard)
                 record.finish_reasons = tuple(stats.finish_reasons)
@@ -218,7 +230,8 @@ class Gateway:
 
             chunks = relay_stream(attempt.upstream, chat, model.name, output_guard,
                                   wants_usage, stats, on_close)
-            return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
+            return RelayResponse(chunks, attempt.upstream, on_close,
+                                 media_type="text/event-stream", headers=headers)
         try:
             raw = await attempt.upstream.aread()
         finally:

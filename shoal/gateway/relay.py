@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from shoal.gateway.config import OutputGuardConfig
 from shoal.gateway.guardrails import StreamFilter, filter_text
@@ -132,6 +134,27 @@ async def relay_stream(upstream: httpx.Response, chat: bool, model_name: str,
         for f in filters.values():
             stats.redactions += f.redactions
         on_close()
+
+
+class RelayResponse(StreamingResponse):
+    """A relayed stream whose clean-up runs even when the client left before it began.
+
+    (A generator that never started runs no ``finally``: without this, a request whose
+    client disconnected early would hold its key's concurrency slot forever.)
+    """
+
+    def __init__(self, content, upstream: httpx.Response, on_close: Callable[[], None],
+                 **kwargs):
+        super().__init__(content, **kwargs)
+        self.upstream = upstream
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.upstream.aclose()
+            self.on_close()  # idempotent: the generator's finally may have run it
 
 
 def _filter_choices(choices: list, chat: bool, guard: OutputGuardConfig | None,
