@@ -11,9 +11,11 @@ The last test stops ``large`` and checks that ``auto`` fails over.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -21,18 +23,19 @@ from contextlib import ExitStack
 import httpx
 import openai
 import pytest
+import uvicorn
 import yaml
 from factories import tiny_checkpoint
 from transformers import AutoTokenizer
 
 from shoal.gateway.keys import hash_key
-from shoal.serve.launcher import ServerProcess
+from shoal.serve.launcher import ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 KEYS = {"alice": {"requests_per_minute": 3}, "bob": {}, "carol": {"tokens_per_minute": 40},
-        "dave": {}, "erin": {}}
+        "dave": {}, "erin": {}, "frank": {"max_concurrent": 1}}
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 PRICE = {"input": 1.0, "output": 2.0}
 CACHE_TTL_S = 4.0
@@ -77,6 +80,63 @@ def engines(tmp_path_factory, smollm2_dir):
         yield servers
 
 
+class SlowBackend:
+    """A real OpenAI-shaped HTTP server (uvicorn, in a thread) that streams one chunk every
+    50 ms for up to a minute and records when its client went away."""
+
+    def __init__(self):
+        from starlette.applications import Starlette
+        from starlette.responses import JSONResponse, StreamingResponse
+        from starlette.routing import Route
+
+        self.disconnected = threading.Event()
+
+        async def completions(request):
+            async def chunks():
+                try:
+                    for i in range(1200):
+                        event = {"id": "slow", "object": "text_completion", "model": "slow",
+                                 "choices": [{"index": 0, "text": f" {i}",
+                                              "finish_reason": None}]}
+                        yield f"data: {json.dumps(event)}\n\n"
+                        await asyncio.sleep(0.05)
+                finally:
+                    self.disconnected.set()
+            return StreamingResponse(chunks(), media_type="text/event-stream")
+
+        async def health(request):
+            return JSONResponse({})
+
+        app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
+                                Route("/health", health)])
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the slow backend did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def slow_backend():
+    with SlowBackend() as backend:
+        yield backend
+
+
 @pytest.fixture(scope="module")
 def guard_term(engines):
     """A word from the middle of small's greedy reply to GUARD_PROMPT (to block on output)."""
@@ -90,7 +150,7 @@ def guard_term(engines):
 
 
 @pytest.fixture(scope="module")
-def gateway(engines, guard_term, tmp_path_factory):
+def gateway(engines, guard_term, slow_backend, tmp_path_factory):
     a, b, large = (engines[k].base_url for k in ("a", "b", "large"))
     tmp = tmp_path_factory.mktemp("gateway")
     usage_log = tmp / "usage.jsonl"
@@ -104,6 +164,7 @@ def gateway(engines, guard_term, tmp_path_factory):
             "large": {"backends": [large], "price": {"input": 5.0, "output": 10.0}},
             "cached": {"backends": [a], "served_name": "small", "semantic_cache": True},
             "guarded": {"backends": [a], "served_name": "small", "guardrails": guardrails},
+            "slow": {"backends": [slow_backend.base_url]},
         },
         "routers": {"auto": {"default": "small", "fallbacks": ["small"], "rules": [
             {"model": "large", "min_prompt_chars": 400},
@@ -244,6 +305,30 @@ def test_token_limit_counts_real_streamed_usage(gateway):
                       model="small") == pytest.approx(expected)
     text = httpx.get(f"{gateway.url}/metrics").text
     assert secret("carol") not in text and hash_key(secret("carol")) not in text
+
+
+def test_max_concurrent_counts_an_open_stream_until_it_closes(gateway, slow_backend):
+    frank = client_for(gateway, "frank")
+    headers = {"Authorization": f"Bearer {secret('frank')}"}
+    body = {"model": "slow", "prompt": "Tell a long story", "stream": True}
+    with httpx.stream("POST", f"{gateway.base_url}/completions", json=body, headers=headers,
+                      timeout=120) as open_stream:
+        assert open_stream.status_code == 200
+        lines = open_stream.iter_lines()
+        assert next(lines).startswith("data:")  # the stream is running
+        with pytest.raises(openai.RateLimitError) as info:
+            frank.completions.create(model="slow", prompt="hi", max_tokens=1)
+        assert "concurrent" in info.value.body["message"]
+    # the client left: the gateway closes the backend's stream and frees the slot
+    assert slow_backend.disconnected.wait(30)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert frank.completions.create(model="small", prompt="hi", max_tokens=1).choices
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "the slot of a closed stream was never freed"
+            time.sleep(0.2)
 
 
 # -- 3. model router -----------------------------------------------------------------------------
