@@ -25,7 +25,12 @@ import shoal
 from shoal.gateway.config import GatewayConfig, load_config
 from shoal.gateway.gateway import Gateway
 from shoal.gateway.keys import hash_key
-from shoal.serve.http_guard import GracefulServer, ServerLifecycle, guarded_protocol
+from shoal.serve.http_guard import (
+    ConcurrencyGuard,
+    GracefulServer,
+    ServerLifecycle,
+    guarded_protocol,
+)
 from shoal.serve.openai_protocol import APIError
 
 logger = logging.getLogger(__name__)
@@ -55,6 +60,8 @@ def build_gateway_app(config: GatewayConfig) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gateway
     app.state.lifecycle = ServerLifecycle()
+    app.add_middleware(ConcurrencyGuard, limit=config.max_concurrent_requests,
+                       lifecycle=app.state.lifecycle)  # 503 past it, and while draining
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:

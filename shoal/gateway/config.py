@@ -169,6 +169,7 @@ class GatewayConfig:
     usage_log: str | None = None
     request_timeout_s: float = 600.0
     max_body_bytes: int = 32 << 20
+    max_concurrent_requests: int = 4096  # /v1 requests in flight over all keys (503 past it)
 
     def guardrails_of(self, model: str) -> GuardrailConfig:
         own = self.models[model].guardrails
@@ -194,7 +195,7 @@ def parse_config(raw: Any) -> GatewayConfig:
     top = _mapping(raw, "the config")
     _known(top, "the config", {"models", "routers", "keys", "semantic_cache", "guardrails",
                                "replica_routing", "usage_log", "request_timeout_s",
-                               "max_body_bytes"})
+                               "max_body_bytes", "max_concurrent_requests"})
     guardrails = _guardrails(top.get("guardrails"), "guardrails")
     models = {name: _model(name, spec) for name, spec in
               _mapping(top.get("models"), "models").items()}
@@ -227,11 +228,18 @@ def parse_config(raw: Any) -> GatewayConfig:
                          "replica_routing")
     _check(replica.block_chars > 0, "replica_routing.block_chars must be positive")
     _check(replica.health_interval_s > 0, "replica_routing.health_interval_s must be positive")
+    numbers = {}
+    for name, cast, default in (("request_timeout_s", float, 600.0),
+                                ("max_body_bytes", int, 32 << 20),
+                                ("max_concurrent_requests", int, 4096)):
+        try:
+            numbers[name] = cast(top.get(name, default))
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {top.get(name)!r}") from None
+        _check(numbers[name] > 0, f"{name} must be positive")
     return GatewayConfig(models=models, routers=routers, keys=keys, semantic_cache=cache,
                          guardrails=guardrails, replica_routing=replica,
-                         usage_log=top.get("usage_log"),
-                         request_timeout_s=float(top.get("request_timeout_s", 600.0)),
-                         max_body_bytes=int(top.get("max_body_bytes", 32 << 20)))
+                         usage_log=top.get("usage_log"), **numbers)
 
 
 def _model(name: str, spec: Any) -> ModelConfig:

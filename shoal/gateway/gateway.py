@@ -124,6 +124,7 @@ class Gateway:
             raise bad_request(f"malformed JSON body: {exc}", None, "invalid_json") from None
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object", None, "invalid_json")
+        _check_shape(body)
         return body
 
     def _route(self, requested) -> tuple[Route | None, ModelRouter | None]:
@@ -249,6 +250,9 @@ class Gateway:
         if endpoint != "embeddings":
             data = filter_body(data, chat, output_guard, stats)
             self._guard_output_metrics(stats, output_guard)
+            if output_guard is not None:
+                headers["x-shoal-guardrails"] += ",output=" + (
+                    "blocked" if stats.blocked else "redacted" if stats.redactions else "pass")
         else:
             stats.take_usage(data.get("usage"))
         record.finish_reasons = tuple(stats.finish_reasons)
@@ -455,6 +459,18 @@ class Gateway:
 
     def health(self) -> dict:
         return {name: sum(r.healthy for r in rs.replicas) for name, rs in self.replicas.items()}
+
+
+def _check_shape(body: dict) -> None:
+    """400 for fields whose type the gateway itself relies on (the engine checks the rest)."""
+    expected = {"messages": (list,), "prompt": (str, list), "input": (str, list),
+                "stream": (bool,), "stream_options": (dict,), "tools": (list,)}
+    for name, types in expected.items():
+        value = body.get(name)
+        if value is not None and not isinstance(value, types):
+            kinds = " or ".join({"list": "an array", "str": "a string", "bool": "a boolean",
+                                 "dict": "an object"}[t.__name__] for t in types)
+            raise bad_request(f"{name} must be {kinds}", name, "invalid_type")
 
 
 def _auth(replica: Replica) -> dict[str, str]:

@@ -260,6 +260,11 @@ def test_proxy_routes_stream_and_errors(gateway, engines, bob):
     bad = httpx.post(f"{gateway.base_url}/completions", content=b"{not json",
                      headers={"Authorization": f"Bearer {secret('bob')}"})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+    for field, value in (("messages", 5), ("stream_options", "yes")):
+        bad = httpx.post(f"{gateway.base_url}/chat/completions",
+                         json={"model": "small", "messages": [], field: value},
+                         headers={"Authorization": f"Bearer {secret('bob')}"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == field
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=gateway.base_url, api_key="sk-wrong", max_retries=0
                       ).completions.create(model="small", prompt="x", max_tokens=1)
@@ -482,8 +487,10 @@ def test_blocked_output_term_never_reaches_a_streaming_client(gateway, bob, guar
     joined = "".join(received)
     assert term.lower() not in joined.lower()
     assert joined == before and finish[-1] == "content_filter"
-    whole = bob.completions.create(model="guarded", prompt=GUARD_PROMPT, max_tokens=16,
-                                   extra_body=GREEDY)
+    raw = bob.completions.with_raw_response.create(model="guarded", prompt=GUARD_PROMPT,
+                                                   max_tokens=16, extra_body=GREEDY)
+    whole = raw.parse()
+    assert "output=blocked" in raw.headers["x-shoal-guardrails"]
     assert whole.choices[0].text == before and whole.choices[0].finish_reason == "content_filter"
     assert metric_sum(gateway.url, "shoal:gateway_guardrail_decisions_total",
                       filter="output_terms", decision="blocked") == 2

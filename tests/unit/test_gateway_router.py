@@ -49,6 +49,8 @@ def test_length_keywords_and_tools_pick_the_large_model_with_fallbacks():
     ({"semantic_cache": {"embedding_model": "nope"}}, "embedding_model"),
     ({"guardrails": {"input": {"email": "maybe"}}}, "guardrails.input.email"),
     ({"colour": "blue"}, "unknown field"),
+    ({"max_concurrent_requests": 0}, "must be positive"),
+    ({"request_timeout_s": "soon"}, "must be a number"),
 ])
 def test_bad_configs_name_the_problem(change, message):
     with pytest.raises(ValueError, match=message):
