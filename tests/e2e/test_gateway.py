@@ -15,6 +15,8 @@ import asyncio
 import json
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -516,3 +518,15 @@ def test_downed_model_fails_over(gateway, engines, bob):
                                     messages=[{"role": "user", "content": "hi"}])
     assert info.value.status_code == 503
     assert info.value.body["code"] == "backend_unavailable"
+
+
+def test_cli_hash_key_and_bad_config(tmp_path):
+    run = [sys.executable, "-m", "shoal.cli", "gateway"]
+    out = subprocess.run([*run, "--hash-key", "sk-x"], capture_output=True, text=True, check=False,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == hash_key("sk-x")
+    bad = tmp_path / "gw.yaml"
+    bad.write_text("models:\n  m: {backends: [http://127.0.0.1:1], routing: random}\n")
+    out = subprocess.run([*run, "--config", str(bad)], capture_output=True, text=True, check=False,
+                         timeout=120)
+    assert out.returncode == 2 and "models.m.routing 'random'" in out.stderr
