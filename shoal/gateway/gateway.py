@@ -16,6 +16,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -48,6 +49,15 @@ ENDPOINTS = {"completions": "/completions", "chat": "/chat/completions",
 RETRYABLE_STATUS = (429, 502, 503, 504)  # the replica is overloaded or down: try another
 BODY_TIMEOUT_S = 60.0
 CACHE_HEADER = "x-shoal-semantic-cache"  # a request's own opt-in/out: on | off
+
+
+@dataclass
+class CacheLookup:
+    """A semantic-cache lookup: where to insert the reply, or the cached answer."""
+
+    scope: str
+    vector: np.ndarray
+    hit: Response | None = None
 
 
 @dataclass
@@ -178,89 +188,110 @@ class Gateway:
 
     async def _serve(self, request: Request, endpoint: str, body: dict, route: Route,
                      key: KeyLimiter, record: UsageRecord, stats: ReplyStats,
-                     finish) -> Response:
-        chat = endpoint == "chat"
+                     finish: Callable[[], None]) -> Response:
         stream = bool(body.get("stream")) and endpoint != "embeddings"
         first = self.config.models[route.candidates[0]]
         guarded = copy.deepcopy(body)
-        verdict = self._guard_input(first.name, guarded)
-        record.guardrails = verdict.header()
-        cache_on = self._cache_wanted(request, first, endpoint, stream)
-        scope = vector = None
-        if cache_on:
-            scope = cache_scope(key.key.id, first.name, guarded)
-            vector = await self._embed(request_text(guarded))
-            if vector is not None:
-                entry, similarity = self.cache.lookup(scope, vector)
-                result = "hit" if entry is not None else "miss"
-                self.metrics.cache.labels(first.name, result).inc()
-                record.cache = result
-                if entry is not None:
-                    self.metrics.cache_saved.labels(first.name).inc(entry.saved_tokens)
-                    record.model, record.status = first.name, 200
-                    return JSONResponse(entry.response, headers={
-                        "x-shoal-route": first.name, "x-shoal-route-rule": route.rule,
-                        "x-shoal-cache": "hit", "x-shoal-cache-similarity": f"{similarity:.4f}",
-                        "x-shoal-guardrails": verdict.header()})
-        attempt = await self._forward(endpoint, body, guarded, route, stream, request)
+        record.guardrails = self._guard_input(first.name, guarded).header()
+        lookup = None
+        if self._cache_wanted(request, first, endpoint, stream):
+            lookup = await self._cache_lookup(key, first, guarded, record)
+            if lookup is not None and lookup.hit is not None:
+                return lookup.hit
+        attempt = await self._forward(endpoint, body, guarded, route, stream)
         model = attempt.model
         record.model, record.replica = model.name, str(attempt.replica.index)
         record.status = attempt.upstream.status_code
         self.metrics.routes.labels(body["model"], model.name, route.rule).inc()
         headers = {"x-shoal-route": model.name, "x-shoal-route-rule": route.rule,
                    "x-shoal-replica": str(attempt.replica.index),
-                   "x-shoal-cache": record.cache if cache_on else "off",
-                   "x-shoal-guardrails": record.guardrails}
+                   "x-shoal-cache": record.cache, "x-shoal-guardrails": record.guardrails}
         output_guard = self.config.guardrails_of(model.name).output
         output_guard = output_guard if guard_active(output_guard) else None
-        replica = attempt.replica
         if stream and attempt.upstream.status_code == 200:
-            wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return self._stream_reply(attempt, endpoint, body, output_guard, headers, record,
+                                      stats, finish)
+        data, status = await self._whole_reply(attempt, endpoint, output_guard, headers,
+                                               record, stats)
+        if (status == 200 and lookup is not None and not stats.blocked
+                and model is first):
+            self.cache.insert(lookup.scope, lookup.vector, data, stats.total_tokens)
+        return JSONResponse(data, status_code=status, headers=headers)
 
-            closed = False
+    async def _cache_lookup(self, key: KeyLimiter, model: ModelConfig, guarded: dict,
+                            record: UsageRecord) -> CacheLookup | None:
+        """Embed the (already filtered) request and look it up; None when embedding failed."""
+        scope = cache_scope(key.key.id, model.name, guarded)
+        vector = await self._embed(request_text(guarded))
+        if vector is None:
+            return None
+        entry, similarity = self.cache.lookup(scope, vector)
+        record.cache = "hit" if entry is not None else "miss"
+        self.metrics.cache.labels(model.name, record.cache).inc()
+        if entry is None:
+            return CacheLookup(scope, vector)
+        self.metrics.cache_saved.labels(model.name).inc(entry.saved_tokens)
+        record.model, record.status = model.name, 200
+        return CacheLookup(scope, vector, JSONResponse(entry.response, headers={
+            "x-shoal-route": model.name, "x-shoal-route-rule": record.route,
+            "x-shoal-cache": "hit", "x-shoal-cache-similarity": f"{similarity:.4f}",
+            "x-shoal-guardrails": record.guardrails}))
 
-            def on_close() -> None:
-                nonlocal closed
-                if closed:
-                    return
-                closed = True
-                replica.in_flight -= 1
-                self._guard_output_metrics(stats, output_guard)
-                record.finish_reasons = tuple(stats.finish_reasons)
-                finish()
+    def _stream_reply(self, attempt: Attempt, endpoint: str, body: dict, output_guard,
+                      headers: dict, record: UsageRecord, stats: ReplyStats,
+                      finish: Callable[[], None]) -> RelayResponse:
+        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        replica, closed = attempt.replica, False
 
-            chunks = relay_stream(attempt.upstream, chat, model.name, output_guard,
-                                  wants_usage, stats, on_close)
-            return RelayResponse(chunks, attempt.upstream, on_close,
-                                 media_type="text/event-stream", headers=headers)
+        def on_close() -> None:
+            nonlocal closed
+            if closed:
+                return
+            closed = True
+            replica.in_flight -= 1
+            self._guard_output_metrics(stats, output_guard)
+            record.finish_reasons = tuple(stats.finish_reasons)
+            finish()
+
+        chunks = relay_stream(attempt.upstream, endpoint == "chat", attempt.model.name,
+                              output_guard, wants_usage, stats, on_close)
+        return RelayResponse(chunks, attempt.upstream, on_close,
+                             media_type="text/event-stream", headers=headers)
+
+    async def _whole_reply(self, attempt: Attempt, endpoint: str, output_guard,
+                           headers: dict, record: UsageRecord,
+                           stats: ReplyStats) -> tuple[object, int]:
+        """The backend's JSON reply, filtered and renamed; and its status."""
+        model, status = attempt.model, attempt.upstream.status_code
         try:
             raw = await attempt.upstream.aread()
+        except httpx.HTTPError as exc:  # the backend died or stalled mid-reply
+            record.status = 502
+            raise APIError(502, f"the backend of {model.name} failed while answering: "
+                           f"{type(exc).__name__}", code="backend_error") from None
         finally:
             await attempt.upstream.aclose()
-            replica.in_flight -= 1
+            attempt.replica.in_flight -= 1
         try:
             data = json.loads(raw)
         except json.JSONDecodeError:
             record.status = 502
             raise APIError(502, f"the backend of {model.name} answered a body that is not "
                            "JSON", code="backend_error") from None
-        if attempt.upstream.status_code != 200 or not isinstance(data, dict):
-            return JSONResponse(data, status_code=attempt.upstream.status_code,
-                                headers=headers)
-        if endpoint != "embeddings":
-            data = filter_body(data, chat, output_guard, stats)
+        if status != 200 or not isinstance(data, dict):
+            return data, status  # the backend's own error body, passed on
+        if endpoint == "embeddings":
+            stats.take_usage(data.get("usage"))
+        else:
+            data = filter_body(data, endpoint == "chat", output_guard, stats)
             self._guard_output_metrics(stats, output_guard)
             if output_guard is not None:
                 headers["x-shoal-guardrails"] += ",output=" + (
                     "blocked" if stats.blocked else "redacted" if stats.redactions else "pass")
-        else:
-            stats.take_usage(data.get("usage"))
         record.finish_reasons = tuple(stats.finish_reasons)
         if "model" in data:
             data["model"] = model.name
-        if cache_on and vector is not None and not stats.blocked and model is first:
-            self.cache.insert(scope, vector, data, stats.total_tokens)
-        return JSONResponse(data, headers=headers)
+        return data, status
 
     def _guard_input(self, model: str, body: dict) -> InputVerdict:
         try:
@@ -326,7 +357,7 @@ class Gateway:
                 return None
 
     async def _forward(self, endpoint: str, body: dict, guarded: dict, route: Route,
-                       stream: bool, request: Request) -> Attempt:
+                       stream: bool) -> Attempt:
         path = ENDPOINTS[endpoint]
         reasons = []
         for position, name in enumerate(route.candidates):

@@ -15,8 +15,6 @@ import asyncio
 import json
 import re
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +28,7 @@ import yaml
 from factories import tiny_checkpoint
 from transformers import AutoTokenizer
 
+from shoal.cli import main as cli_main
 from shoal.gateway.keys import hash_key
 from shoal.serve.launcher import ServerProcess, free_port
 
@@ -520,13 +519,11 @@ def test_downed_model_fails_over(gateway, engines, bob):
     assert info.value.body["code"] == "backend_unavailable"
 
 
-def test_cli_hash_key_and_bad_config(tmp_path):
-    run = [sys.executable, "-m", "shoal.cli", "gateway"]
-    out = subprocess.run([*run, "--hash-key", "sk-x"], capture_output=True, text=True, check=False,
-                         timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == hash_key("sk-x")
+def test_cli_hash_key_and_bad_config(tmp_path, capsys):
+    assert cli_main(["gateway", "--hash-key", "sk-x"]) == 0
+    assert capsys.readouterr().out.strip() == hash_key("sk-x")
     bad = tmp_path / "gw.yaml"
     bad.write_text("models:\n  m: {backends: [http://127.0.0.1:1], routing: random}\n")
-    out = subprocess.run([*run, "--config", str(bad)], capture_output=True, text=True, check=False,
-                         timeout=120)
-    assert out.returncode == 2 and "models.m.routing 'random'" in out.stderr
+    with pytest.raises(SystemExit) as info:
+        cli_main(["gateway", "--config", str(bad)])
+    assert info.value.code == 2 and "models.m.routing 'random'" in capsys.readouterr().err
