@@ -91,6 +91,7 @@ async def relay_stream(upstream: httpx.Response, chat: bool, model_name: str,
     """The client's SSE stream from the backend's, event by event."""
     filters: dict[int, StreamFilter] = {}
     closed: set[int] = set()  # choices ended by a blocked term
+    last = None  # the last event's text: the template of a closing chunk
     try:
         async for line in upstream.aiter_lines():
             if not line.startswith("data:"):
@@ -98,6 +99,7 @@ async def relay_stream(upstream: httpx.Response, chat: bool, model_name: str,
             payload = line[5:].strip()
             if payload == "[DONE]":
                 break
+            last = payload
             try:
                 event = json.loads(payload)
             except json.JSONDecodeError:
@@ -123,6 +125,9 @@ async def relay_stream(upstream: httpx.Response, chat: bool, model_name: str,
             if "model" in event:
                 event["model"] = model_name
             yield f"data: {json.dumps(event)}\n\n".encode()
+        tail = _flush(filters, closed, chat, last)
+        if tail is not None:  # choices that ended without a finish_reason
+            yield f"data: {json.dumps(tail)}\n\n".encode()
         yield b"data: [DONE]\n\n"
     except httpx.HTTPError as exc:
         logger.warning("the backend's stream broke: %s", exc)
@@ -186,6 +191,28 @@ def _filter_choices(choices: list, chat: bool, guard: OutputGuardConfig | None,
             stats.finish_reasons.append(str(finish))
         out.append(choice)
     return out
+
+
+def _flush(filters: dict[int, StreamFilter], closed: set[int], chat: bool,
+           last: str | None) -> dict | None:
+    """A chunk with the held-back text of choices whose stream ended without a finish."""
+    choices = []
+    for index, f in sorted(filters.items()):
+        if index in closed:
+            continue
+        text = f.finish()
+        if text:
+            choices.append({"index": index, "finish_reason": None,
+                            **({"delta": {"content": text}} if chat else {"text": text})})
+    if not choices or last is None:
+        return None
+    try:
+        template = json.loads(last)
+    except json.JSONDecodeError:
+        return None
+    template.pop("usage", None)
+    template["choices"] = choices
+    return template
 
 
 def _has_other_delta(choice: dict, chat: bool) -> bool:

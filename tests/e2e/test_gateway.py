@@ -82,8 +82,9 @@ def engines(tmp_path_factory, smollm2_dir):
 
 
 class SlowBackend:
-    """A real OpenAI-shaped HTTP server (uvicorn, in a thread) that streams one chunk every
-    50 ms for up to a minute and records when its client went away."""
+    """A real OpenAI-shaped HTTP server (uvicorn, in a thread): completions stream one chunk
+    every 50 ms for up to a minute (it records when its client went away); chat answers
+    503, overloaded."""
 
     def __init__(self):
         from starlette.applications import Starlette
@@ -105,10 +106,19 @@ class SlowBackend:
                     self.disconnected.set()
             return StreamingResponse(chunks(), media_type="text/event-stream")
 
+        async def overloaded(request):  # chat: always too busy, as an engine at its limit
+            self.refused += 1
+            return JSONResponse({"error": {"message": "too many requests", "type":
+                                           "server_overloaded", "param": None,
+                                           "code": "too_many_requests"}},
+                                status_code=503, headers={"Retry-After": "1"})
+
         async def health(request):
             return JSONResponse({})
 
+        self.refused = 0
         app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
+                                Route("/v1/chat/completions", overloaded, methods=["POST"]),
                                 Route("/health", health)])
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
@@ -170,7 +180,8 @@ def gateway(engines, guard_term, slow_backend, tmp_path_factory):
         "routers": {"auto": {"default": "small", "fallbacks": ["small"], "rules": [
             {"model": "large", "min_prompt_chars": 400},
             {"model": "large", "keywords": ["analyze", "prove"]},
-            {"model": "large", "tools": True}]}},
+            {"model": "large", "tools": True}]},
+                    "busy-first": {"default": "slow", "fallbacks": ["small"]}},
         "keys": [{"id": k, "sha256": hash_key(secret(k)), **limits}
                  for k, limits in KEYS.items()],
         "semantic_cache": {"embedding_model": "small", "threshold": 0.995,
@@ -354,6 +365,14 @@ def test_auto_routes_greeting_and_analysis_to_different_models(bob):
         model="auto", messages=[{"role": "user", "content": "Hi"}], tools=tools, tool_choice="none",
         max_tokens=2)
     assert with_tools.headers["x-shoal-route"] == "large"
+
+
+def test_overloaded_model_fails_over(gateway, slow_backend, bob):
+    refused = slow_backend.refused
+    raw = bob.chat.completions.with_raw_response.create(
+        model="busy-first", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert raw.headers["x-shoal-route"] == "small" and raw.parse().choices
+    assert slow_backend.refused == refused + 1  # asked first, answered 503
 
 
 # -- 4. replica routing --------------------------------------------------------------------------

@@ -26,12 +26,12 @@ def chat_chunk(content=None, finish=None, role=None):
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
 
-def relay(events, guard, wants_usage):
+def relay(events, guard, wants_usage, chat=True):
     upstream = httpx.Response(200, stream=httpx.ByteStream(sse(events)))
     stats, closed = ReplyStats(), []
 
     async def collect():
-        return [chunk async for chunk in relay_stream(upstream, True, "gw-name", guard,
+        return [chunk async for chunk in relay_stream(upstream, chat, "gw-name", guard,
                                                       wants_usage, stats,
                                                       lambda: closed.append(1))]
 
@@ -76,3 +76,12 @@ def test_whole_body_filter_redacts_and_counts():
     out = filter_body(data, True, OutputGuardConfig(pii="redact"), stats)
     assert out["choices"][0]["message"]["content"] == "mail me: [EMAIL]"
     assert stats.redactions == 1 and stats.total_tokens == 11
+
+
+def test_held_back_tail_is_sent_when_a_stream_ends_without_finish_reason():
+    events = [{"id": "x", "object": "text_completion", "model": "b",
+               "choices": [{"index": 0, "text": t, "finish_reason": None}]}
+              for t in ("a clean ", "ending")]
+    out, _ = relay(events, OutputGuardConfig(blocked_terms=("forbidden words",)), False,
+                   chat=False)
+    assert "".join(e["choices"][0]["text"] for e in out) == "a clean ending"
