@@ -176,6 +176,9 @@ def gateway(engines, guard_term, slow_backend, tmp_path_factory):
             "cached": {"backends": [a], "served_name": "small", "semantic_cache": True},
             "guarded": {"backends": [a], "served_name": "small", "guardrails": guardrails},
             "slow": {"backends": [slow_backend.base_url]},
+            # replica 1 is a port nothing listens on
+            "with-dead": {"backends": [a, f"http://127.0.0.1:{free_port()}/v1"],
+                          "routing": "round_robin", "served_name": "small"},
         },
         "routers": {"auto": {"default": "small", "fallbacks": ["small"], "rules": [
             {"model": "large", "min_prompt_chars": 400},
@@ -427,6 +430,16 @@ def test_prefix_routing_beats_round_robin(gateway, engines, bob):
     assert sum(loads) == 21 and min(loads) > 0 and max(loads) / min(loads) <= 1.5, loads
     # turns 2 and 3 of the 7 conversations went where their prefix was
     assert sum(routed(affinity="prefix")) - affine_before == 14
+
+
+def test_dead_replica_is_skipped(gateway, bob):
+    for _ in range(4):
+        raw = bob.completions.with_raw_response.create(model="with-dead", prompt="hi",
+                                                       max_tokens=1)
+        assert raw.headers["x-shoal-replica"] == "0" and raw.parse().choices
+    healthy = metric_values(gateway.url, "shoal:gateway_replica_healthy")
+    assert healthy['{model="with-dead",replica="1"}'] == 0
+    assert healthy['{model="with-dead",replica="0"}'] == 1
 
 
 # -- 5. semantic cache ---------------------------------------------------------------------------
