@@ -254,8 +254,9 @@ class KVTransferConfig:
         return json.loads(self.kv_connector_extra_config)
 
 
-SPECULATIVE_METHODS = ("ngram",)
-SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                    "model", "draft_layers")
 
 
 @dataclass(frozen=True)
@@ -266,19 +267,28 @@ class SpeculativeConfig:
     tokens that followed the longest earlier occurrence of the sequence's last
     ``prompt_lookup_min``..``prompt_lookup_max`` tokens. When only one bound is given,
     the other takes its value; with neither, both are 5 (vLLM's defaults).
+
+    ``draft_model``: a smaller checkpoint with the target's vocabulary (``model``, a
+    local directory; default the target itself) proposes the drafts greedily on the
+    output rank. ``draft_layers`` (shoal's key) keeps only its first N decoder layers,
+    with its own final norm and head: a self-draft needs no second checkpoint.
     """
 
     method: str = ""
     num_speculative_tokens: int = 0
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
+    model: str | None = None  # draft_model: the draft checkpoint (None: the target's)
+    draft_layers: int | None = None  # draft_model: only the first N decoder layers
 
     def __post_init__(self) -> None:
         if not self.method:
             return
-        if self.method == "draft_model":
-            raise ValueError("speculative_config method 'draft_model' is not supported yet; "
-                             f"supported: {SPECULATIVE_METHODS}")
+        if self.method == "ngram" and (self.model is not None or self.draft_layers is not None):
+            raise ValueError("speculative_config keys 'model' and 'draft_layers' belong to "
+                             "method 'draft_model', not 'ngram'")
+        if self.draft_layers is not None:
+            _positive("speculative_config draft_layers", self.draft_layers)
         if self.method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_config method must be one of {SPECULATIVE_METHODS}, "
                              f"got {self.method!r}")

@@ -82,16 +82,17 @@ def _speculative(value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
     fields = dict(value)
-    if fields.get("method") == "draft_model" or "model" in fields:
-        raise ValueError("speculative_config: draft models (method 'draft_model', key 'model') "
-                         "are not supported yet; use method 'ngram'")
     unknown = sorted(set(fields) - set(SPECULATIVE_KEYS))
     if unknown:
         raise ValueError(f"unknown speculative_config keys {unknown}; known: "
                          f"{sorted(SPECULATIVE_KEYS)}")
     if "method" not in fields:
-        raise ValueError("speculative_config needs a 'method' (supported: 'ngram')")
-    for key in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+        raise ValueError("speculative_config needs a 'method' (supported: 'ngram', "
+                         "'draft_model')")
+    if fields.get("model") is not None and not isinstance(fields["model"], str):
+        raise ValueError(f"speculative_config model must be a path, got {fields['model']!r}")
+    for key in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                "draft_layers"):
         v = fields.get(key)
         if isinstance(v, str) and v.strip().isdigit():
             fields[key] = int(v)

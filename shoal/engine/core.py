@@ -95,9 +95,18 @@ def resolve_async_scheduling(config: EngineConfig) -> bool:
 def make_proposer(config: EngineConfig) -> NgramProposer | None:
     """The draft proposer of ``config.speculative`` (None: speculative decoding is off)."""
     spec = config.speculative
-    if not spec.enabled:
-        return None
+    if spec.method != "ngram":
+        return None  # off, or a draft model on the workers (LoadModel.draft_model)
     return NgramProposer(spec.num_speculative_tokens, spec.lookup_min, spec.lookup_max)
+
+
+def draft_model_path(config: EngineConfig, model_path: str) -> str:
+    """The draft checkpoint of a draft_model config ("" without one); the frontend has
+    resolved and checked it already (``resolve_draft_model``)."""
+    spec = config.speculative
+    if spec.method != "draft_model":
+        return ""
+    return spec.model or model_path
 
 
 class ExpertCounter:
@@ -197,6 +206,10 @@ class EngineCore:
                 kv_connector_config=kv_transfer.kv_connector_extra_config,
                 async_scheduling=self.async_scheduling,
                 null_step_ms=null_step_ms,
+                draft_model=draft_model_path(config, model_path),
+                draft_layers=config.speculative.draft_layers or 0,
+                num_speculative_tokens=config.speculative.num_speculative_tokens,
+                max_num_seqs=config.scheduler.max_num_seqs,
             )
             self.load_info: list[ModelInfo] = self.executor.call(self._load_model)
             self.num_pages = self._agree_on_pages()
@@ -215,7 +228,10 @@ class EngineCore:
         schedulers = [Scheduler(config.scheduler, kv, max_model_len, per_plan,
                                 connector if dp == 1 else None,
                                 async_scheduling=self.async_scheduling,
-                                proposer=make_proposer(config)) for kv in self.kvs]
+                                proposer=make_proposer(config),
+                                worker_drafts=(config.speculative.num_speculative_tokens
+                                               if config.speculative.method == "draft_model"
+                                               else 0)) for kv in self.kvs]
         self.kv = self.kvs[0]  # dp = 1: the cache; dp > 1: rank 0's (see self.kvs)
         self.dp_results: DPResultGatherer | None = None
         if dp == 1:

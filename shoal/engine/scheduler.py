@@ -75,11 +75,12 @@ class Scheduler:
                  max_seqs_per_plan: int | None = None,
                  connector: KVConnectorScheduler | None = None,
                  async_scheduling: bool = False,
-                 proposer: NgramProposer | None = None):
-        if proposer is not None and async_scheduling:
+                 proposer: NgramProposer | None = None,
+                 worker_drafts: int = 0):
+        if (proposer is not None or worker_drafts) and async_scheduling:
             raise ValueError("speculative decoding needs async_scheduling off")
         self.config = scheduler_config
-        self.spec = Speculation(proposer, max_model_len)
+        self.spec = Speculation(proposer, max_model_len, worker_drafts)
         # workers append the tokens they sample themselves, so a decode can be planned
         # again while the plan that samples its next token is still running
         self.async_scheduling = async_scheduling
@@ -232,7 +233,7 @@ class Scheduler:
         blocked = False  # ... or that left a running request waiting for pages
 
         room = self.max_seqs_per_plan
-        speculating = self.spec.proposer is not None
+        speculating = self.spec.enabled
         page_size = self.kv.page_size
         in_flight_ids = self._in_flight
         i = 0
@@ -333,6 +334,8 @@ class Scheduler:
         if result.step_id != plan.step_id:
             raise ValueError(f"result of step {result.step_id} given with plan {plan.step_id}")
         self._in_flight_step_ids.popleft()
+        if self.spec.worker_drafts:
+            self.spec.keep_proposals(result)  # (a request that ends below forgets its own)
         tokens = result.sampled_token_ids
         tokens = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
         # one token each for exactly the plan's requests (a decode step): token i is row i's
@@ -463,6 +466,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
+        self.spec.forget(request.req_id)
         self.kv.free(request)
         self._forget_on_workers(request)
         request.status = RequestStatus.PREEMPTED
@@ -479,6 +483,7 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = status
         request.finish_reason = FINISH_REASON_OF[status]
+        self.spec.forget(request.req_id)
         # a connector that keeps pages for an async save is not supported yet: free them
         self.connector.request_finished(request)
         self.kv.free(request)
@@ -600,6 +605,7 @@ class Scheduler:
         self._in_flight_plans.clear()
         self._pending_samples.clear()
         self.spec.in_flight.clear()
+        self.spec.proposed.clear()
         self._in_flight_step_ids.clear()
         return len(running), lost_tokens
 

@@ -13,7 +13,7 @@ import logging
 
 from transformers import AutoConfig
 
-from shoal.checkpoint.default_model import resolve_model
+from shoal.checkpoint.default_model import resolve_model, with_resolved_draft
 from shoal.checkpoint.hf import eos_token_ids, load_tokenizer, model_max_len
 from shoal.config import EngineConfig
 from shoal.engine.core import EngineCore
@@ -32,8 +32,8 @@ class LLMEngine:
     """Tokenize, schedule, execute, detokenize — one step at a time."""
 
     def __init__(self, config: EngineConfig):
-        self.config = config
         self.model_path = resolve_model(config.model.model)
+        config = self.config = with_resolved_draft(config, self.model_path)
         self.tokenizer = load_tokenizer(self.model_path)
         self.hf_config = AutoConfig.from_pretrained(self.model_path)
         self.max_model_len = model_max_len(self.hf_config, config.model.max_model_len)

@@ -35,7 +35,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from transformers import AutoConfig
 
 import shoal
-from shoal.checkpoint.default_model import DEFAULT_MODEL_ALIASES, resolve_model
+from shoal.checkpoint.default_model import (DEFAULT_MODEL_ALIASES, resolve_model,
+                                           with_resolved_draft)
 from shoal.checkpoint.hf import eos_token_ids, load_tokenizer, model_max_len
 from shoal.config import EngineConfig
 from shoal.frontend.generation_defaults import load_generation_defaults
@@ -289,9 +290,11 @@ def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> None:
     """Serve until interrupted (the ``shoal serve`` command)."""
     engine_config = bounded_queue(engine_config)
     os.environ.setdefault("SHOAL_LOG_LEVEL", getattr(args, "log_level", "WARNING").upper())
+    model = served_model(engine_config, getattr(args, "served_model_name", None))
+    engine_config = with_resolved_draft(engine_config, model.root)
     settings = ServerSettings(
         engine_config=engine_config,
-        model=served_model(engine_config, getattr(args, "served_model_name", None)),
+        model=model,
         api_key=getattr(args, "api_key", None) or None,
         host=args.host,
         port=args.port,
