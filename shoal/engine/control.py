@@ -158,6 +158,8 @@ class LoadModel:
     kv_connector_config: str = "{}"  # JSON
     async_scheduling: bool = False  # sampling ranks append their own tokens
     null_step_ms: float = 0.0  # the null runner sleeps this long per step (a device step)
+    # EPLB: -1 = off; else each MoE layer holds (experts + this) physical slots over ep
+    eplb_num_redundant_experts: int = -1
 
 
 @dataclass
@@ -205,6 +207,10 @@ class WorkerStats:
     # the expert-parallel collectives with an empty batch), and their time
     dummy_steps: int = 0
     dummy_s: float = 0.0
+    # EPLB: layer moves applied, expert slots rewritten on this rank, and their time
+    eplb_layer_moves: int = 0
+    eplb_slots_moved: int = 0
+    eplb_move_s: float = 0.0
 
 
 @dataclass

@@ -12,16 +12,26 @@ ranks with DeepSeek's EPLB policy (non-hierarchical form):
    least load so far that still has a free slot and no replica of that expert yet
    (every rank gets the same number of slots).
 
-What is here is the policy and the measures. Moving the weights between ranks and
-splitting a hot expert's tokens over its replicas (the worker's half) are not built
-yet; see docs/ARCHITECTURE.md.
+Then ``align_slots`` keeps every expert that stays on a rank in the slot it holds, so
+only the slots whose expert really changes move. ``EPLBManager`` runs this in the
+engine core: it feeds the window, rebalances every ``step_interval`` steps, and hands
+one changed layer per step to the next plan (``StepPlan.expert_move``); the workers
+move that layer's weights before the step and switch its slot map
+(``shoal.moe.eplb``), so no step waits for more than one layer's moves.
 """
 from __future__ import annotations
 
 import collections
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from shoal.config import EPLBConfig
+from shoal.engine.plan import DPStepPlan, ExpertMove, StepPlan
+
+logger = logging.getLogger(__name__)
 
 
 class ExpertLoadWindow:
@@ -76,6 +86,43 @@ class EPLBPlacement:
         return per_slot.reshape(per_slot.shape[0], self.ep_size, -1).sum(axis=2)
 
 
+def placement_of(phy2log: np.ndarray, num_experts: int, ep_size: int) -> EPLBPlacement:
+    """The placement a slot map describes (replica counts recounted)."""
+    phy2log = np.asarray(phy2log, np.int64)
+    counts = np.stack([np.bincount(row, minlength=num_experts) for row in phy2log])
+    return EPLBPlacement(phy2log, counts.astype(np.int64), ep_size)
+
+
+def initial_placement(num_layers: int, num_experts: int, num_physical: int,
+                      ep_size: int) -> EPLBPlacement:
+    """Where the workers start: slot p holds expert ``p % num_experts`` in every layer
+    (the rule of ``shoal.moe.eplb.initial_phy2log``)."""
+    row = np.arange(num_physical, dtype=np.int64) % num_experts
+    return placement_of(np.tile(row, (num_layers, 1)), num_experts, ep_size)
+
+
+def align_slots(old: np.ndarray, new: np.ndarray, ep_size: int) -> np.ndarray:
+    """``new`` with each rank's slots reordered so that an expert a rank keeps stays in
+    its old slot: the same experts per rank, fewest slots rewritten. [layers, P]."""
+    old, new = np.asarray(old, np.int64), np.asarray(new, np.int64)
+    per_rank = new.shape[1] // ep_size
+    out = new.copy()
+    for layer in range(new.shape[0]):
+        for rank in range(ep_size):
+            span = slice(rank * per_rank, (rank + 1) * per_rank)
+            want = collections.Counter(new[layer, span].tolist())
+            row: list[int | None] = []
+            for e in old[layer, span].tolist():  # keep what stays
+                if want[e] > 0:
+                    want[e] -= 1
+                    row.append(e)
+                else:
+                    row.append(None)
+            rest = iter(sorted(want.elements()))
+            out[layer, span] = [e if e is not None else next(rest) for e in row]
+    return out
+
+
 def linear_placement(num_layers: int, num_experts: int, ep_size: int) -> EPLBPlacement:
     """No redundancy, contiguous blocks (``ExpertPlacement('linear')`` when it divides)."""
     if num_experts % ep_size:
@@ -125,3 +172,101 @@ def balancedness(rank_load: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         out = rank_load.mean(axis=1) / peak
     return np.where(peak > 0, out, 1.0)
+
+
+class EPLBManager:
+    """The engine core's load balancer: window, periodic rebalance, one layer move a step.
+
+    Args:
+        config: ``EngineConfig.eplb``.
+        ep_size: expert-parallel ranks (dp x tp).
+
+    The model's sizes come with the first expert counts. ``placement`` is the one the
+    workers run once every plan sent so far has run (a move takes effect in the step
+    whose plan carries it).
+    """
+
+    def __init__(self, config: EPLBConfig, ep_size: int):
+        self.config = config
+        self.ep_size = ep_size
+        self.window = ExpertLoadWindow(config.window_size)
+        self.placement: EPLBPlacement | None = None
+        self._pending: collections.deque[tuple[int, np.ndarray]] = collections.deque()
+        self._steps_since_rebalance = 0
+        self.num_rebalances = 0
+        self.num_layer_moves = 0  # ExpertMoves sent
+        self.num_slot_moves = 0  # slots whose expert changed
+        self.last_policy_ms = 0.0
+
+    def record(self, counts: np.ndarray | None) -> None:
+        """One step's routed-token counts ([layers, experts]); rebalances when it is time."""
+        if counts is None or not counts.size:
+            return
+        self.window.add(counts)
+        if self.placement is None:
+            layers, experts = counts.shape
+            num_physical = experts + self.config.num_redundant_experts
+            self.placement = initial_placement(layers, experts, num_physical, self.ep_size)
+        self._steps_since_rebalance += 1
+        if self._steps_since_rebalance >= self.config.step_interval and not self._pending:
+            self.rebalance()
+
+    def rebalance(self) -> int:
+        """Compute a placement from the window and queue the layers that change; returns
+        how many layers will move."""
+        self._steps_since_rebalance = 0
+        load = self.window.load
+        if load is None or self.placement is None:
+            return 0
+        began = time.perf_counter()
+        current = self.placement.phy2log
+        target = rebalance_experts(load, current.shape[1], self.ep_size).phy2log
+        target = align_slots(current, target, self.ep_size)
+        self.last_policy_ms = (time.perf_counter() - began) * 1e3
+        changed = [layer for layer in range(len(target))
+                   if not np.array_equal(target[layer], current[layer])]
+        before = balancedness(self.placement.rank_load(load))
+        after = balancedness(placement_of(target, load.shape[1], self.ep_size).rank_load(load))
+        self._pending.extend((layer, target[layer]) for layer in changed)
+        self.num_rebalances += 1
+        logger.info("EPLB rebalance %d: %d of %d layers move (%.1f ms); balancedness "
+                    "%.3f -> %.3f (mean over layers)", self.num_rebalances, len(changed),
+                    len(target), self.last_policy_ms, float(before.mean()), float(after.mean()))
+        return len(changed)
+
+    def next_move(self) -> ExpertMove | None:
+        """The next layer's move (None: nothing pending); ``placement`` takes it now."""
+        if not self._pending or self.placement is None:
+            return None
+        layer, row = self._pending.popleft()
+        phy2log = self.placement.phy2log.copy()
+        self.num_slot_moves += int((phy2log[layer] != row).sum())
+        phy2log[layer] = row
+        self.placement = placement_of(phy2log, self.placement.replica_counts.shape[1],
+                                      self.ep_size)
+        self.num_layer_moves += 1
+        return ExpertMove(layer=layer, phy2log=row.copy())
+
+    def attach(self, plan: StepPlan | DPStepPlan) -> None:
+        """Put the next pending move (if any) on ``plan``; every dp rank's part carries it."""
+        move = self.next_move()
+        if move is None:
+            return
+        for part in plan.plans if isinstance(plan, DPStepPlan) else [plan]:
+            part.expert_move = move
+
+    def reset(self) -> None:
+        """A fresh worker group starts from the initial placement: forget moves and plans."""
+        self._pending.clear()
+        if self.placement is not None:
+            layers, experts = self.placement.replica_counts.shape
+            self.placement = initial_placement(layers, experts, self.placement.phy2log.shape[1],
+                                               self.ep_size)
+
+    @property
+    def rank_load(self) -> np.ndarray | None:
+        """[layers, ep_size] float64: the window's tokens per rank under ``placement``."""
+        load = self.window.load
+        if load is None or self.placement is None:
+            return None
+        return self.placement.rank_load(load)
