@@ -30,11 +30,11 @@ import torch
 from common import emit
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from factories import skew_router  # noqa: E402  (the test factory that edits the router)
+from factories import skew_router  # the test factory that edits the router
 
-from shoal import LLM, SamplingParams  # noqa: E402
-from shoal.engine.control import Command  # noqa: E402
-from shoal.engine.eplb import balancedness, initial_placement  # noqa: E402
+from shoal import LLM, SamplingParams
+from shoal.engine.control import Command
+from shoal.engine.eplb import balancedness, initial_placement
 
 NUM_EXPERTS, TOP_K, HOT = 8, 2, (6, 7)
 

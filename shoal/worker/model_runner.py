@@ -91,6 +91,8 @@ class _Batch:
 class ModelRunner:
     """One rank's model shard, KV cache and per-request state."""
 
+    eplb: ExpertRebalancer | None = None  # EPLB: physical expert slots, moved by plans
+
     def __init__(self, ctx: ParallelContext, args: LoadModel):
         self.ctx = ctx
         self.device = ctx.device
@@ -101,7 +103,6 @@ class ModelRunner:
         partition = tuple(args.pp_layer_partition) or None
         with torch.device(self.device):
             self.model = build_model(self.hf_config, ctx, self.dtype, pp_layer_partition=partition)
-        self.eplb: ExpertRebalancer | None = None  # EPLB: physical expert slots, moved by plans
         if args.eplb_num_redundant_experts >= 0:
             self.eplb = enable_eplb(self.model, ctx, args.eplb_num_redundant_experts)
         self.model.load_weights(args.model)

@@ -1,7 +1,7 @@
-"""EPLB end to end: dp2 expert parallelism on real worker processes, a skewed router.
+"""EPLB end to end: dp2 and tp2 expert parallelism on real worker processes, a skewed router.
 
 A tiny Mixtral (8 experts, top-2) whose router sends about three quarters of the routed
-pairs to experts 6 and 7 is served at dp2 EP with 4 redundant slots (6 per rank) and a
+pairs to experts 6 and 7 is served at dp2 EP (and tp2 EP) with 4 redundant slots (6 per rank) and a
 rebalance every few steps. The rebalance must raise the balancedness of every layer,
 move weights between the ranks while requests are generating, and change no token:
 greedy output before, during and after it equals transformers' and the run without EPLB.
@@ -9,8 +9,8 @@ greedy output before, during and after it equals transformers' and the run witho
 from __future__ import annotations
 
 import pytest
-
 from factories import hf_greedy_with_logits, random_prompts, skew_router, tiny_checkpoint
+
 from shoal.config import (
     CacheConfig,
     EngineConfig,
@@ -31,10 +31,13 @@ HOT = (6, 7)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
 
 
-def make_config(ckpt: str, enable_eplb: bool) -> EngineConfig:
+LAYOUTS = {"dp2": {"dp_size": 2}, "tp2": {"tp_size": 2}}  # all-to-all / replicated tokens
+
+
+def make_config(ckpt: str, enable_eplb: bool, layout: str = "dp2") -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model=ckpt, dtype="float32"),
-        parallel=ParallelConfig(dp_size=2, enable_expert_parallel=True),
+        parallel=ParallelConfig(enable_expert_parallel=True, **LAYOUTS[layout]),
         cache=CacheConfig(page_size=4, kv_cache_memory=1 << 22),
         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
         executor=ExecutorConfig(threads_per_worker=1),
@@ -79,9 +82,11 @@ def generate(engine: LLMEngine, prompts: list[list[int]], first_id: int):
     return [done[i] for i in range(len(prompts))], [during[i] for i in range(len(prompts))]
 
 
-def test_rebalance_mid_generation_changes_no_token_and_evens_the_load(skewed):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_rebalance_mid_generation_changes_no_token_and_evens_the_load(skewed, layout):
+    """dp2 EP: every rank its own tokens (all-to-all); tp2 EP: both ranks all tokens."""
     ckpt, prompts, reference = skewed
-    engine = LLMEngine(make_config(ckpt, enable_eplb=True))
+    engine = LLMEngine(make_config(ckpt, enable_eplb=True, layout=layout))
     try:
         before_tokens, during = generate(engine, prompts, 0)
         assert before_tokens == reference
@@ -104,6 +109,8 @@ def test_rebalance_mid_generation_changes_no_token_and_evens_the_load(skewed):
         assert (eplb.placement.replica_counts[:, list(HOT)] >= 2).all()
     finally:
         engine.shutdown()
+    if layout != "dp2":  # the run without EPLB at tp2 EP equals transformers already
+        return
     plain = LLMEngine(make_config(ckpt, enable_eplb=False))
     try:
         tokens, _ = generate(plain, prompts, 0)

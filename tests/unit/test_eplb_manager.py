@@ -10,7 +10,7 @@ from shoal.comm.codec import decode, encode
 from shoal.config import EngineConfig, EPLBConfig
 from shoal.engine.core_io import CoreStats
 from shoal.engine.eplb import EPLBManager, align_slots, balancedness, initial_placement
-from shoal.engine.plan import CachedRequests, DPStepPlan, ExpertMove, StepPlan
+from shoal.engine.plan import CachedRequests, DPStepPlan, StepPlan
 from shoal.engine_args import engine_config
 from shoal.moe.eplb import ExpertSlotMap, initial_phy2log
 from shoal.serve.metrics import ServerMetrics
