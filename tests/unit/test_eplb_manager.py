@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from shoal.comm.codec import decode, encode
+from shoal.comm.codec import decode, encode, pack_value, unpack_value
 from shoal.config import EngineConfig, EPLBConfig
 from shoal.engine.core_io import CoreStats
 from shoal.engine.eplb import EPLBManager, align_slots, balancedness, initial_placement
@@ -118,6 +118,8 @@ def test_metrics_show_rank_load_and_balancedness():
     stats = CoreStats(0, 0, 0.0, 10, 0, 0, 0, 5, eplb_rank_load=load, eplb_num_rebalances=2,
                       eplb_num_slot_moves=7)
     assert stats.eplb_balancedness.tolist() == [200 / 300, 1.0]
+    wired = unpack_value(pack_value(stats), CoreStats)  # as the engine-core process sends it
+    assert wired.eplb_rank_load.tolist() == load.tolist() and wired.eplb_num_slot_moves == 7
     metrics.engine_stats(stats)
     text = metrics.render().decode()
     assert 'shoal:eplb_rank_tokens{layer="0",model_name="m",rank="1"} 100.0' in text
