@@ -363,12 +363,15 @@ class EngineCore:
         changed = self.scheduler.update_from_output(plan, result)
         if result.prompt_logprobs:
             self._collect_prompt_logprobs(result.prompt_logprobs)
-        spans = result.spans
+        spans = None  # built only if a request asked for logprobs
         for request in changed:
             kept = request.num_new_output_tokens
             new_ids = request.output_token_ids[len(request.output_token_ids) - kept:]
-            span = spans.get(request.req_id)
-            logprobs = self._logprobs(result, span[0], kept, request) if span else None
+            logprobs = None
+            if request.sampling.logprobs is not None and result.logprobs is not None:
+                spans = result.spans if spans is None else spans
+                span = spans.get(request.req_id)
+                logprobs = self._logprobs(result, span[0], kept, request) if span else None
             delta = self._delta(request, new_ids, logprobs)
             if (request.req_id in self._prompt_logprobs
                     and request.num_output_tokens == kept):  # the first tokens
