@@ -5,7 +5,7 @@
 
 A Mixtral-shaped model (random weights, built here: 4 layers, hidden 512, 8 experts
 top-2) whose router sends most routed pairs to experts 6 and 7
-(``tests/factories.skew_router``) is served at dp2 EP with ``--enable-eplb`` and a step
+(``tests/factories.skew_router``: 50-85% per layer with the defaults) is served at dp2 EP with ``--enable-eplb`` and a step
 interval too long to fire by itself. The same workload (prefill-heavy: prompts of 64-160
 tokens, ``--max-tokens`` out) runs under the start placement, then one rebalance is
 asked for (``EPLBManager.rebalance``: the policy on the driver, then one layer's moves
@@ -46,7 +46,8 @@ def _workload(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> flo
     return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
 
 
-def run(num_requests: int, max_tokens: int, redundant: int) -> None:
+def run(num_requests: int, max_tokens: int, redundant: int, strength: float,
+        shift: float) -> None:
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
@@ -60,27 +61,28 @@ def run(num_requests: int, max_tokens: int, redundant: int) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     with tempfile.TemporaryDirectory() as ckpt:
         MixtralForCausalLM(config).save_pretrained(ckpt)
-        skew_router(ckpt, hot=HOT)
+        skew_router(ckpt, hot=HOT, strength=strength, shift_embeddings=shift)
         eplb_config = {"window_size": 10_000, "step_interval": 1_000_000,
                        "num_redundant_experts": redundant}
         with LLM(ckpt, kv_cache_memory=256 << 20, data_parallel_size=2,
                  enable_expert_parallel=True, enable_eplb=True, eplb_config=eplb_config,
                  threads_per_worker=1) as llm:
             core = llm.engine.core
-            llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
+            _workload(llm, prompts, params)  # warm-up (allocations, first-touch pages)
             before_tps = _workload(llm, prompts, params)
             load = core.eplb.window.load
             start = initial_placement(load.shape[0], NUM_EXPERTS, NUM_EXPERTS + redundant, 2)
             core.executor.call(Command.RESET_STATS)
             core.eplb.rebalance()
-            llm.generate(prompts[:2], params, use_tqdm=False)  # the moves run in these steps
+            _workload(llm, prompts, params)  # the moves run in its first steps
             moves = core.worker_stats()
             after = balancedness(core.eplb.rank_load)
             after_tps = _workload(llm, prompts, params)
             hot_share = float(load.sum(axis=0)[list(HOT)].sum() / load.sum())
             emit({"bench": "eplb_balancedness", "layout": "dp2-ep",
                   "model": "mixtral-shaped-4L-512h-8e-top2", "redundant_experts": redundant,
-                  "hot_expert_share": round(hot_share, 3),
+                  "hot_expert_share": round(hot_share, 3), "skew_strength": strength,
+                  "shift_embeddings": shift,
                   "before": [round(float(b), 3) for b in balancedness(start.rank_load(load))],
                   "after": [round(float(b), 3) for b in after]})
             emit({"bench": "eplb_rebalance_cost", "policy_ms": round(core.eplb.last_policy_ms, 3),
@@ -100,8 +102,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--redundant", type=int, default=4)
+    parser.add_argument("--strength", type=float, default=1.5,
+                        help="router skew (skew_router's strength)")
+    parser.add_argument("--shift-embeddings", type=float, default=0.5,
+                        help="skew_router's shared embedding direction (a wide model needs one)")
     args = parser.parse_args()
-    run(args.requests, args.max_tokens, args.redundant)
+    run(args.requests, args.max_tokens, args.redundant, args.strength, args.shift_embeddings)
 
 
 if __name__ == "__main__":

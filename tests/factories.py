@@ -378,16 +378,24 @@ __all__ = [
 
 
 def skew_router(checkpoint_dir: str, hot: tuple[int, ...] = (0, 1), strength: float = 3.0,
-                seed: int = 0) -> str:
+                seed: int = 0, shift_embeddings: float = 0.0) -> str:
     """Edit a tiny MoE checkpoint's router so that the ``hot`` experts get most tokens.
 
     Each MoE layer's router rows of the hot experts gain a push along the mean direction
     of that layer's inputs (measured on random prompts), ``strength`` router-logit
     standard deviations for the first hot expert and 0.8 of that for the next ones. With
     the defaults about three quarters of a tiny Mixtral's routed pairs go to experts 0
-    and 1. Saves over ``checkpoint_dir`` and returns it.
+    and 1. In a wider model the inputs share less of a direction; ``shift_embeddings`` > 0
+    first adds one random vector of that many times the mean row norm to every token
+    embedding, so the residual stream carries a direction every token shares. Saves over
+    ``checkpoint_dir`` and returns it.
     """
     model = load_hf(checkpoint_dir)
+    if shift_embeddings:
+        with torch.no_grad():
+            rows = model.get_input_embeddings().weight  # [V, H]
+            shift = torch.randn(rows.shape[1], generator=torch.Generator().manual_seed(seed))
+            rows += shift_embeddings * rows.norm(dim=1).mean() * shift / shift.norm()
     gates = [m for name, m in model.named_modules()
              if name.rsplit(".", 1)[-1] == "gate" and getattr(m, "weight", None) is not None
              and m.weight.dim() == 2 and "expert" not in name]
