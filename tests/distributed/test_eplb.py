@@ -46,7 +46,7 @@ def make_config(ckpt: str, enable_eplb: bool, layout: str = "dp2") -> EngineConf
     )
 
 
-FAMILIES = {"mixtral": dict(num_local_experts=8), "deepseek_v3": {}}  # both 8 experts
+FAMILIES = {"mixtral": {"num_local_experts": 8}, "deepseek_v3": {}}  # both 8 experts
 
 
 @pytest.fixture(scope="module")
