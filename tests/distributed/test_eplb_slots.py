@@ -91,3 +91,27 @@ def test_moves_prefer_local_copies_and_spread_over_replicas() -> None:
     # rank 1 copies experts 0 and 1 locally; 2, 3 come from rank 0 and 4, 5 go to it
     assert {(m.src_rank, m.dst_rank) for m in moves} == {(1, 0), (1, 1), (0, 1)}
     assert plan_moves(old, old, 2) == []
+
+
+def _check_tp_inside_dp(ctx: ParallelContext) -> dict[str, float]:
+    """dp2 x tp2 with EP over all four ranks: each tp rank maps and dispatches a slice of
+    its dp rank's tokens, and the tp group gathers the combined rows."""
+    ep = dataclasses.replace(ctx, enable_expert_parallel=True)
+    w = random_weights(E, H, INTER, seed=4)
+    cfg = MoEConfig(H, INTER, RouterConfig(E, TOP_K))
+    layer = MoELayer(cfg, ep)
+    layer.use_physical_slots(ep, 2)  # 8 slots, 2 per rank
+    load_layer(layer, w)
+    x = torch.randn(11, H, generator=torch.Generator().manual_seed(60 + ctx.dp.rank_in_group))
+    ref = reference_moe(x, w["gate"], w["w1"], w["w3"], w["w2"], TOP_K)
+    out = {"initial": (layer(x) - ref).abs().max().item()}
+    rearrange_layer(layer, [5, 0, 5, 1, 2, 5, 3, 4], ep.ep)  # expert 5 on three ranks
+    out["moved"] = (layer(x) - ref).abs().max().item()
+    out["weights"] = float(not _slots_hold_their_experts(layer, w))
+    return out
+
+
+def test_tp_inside_dp_splits_hot_experts_consistently() -> None:
+    for rank, errors in enumerate(run_distributed(_check_tp_inside_dp, 4, dp=2, timeout_s=180)):
+        bad = {k: v for k, v in errors.items() if v > 1e-5}
+        assert not bad, f"rank {rank}: {bad}"
