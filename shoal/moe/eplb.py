@@ -159,9 +159,12 @@ class ExpertRebalancer:
     def __init__(self, layers: list, group: RankGroup):
         self.layers = layers
         self.group = group
-        self.moved_slots = 0
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.moved_slots = 0  # slots rewritten on this rank
         self.move_s = 0.0
-        self.num_moves = 0
+        self.num_moves = 0  # layer moves applied
 
     def apply(self, layer_index: int, phy2log: list[int]) -> None:
         """Move layer ``layer_index`` (among the MoE layers, in model order) to ``phy2log``."""

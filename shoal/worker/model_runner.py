@@ -208,6 +208,8 @@ class ModelRunner:
     def reset_stats(self) -> None:
         self._stats = WorkerStats()
         self._last_step_end: float | None = None
+        if self.eplb is not None:
+            self.eplb.reset_stats()
 
     def stats(self) -> WorkerStats:
         stats = dataclasses.replace(self._stats, num_requests=len(self.requests))
