@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from shoal.moe.eplb import initial_phy2log, plan_moves, rearrange_layer
@@ -18,6 +19,8 @@ from shoal.parallel.context import ParallelContext
 from shoal.parallel.mesh import build_mesh
 from tests.distributed.launcher import run_distributed
 from tests.unit.test_moe_reference import load_layer, random_weights, reference_moe
+
+pytestmark = pytest.mark.timeout(300)
 
 H, INTER, E, TOP_K, REDUNDANT = 16, 8, 6, 3, 2  # 8 slots, 4 per rank
 
@@ -76,6 +79,7 @@ def _check(ctx: ParallelContext) -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow
 def test_physical_slots_compute_the_same_before_and_after_moves() -> None:
     results = run_distributed(_check, 2, timeout_s=180)
     for rank, errors in enumerate(results):
@@ -111,6 +115,7 @@ def _check_tp_inside_dp(ctx: ParallelContext) -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow
 def test_tp_inside_dp_splits_hot_experts_consistently() -> None:
     for rank, errors in enumerate(run_distributed(_check_tp_inside_dp, 4, dp=2, timeout_s=180)):
         bad = {k: v for k, v in errors.items() if v > 1e-5}
