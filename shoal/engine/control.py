@@ -46,6 +46,7 @@ class BootstrapInfo:
     heartbeat_timeout_s: float
     threads_per_worker: int | None
     broadcast_ring: str = ""  # /dev/shm path of the broadcast ring (local workers), or ""
+    return_ring: str = ""  # /dev/shm path of this rank's result ring (local output ranks)
 
 
 @wire_message(11)
