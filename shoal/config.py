@@ -313,6 +313,33 @@ class SpeculativeConfig:
         return self.prompt_lookup_min or self.prompt_lookup_max or 5
 
 
+EPLB_KEYS = ("window_size", "step_interval", "num_redundant_experts")
+
+
+@dataclass(frozen=True)
+class EPLBConfig:
+    """Expert-parallel load balancing (vLLM's ``enable_eplb`` and ``eplb_config`` keys).
+
+    Every ``step_interval`` steps the driver re-places the experts from the routed-token
+    counts of the last ``window_size`` steps, with ``num_redundant_experts`` extra slots
+    in all for replicas of hot experts (``num_experts + num_redundant_experts`` must
+    divide over the ep ranks; checked against the model when it is known).
+    """
+
+    enable_eplb: bool = False
+    window_size: int = 1000
+    step_interval: int = 3000
+    num_redundant_experts: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("eplb_config window_size", self.window_size)
+        _positive("eplb_config step_interval", self.step_interval)
+        if (not isinstance(self.num_redundant_experts, int)
+                or isinstance(self.num_redundant_experts, bool) or self.num_redundant_experts < 0):
+            raise ValueError("eplb_config num_redundant_experts must be an integer >= 0, got "
+                             f"{self.num_redundant_experts!r}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs, composed from the per-concern configs."""
@@ -325,8 +352,19 @@ class EngineConfig:
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     fault: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    eplb: EPLBConfig = field(default_factory=EPLBConfig)
 
     def __post_init__(self) -> None:
+        if self.eplb.enable_eplb:
+            p = self.parallel
+            if not p.enable_expert_parallel or p.ep_size < 2:
+                raise ValueError("enable_eplb needs expert parallelism over more than one rank: "
+                                 "add --enable-expert-parallel with data_parallel_size x "
+                                 f"tensor_parallel_size > 1 (now dp={p.dp_size}, tp={p.tp_size}, "
+                                 f"expert parallel {'on' if p.enable_expert_parallel else 'off'})")
+            if p.pp_size > 1:
+                raise ValueError("enable_eplb with pipeline_parallel_size > 1 is not supported "
+                                 "yet: the expert counts come from the last stage only")
         if self.speculative.enabled and self.scheduler.async_scheduling:
             raise ValueError("async_scheduling cannot be combined with speculative_config: "
                              "a plan with drafts is never planned ahead (leave "

@@ -165,6 +165,8 @@ class LoadModel:
     draft_layers: int = 0
     num_speculative_tokens: int = 0
     max_num_seqs: int = 256  # requests held at once (sizes the draft's scratch pages)
+    # EPLB: -1 = off; else each MoE layer holds (experts + this) physical slots over ep
+    eplb_num_redundant_experts: int = -1
 
 
 @dataclass
@@ -212,6 +214,10 @@ class WorkerStats:
     # the expert-parallel collectives with an empty batch), and their time
     dummy_steps: int = 0
     dummy_s: float = 0.0
+    # EPLB: layer moves applied, expert slots rewritten on this rank, and their time
+    eplb_layer_moves: int = 0
+    eplb_slots_moved: int = 0
+    eplb_move_s: float = 0.0
 
 
 @dataclass

@@ -33,6 +33,7 @@ from shoal.engine.control import (
     WorkerReady,
 )
 from shoal.engine.dp_coordinator import DPResultGatherer, DPRouter, DPScheduler
+from shoal.engine.eplb import EPLBManager
 from shoal.engine.core_io import AddRequest, CoreStats, TokenDelta, TokenLogprob
 from shoal.engine.kv_connector import create_scheduler_connector
 from shoal.engine.kv_manager import KVCacheManager
@@ -210,6 +211,8 @@ class EngineCore:
                 draft_layers=config.speculative.draft_layers or 0,
                 num_speculative_tokens=config.speculative.num_speculative_tokens,
                 max_num_seqs=config.scheduler.max_num_seqs,
+                eplb_num_redundant_experts=(config.eplb.num_redundant_experts
+                                            if config.eplb.enable_eplb else -1),
             )
             self.load_info: list[ModelInfo] = self.executor.call(self._load_model)
             self.num_pages = self._agree_on_pages()
@@ -246,6 +249,8 @@ class EngineCore:
         self.max_plans_in_flight_seen = 0
         self.plan_bytes = 0
         self.experts = ExpertCounter()
+        self.eplb = (EPLBManager(config.eplb, config.parallel.ep_size)
+                     if config.eplb.enable_eplb and runner == RunnerKind.MODEL else None)
         self._prompt_logprobs: dict[int, dict[int, TokenLogprob]] = {}  # req -> position -> lp
         # n > 1: followers wait until their leader's prompt is in the cache, then share its pages
         self._followers: dict[int, list[Request]] = {}
@@ -343,6 +348,8 @@ class EngineCore:
                 plan = self.scheduler.schedule()
                 if plan is None:
                     break
+                if self.eplb is not None:
+                    self.eplb.attach(plan)
                 self.in_flight.append(plan)  # before submit: a failed submit is requeued too
                 self.plan_bytes += self.executor.submit(plan)
             self.max_plans_in_flight_seen = max(self.max_plans_in_flight_seen,
@@ -367,6 +374,8 @@ class EngineCore:
             return deltas
         plan = self.in_flight.popleft()
         self.experts.add(result.expert_counts)
+        if self.eplb is not None:
+            self.eplb.record(result.expert_counts)
         changed = self.scheduler.update_from_output(plan, result)
         if result.prompt_logprobs:
             self._collect_prompt_logprobs(result.prompt_logprobs)
@@ -454,6 +463,8 @@ class EngineCore:
         self.in_flight.clear()
         if self.dp_results is not None:
             self.dp_results.reset()
+        if self.eplb is not None:  # the new workers start from the initial placement
+            self.eplb.reset()
         requeued, lost_tokens = self.scheduler.requeue_after_worker_loss()
         restart = getattr(self.executor, "restart", None)
         while True:
@@ -517,7 +528,17 @@ class EngineCore:
             num_draft_tokens=s.num_draft_tokens,
             num_accepted_tokens=s.num_accepted_tokens,
             num_accepted_tokens_per_pos=list(s.num_accepted_tokens_per_pos or []),
+            **self._eplb_stats(),
         )
+
+    def _eplb_stats(self) -> dict[str, Any]:
+        eplb = self.eplb
+        if eplb is None:
+            return {}
+        return {"eplb_rank_load": eplb.rank_load, "eplb_num_rebalances": eplb.num_rebalances,
+                "eplb_num_layer_moves": eplb.num_layer_moves,
+                "eplb_num_slot_moves": eplb.num_slot_moves,
+                "eplb_policy_ms": eplb.last_policy_ms}
 
     def worker_stats(self) -> list:
         return self.executor.call(Command.GET_STATS)

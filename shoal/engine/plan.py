@@ -154,6 +154,18 @@ class CachedRequests:
         return list(self)[index]
 
 
+@dataclass
+class ExpertMove:
+    """EPLB: MoE layer ``layer`` (index among the model's MoE layers) takes a new placement.
+
+    ``phy2log[p]`` is the logical expert physical slot p serves from this step on; every
+    ep rank moves the weights that changed before the step's forward.
+    """
+
+    layer: int
+    phy2log: np.ndarray  # int64 [num_physical]
+
+
 @wire_message(4)
 @dataclass
 class StepPlan:
@@ -174,6 +186,8 @@ class StepPlan:
     finished_req_ids: list[int]  # finished, aborted or preempted: drop their state
     # opaque to the engine: what the KV connector's scheduler side tells its worker side
     kv_connector_metadata: bytes = b""
+    # EPLB: at most one MoE layer's new expert placement, applied before this step runs
+    expert_move: ExpertMove | None = None
 
 
 @wire_message(12)

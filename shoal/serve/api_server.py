@@ -37,7 +37,7 @@ from transformers import AutoConfig
 import shoal
 from shoal.checkpoint.default_model import (DEFAULT_MODEL_ALIASES, resolve_model,
                                            with_resolved_draft)
-from shoal.checkpoint.hf import eos_token_ids, load_tokenizer, model_max_len
+from shoal.checkpoint.hf import check_eplb, eos_token_ids, load_tokenizer, model_max_len
 from shoal.config import EngineConfig
 from shoal.frontend.generation_defaults import load_generation_defaults
 from shoal.serve.banner import banner_lines, log_banner
@@ -273,6 +273,7 @@ def served_model(config: EngineConfig, name: str | None) -> ServedModel:
     root = resolve_model(config.model.model)
     hf_config = AutoConfig.from_pretrained(root)
     max_len = model_max_len(hf_config, config.model.max_model_len)
+    check_eplb(hf_config, config)
     given = config.model.model
     if given is None or given in DEFAULT_MODEL_ALIASES:
         aliases = DEFAULT_MODEL_ALIASES

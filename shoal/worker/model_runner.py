@@ -36,6 +36,7 @@ from shoal.models.ops.build import kernels_enabled
 from shoal.models.ops.fused import fused_ops_available
 from shoal.models.ops.paged_attention import kernel_available
 from shoal.models.registry import build_model
+from shoal.moe.eplb import ExpertRebalancer, enable_eplb
 from shoal.parallel.context import ParallelContext
 from shoal.parallel.linear import prepack_weights
 from shoal.parallel.pipeline import IntermediateTensors
@@ -89,6 +90,8 @@ class _Batch:
 class ModelRunner:
     """One rank's model shard, KV cache and per-request state."""
 
+    eplb: ExpertRebalancer | None = None  # EPLB: physical expert slots, moved by plans
+
     def __init__(self, ctx: ParallelContext, args: LoadModel):
         self.ctx = ctx
         self.device = ctx.device
@@ -99,6 +102,8 @@ class ModelRunner:
         partition = tuple(args.pp_layer_partition) or None
         with torch.device(self.device):
             self.model = build_model(self.hf_config, ctx, self.dtype, pp_layer_partition=partition)
+        if args.eplb_num_redundant_experts >= 0:
+            self.eplb = enable_eplb(self.model, ctx, args.eplb_num_redundant_experts)
         self.model.load_weights(args.model)
         self.model.eval()
         if self.device.type == "cpu":  # build/load the C++ kernels now, not in the first step
@@ -203,9 +208,16 @@ class ModelRunner:
     def reset_stats(self) -> None:
         self._stats = WorkerStats()
         self._last_step_end: float | None = None
+        if self.eplb is not None:
+            self.eplb.reset_stats()
 
     def stats(self) -> WorkerStats:
-        return dataclasses.replace(self._stats, num_requests=len(self.requests))
+        stats = dataclasses.replace(self._stats, num_requests=len(self.requests))
+        if self.eplb is not None:
+            stats.eplb_layer_moves = self.eplb.num_moves
+            stats.eplb_slots_moved = self.eplb.moved_slots
+            stats.eplb_move_s = self.eplb.move_s
+        return stats
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -344,6 +356,8 @@ class ModelRunner:
         if self._last_step_end is not None:
             self._stats.idle_s += began - self._last_step_end
         self._apply_plan(plan)
+        if plan.expert_move is not None:  # EPLB: this layer's new placement, before the step
+            self._need_eplb().apply(plan.expert_move.layer, plan.expert_move.phy2log.tolist())
         batch = self._prepare(plan)
         connector = self.kv_connector
         if connector is not None:
@@ -375,6 +389,11 @@ class ModelRunner:
         self._stats.forward_s += now - began
         self._last_step_end = now
         return result
+
+    def _need_eplb(self) -> ExpertRebalancer:
+        if self.eplb is None:
+            raise RuntimeError("a plan moved experts, but this worker was loaded without EPLB")
+        return self.eplb
 
     def _dummy_step(self) -> None:
         """No tokens on this dp rank: join every MoE collective of this stage, in layer order.
