@@ -29,7 +29,7 @@ from shoal.engine.control import (
     ModelInfo,
     WorkerStats,
 )
-from shoal.engine.plan import NewRequestData, StepPlan, StepResult
+from shoal.engine.plan import NewRequestData, StepPlan, StepResult, speculation_allowed
 from shoal.models.attention import AttentionMetadata
 from shoal.models.compiled import compile_model
 from shoal.models.ops.build import kernels_enabled
@@ -41,6 +41,7 @@ from shoal.parallel.context import ParallelContext
 from shoal.parallel.linear import prepack_weights
 from shoal.parallel.pipeline import IntermediateTensors
 from shoal.worker.device import resolve_dtype
+from shoal.worker.draft_runner import DraftProposer
 from shoal.worker.kv_connector import KVConnectorWorker, create_worker_connector
 from shoal.worker.pooler import PromptPooler
 from shoal.worker.rejection_sampler import verify_greedy, verify_sampled
@@ -143,6 +144,9 @@ class ModelRunner:
         self.dp_rank = ctx.dp.rank_in_group
         self.ep_lockstep = (ctx.dp.size > 1 and ctx.enable_expert_parallel and ctx.ep.size > 1
                             and bool(self.moe_layers))
+        # draft-model speculation: the draft lives on the output rank only (draft_runner.py)
+        self.drafter = (DraftProposer(args, self.device, self.dtype)
+                        if args.draft_model and self.is_output_rank else None)
         self.kv_connector: KVConnectorWorker | None = create_worker_connector(
             args.kv_connector, ctx.rank, args.kv_connector_config)
         self.reset_stats()
@@ -161,6 +165,8 @@ class ModelRunner:
     def measure_kv_capacity(self, args: MeasureKVCapacity) -> KVCapacity:
         """How many pages this rank's budget holds (the driver takes the minimum)."""
         per_page = self.model.kv_cache_spec.bytes_per_page(args.page_size)
+        if self.drafter is not None:  # its pages come from the same budget
+            per_page += self.drafter.bytes_per_page(args.page_size)
         if self.device.type == "cuda":
             budget = self._cuda_kv_budget(args.gpu_memory_utilization)
         else:
@@ -189,6 +195,8 @@ class ModelRunner:
         self.model.bind_kv_cache(caches)
         self.page_size, self.num_pages = page_size, num_pages
         self.kv_caches = caches
+        if self.drafter is not None:
+            self.drafter.init_kv_cache(num_pages, page_size)
         if self.kv_connector is not None:
             self._attach_connector_hooks(self.kv_connector)
         return KVCacheInfo(bytes=sum(c.numel() * c.element_size() for c in caches))
@@ -310,6 +318,8 @@ class ModelRunner:
         tokens = np.concatenate([np.asarray(prompt, np.int32),
                                  np.asarray(new.output_token_ids, np.int32)])
         slot = self.table.add(new.req_id, tokens, new.page_ids, new.num_computed_tokens)
+        if self.drafter is not None:
+            self.drafter.reset(slot)
         state = self._new_state(new, slot)
         self.requests[new.req_id] = state
         self._refresh_special(new.req_id, state)
@@ -377,6 +387,8 @@ class ModelRunner:
             connector.clear_metadata()
         if self.is_output_rank and result is None:
             result = StepResult(plan.step_id, [], np.zeros(0, np.int32))
+        if self.drafter is not None and result.req_ids:
+            self._propose(result)
         if self.moe_layers:
             counts = torch.stack([m.reset_expert_counts() for m in self.moe_layers])
             if result is not None:
@@ -394,6 +406,23 @@ class ModelRunner:
         if self.eplb is None:
             raise RuntimeError("a plan moved experts, but this worker was loaded without EPLB")
         return self.eplb
+
+    def _propose(self, result: StepResult) -> None:
+        """The draft model's proposals for every request that sampled and may speculate."""
+        spans, tokens = result.spans, result.sampled_token_ids.tolist()
+        ids, emitted = [], []
+        for rid in result.req_ids:
+            state = self.requests[rid]
+            if state.sampling is not None and speculation_allowed(state.sampling.options):
+                first, count = spans[rid]
+                ids.append(rid)
+                emitted.append(tokens[first : first + count])
+        if not ids:
+            return
+        drafts = dict(zip(ids, self.drafter.propose(self.table, self.table.slots(ids), emitted)))
+        per_request = [drafts.get(rid, []) for rid in result.req_ids]
+        result.draft_counts = np.asarray([len(d) for d in per_request], np.int32)
+        result.draft_token_ids = np.asarray([t for d in per_request for t in d], np.int32)
 
     def _dummy_step(self) -> None:
         """No tokens on this dp rank: join every MoE collective of this stage, in layer order.

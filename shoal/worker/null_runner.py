@@ -33,6 +33,7 @@ class NullRunner(ModelRunner):
         self.load_args = args
         self.requests = {}
         self.table = RequestTable()
+        self.drafter = None
         self._special = set()
         self._tracked_ids = set()
         self.is_output_rank = ctx.is_output_rank
