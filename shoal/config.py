@@ -279,7 +279,8 @@ class SpeculativeConfig:
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
     model: str | None = None  # draft_model: the draft checkpoint (None: the target's)
-    draft_layers: int | None = None  # draft_model: only the first N decoder layers
+    # draft_model: only the first N decoder layers, or these layer indices (layer skip)
+    draft_layers: int | tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.method:
@@ -287,7 +288,16 @@ class SpeculativeConfig:
         if self.method == "ngram" and (self.model is not None or self.draft_layers is not None):
             raise ValueError("speculative_config keys 'model' and 'draft_layers' belong to "
                              "method 'draft_model', not 'ngram'")
-        if self.draft_layers is not None:
+        if isinstance(self.draft_layers, list):
+            object.__setattr__(self, "draft_layers", tuple(self.draft_layers))
+        if isinstance(self.draft_layers, tuple):
+            if (not self.draft_layers or any(not isinstance(i, int) or isinstance(i, bool)
+                                             or i < 0 for i in self.draft_layers)
+                    or list(self.draft_layers) != sorted(set(self.draft_layers))):
+                raise ValueError("speculative_config draft_layers must be a positive integer "
+                                 "or a non-empty increasing list of layer indices, got "
+                                 f"{list(self.draft_layers)!r}")
+        elif self.draft_layers is not None:
             _positive("speculative_config draft_layers", self.draft_layers)
         if self.method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_config method must be one of {SPECULATIVE_METHODS}, "
@@ -303,6 +313,13 @@ class SpeculativeConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.method)
+
+    @property
+    def draft_layer_ids(self) -> list[int]:
+        """The draft's decoder layers by checkpoint index ([] = all of them)."""
+        if isinstance(self.draft_layers, int):
+            return list(range(self.draft_layers))
+        return list(self.draft_layers or ())
 
     @property
     def lookup_max(self) -> int:

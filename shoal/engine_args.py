@@ -94,8 +94,11 @@ def _speculative(value: Any) -> dict[str, Any]:
                          "'draft_model')")
     if fields.get("model") is not None and not isinstance(fields["model"], str):
         raise ValueError(f"speculative_config model must be a path, got {fields['model']!r}")
+    layers = fields.get("draft_layers")
+    if isinstance(layers, list):  # layer indices (checked by SpeculativeConfig)
+        fields["draft_layers"] = tuple(layers)
     for key in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-                "draft_layers"):
+                *(("draft_layers",) if not isinstance(layers, list) else ())):
         v = fields.get(key)
         if isinstance(v, str) and v.strip().isdigit():
             fields[key] = int(v)

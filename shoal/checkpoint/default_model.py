@@ -421,7 +421,8 @@ def with_resolved_draft(config: EngineConfig, target: str) -> EngineConfig:
                          f"{getattr(draft, 'vocab_size', None)} but the target has "
                          f"{getattr(main, 'vocab_size', None)}: a draft needs the same vocabulary")
     layers = int(getattr(draft, "num_hidden_layers", 0) or 0)
-    if spec.draft_layers is not None and spec.draft_layers > layers:
-        raise ValueError(f"speculative_config draft_layers={spec.draft_layers}, but {path} has "
-                         f"{layers} decoder layers")
+    wanted = spec.draft_layer_ids
+    if wanted and wanted[-1] >= layers:
+        raise ValueError(f"speculative_config draft_layers={spec.draft_layers} asks for layer "
+                         f"{wanted[-1]}, but {path} has {layers} decoder layers")
     return dataclasses.replace(config, speculative=dataclasses.replace(spec, model=path))

@@ -159,10 +159,10 @@ class LoadModel:
     kv_connector_config: str = "{}"  # JSON
     async_scheduling: bool = False  # sampling ranks append their own tokens
     null_step_ms: float = 0.0  # the null runner sleeps this long per step (a device step)
-    # draft-model speculation: the output rank loads this checkpoint (its first
-    # draft_layers decoder layers when > 0) and proposes num_speculative_tokens drafts
+    # draft-model speculation: the output rank loads this checkpoint (only these decoder
+    # layers, renumbered, when given) and proposes num_speculative_tokens drafts
     draft_model: str = ""
-    draft_layers: int = 0
+    draft_layers: list[int] = field(default_factory=list)
     num_speculative_tokens: int = 0
     max_num_seqs: int = 256  # requests held at once (sizes the draft's scratch pages)
     # EPLB: -1 = off; else each MoE layer holds (experts + this) physical slots over ep

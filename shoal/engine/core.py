@@ -208,7 +208,7 @@ class EngineCore:
                 async_scheduling=self.async_scheduling,
                 null_step_ms=null_step_ms,
                 draft_model=draft_model_path(config, model_path),
-                draft_layers=config.speculative.draft_layers or 0,
+                draft_layers=config.speculative.draft_layer_ids,
                 num_speculative_tokens=config.speculative.num_speculative_tokens,
                 max_num_seqs=config.scheduler.max_num_seqs,
                 eplb_num_redundant_experts=(config.eplb.num_redundant_experts

@@ -23,6 +23,7 @@ whatever it holds, verification keeps the output exactly the target's.
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import torch
@@ -39,6 +40,24 @@ from shoal.worker.request_table import RequestTable
 logger = logging.getLogger(__name__)
 
 
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+
+
+def _renumbered(resolve, keep: list[int]):
+    """A weight-name resolver that loads checkpoint layer ``keep[j]`` as draft layer j."""
+    index = {layer: j for j, layer in enumerate(keep)}
+
+    def resolve_kept(name: str):
+        match = _LAYER_NAME.match(name)
+        if match:
+            j = index.get(int(match.group(1)))
+            if j is None:
+                return None
+            name = f"model.layers.{j}.{match.group(2)}"
+        return resolve(name)
+    return resolve_kept
+
+
 class DraftProposer:
     """A draft model with its own KV pages that proposes ``k`` tokens per request."""
 
@@ -46,12 +65,15 @@ class DraftProposer:
         self.k = int(args.num_speculative_tokens)
         self.device = device
         config = AutoConfig.from_pretrained(args.draft_model)
-        if args.draft_layers:
-            config.num_hidden_layers = args.draft_layers
+        keep = list(args.draft_layers)
+        if keep:
+            config.num_hidden_layers = len(keep)
             if isinstance(getattr(config, "layer_types", None), list):
-                config.layer_types = config.layer_types[: args.draft_layers]
+                config.layer_types = [config.layer_types[i] for i in keep]
         with torch.device(device):
             self.model = build_model(config, ParallelContext.single(device), dtype)
+        if keep:
+            self.model.resolve_weight_name = _renumbered(self.model.resolve_weight_name, keep)
         self.model.load_weights(args.draft_model)
         self.model.eval()
         if kernels_enabled():

@@ -139,10 +139,20 @@ def test_greedy_self_draft_every_family(tmp_path, family):
     assert stats.num_draft_tokens > 0
 
 
+def test_greedy_layer_skip_draft(checkpoint):
+    """draft_layers as indices: the target's last layer alone (layer 0 skipped) drafts."""
+    expected = hf_greedy(checkpoint, prompts(), 12)
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)] * 4
+    out, stats = run(checkpoint, params, dataclasses.replace(SELF_DRAFT, draft_layers=(1,)))
+    assert [out[i][0][0] for i in range(4)] == expected
+    assert stats.num_draft_tokens > 0
+
+
 def test_draft_model_config_errors(checkpoint, tmp_path):
     other_vocab = tiny_checkpoint("llama", tmp_path, vocab_size=97)
     for spec, match in [(dataclasses.replace(TWIN_DRAFT, model=other_vocab), "vocab"),
                         (dataclasses.replace(SELF_DRAFT, draft_layers=9), "draft_layers=9"),
+                        (dataclasses.replace(SELF_DRAFT, draft_layers=(0, 5)), "layer 5"),
                         (dataclasses.replace(TWIN_DRAFT, model=str(tmp_path / "nope")),
                          "not a local directory")]:
         with pytest.raises(Exception, match=match):
