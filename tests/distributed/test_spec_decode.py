@@ -129,14 +129,16 @@ def test_greedy_draft_model_equals_transformers(checkpoint, stranger, layout):
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe",
                                     "qwen3_moe", "deepseek_v3"])
-def test_greedy_self_draft_every_family(tmp_path, family):
-    """The target's first layer with its head as the draft (draft_layers=1), per family."""
+def test_greedy_speculation_every_family(tmp_path, family):
+    """Per family: n-gram drafts, and the target's first layer with its head as the draft
+    (draft_layers=1); both give transformers' greedy output."""
     target = tiny_checkpoint(family, tmp_path)
     expected = hf_greedy(target, prompts(), 12)
     params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)] * 4
-    out, stats = run(target, params, SELF_DRAFT)
-    assert [out[i][0][0] for i in range(4)] == expected
-    assert stats.num_draft_tokens > 0
+    for speculative in (NGRAM, SELF_DRAFT):
+        out, stats = run(target, params, speculative)
+        assert [out[i][0][0] for i in range(4)] == expected, speculative.method
+        assert stats.num_draft_tokens > 0, speculative.method
 
 
 def test_greedy_layer_skip_draft(checkpoint):
