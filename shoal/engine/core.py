@@ -16,6 +16,7 @@ interface (``Executor``), never its implementations.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import time
 from typing import Any, Protocol
@@ -118,6 +119,19 @@ class ExpertCounter:
         self.version += 1
 
 
+def kv_transfer_params_of(msg: AddRequest) -> dict | None:
+    """The request's kv_transfer_params (a JSON object on the wire), or None."""
+    if not msg.kv_transfer_params:
+        return None
+    try:
+        params = json.loads(msg.kv_transfer_params)
+    except ValueError:
+        params = None
+    if not isinstance(params, dict):
+        raise ValueError("kv_transfer_params must be a JSON object")
+    return params
+
+
 def requests_of(msg: AddRequest) -> list[Request]:
     """The core's child requests of one AddRequest (they share its prompt)."""
     if not msg.req_ids or len(msg.sampling) != len(msg.req_ids):
@@ -133,6 +147,7 @@ def requests_of(msg: AddRequest) -> list[Request]:
             max_tokens=msg.max_tokens, eos_token_ids=set(msg.eos_token_ids),
             stop_token_ids=set(msg.stop_token_ids), min_tokens=msg.min_tokens,
             arrival_time=msg.arrival_time,
+            kv_transfer_params=kv_transfer_params_of(msg),
         )
         # resumed after a core restart: the tokens count as generated output (max_tokens,
         # min_tokens, stop checks, penalties and seeded sampling all see them), exactly as
@@ -183,8 +198,9 @@ class EngineCore:
         self._closed = False
         kv_transfer = config.kv_transfer
         self.async_scheduling = resolve_async_scheduling(config)
+        connector = None
         try:
-            connector = create_scheduler_connector(kv_transfer)
+            connector = self.kv_connector = create_scheduler_connector(kv_transfer, config)
             self.executor.start()
             self._load_model = LoadModel(
                 model=model_path,
@@ -194,7 +210,7 @@ class EngineCore:
                 runner=int(runner),
                 enforce_eager=config.model.enforce_eager,
                 kv_connector=kv_transfer.kv_connector or "",
-                kv_connector_config=kv_transfer.kv_connector_extra_config,
+                kv_connector_config=connector.worker_config(),
                 async_scheduling=self.async_scheduling,
                 null_step_ms=null_step_ms,
             )
@@ -204,6 +220,8 @@ class EngineCore:
             self.executor.call(InitKVCache(num_pages=self.num_pages, page_size=page_size))
         except BaseException:
             self.executor.shutdown()
+            if connector is not None:
+                connector.close()
             raise
         pp, dp = config.parallel.pp_size, config.parallel.dp_size
         # pipeline: one plan per stage; async: the next plan while the workers run one
@@ -395,6 +413,8 @@ class EngineCore:
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens,
             embedding=request.embedding,
+            kv_transfer_params=(json.dumps(request.kv_transfer_output)
+                                if request.kv_transfer_output is not None else ""),
         )
 
     @staticmethod
@@ -507,6 +527,7 @@ class EngineCore:
         if not self._closed:
             self._closed = True
             self.executor.shutdown()
+            self.kv_connector.close()
 
 
 def _first_line(exc: BaseException) -> str:

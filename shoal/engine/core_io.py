@@ -55,6 +55,7 @@ class AddRequest:
     # one list per child: tokens it generated in an engine core that died (the API server
     # re-submits the request to a new core, which continues after them); empty when new
     output_token_ids: list[list[int]] = field(default_factory=list)
+    kv_transfer_params: str = ""  # a JSON object for the KV connector ("" = none)
 
 
 @wire_message(22)
@@ -89,6 +90,7 @@ class TokenDelta:
     # with the first token: one entry per prompt position (None for the first token)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     embedding: np.ndarray | None = None  # float32 [hidden]: an embedding request's result
+    kv_transfer_params: str = ""  # with the last delta: the KV connector's answer (JSON)
 
     @property
     def finished(self) -> bool:

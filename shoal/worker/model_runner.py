@@ -136,7 +136,7 @@ class ModelRunner:
         self.ep_lockstep = (ctx.dp.size > 1 and ctx.enable_expert_parallel and ctx.ep.size > 1
                             and bool(self.moe_layers))
         self.kv_connector: KVConnectorWorker | None = create_worker_connector(
-            args.kv_connector, ctx.rank, args.kv_connector_config)
+            args.kv_connector, ctx, args.kv_connector_config, self.hf_config, self.dtype)
         self.reset_stats()
 
     # -- set-up ------------------------------------------------------------------------------

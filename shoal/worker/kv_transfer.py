@@ -1,0 +1,434 @@
+"""ShoalTransferConnector, worker side: serve a finished prefill's pages, pull and load them.
+
+A **producer** rank copies the pages of a request whose prefill just ended out of its
+cache (``wait_for_save``, before the step's result goes back, so the prefill engine
+answers only once the pages are ready) into a bounded host store, token-major
+``[layers, 2, tokens, kv_heads, head_dim]``; a :class:`StoreServer` thread answers
+:class:`~shoal.comm.kv_wire.KVFetch` requests for them over ZeroMQ, the pages as one
+zero-copy frame with a CRC-32.
+
+A **consumer** rank's :class:`Puller` thread takes :class:`~shoal.comm.kv_wire.KVFetchOrder`
+from its driver, fetches the heads it holds from the producer ranks that hold them
+(heads regrouped when the two engines' tp sizes differ), checks each checksum and
+stages the result; it reports the outcome to the driver, which schedules the request
+only when every rank has its pages (or recomputes when one failed or timed out). The
+step that admits the request then writes the staged pages into the pages the driver
+allocated (``start_load_kv``), before any layer runs.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import random
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zmq
+
+from shoal.comm.codec import decode, encode
+from shoal.comm.kv_wire import (
+    KVDrop,
+    KVFetch,
+    KVFetchOrder,
+    KVFetchReport,
+    KVPayload,
+    KVWorkerHello,
+    checksum,
+    plan_fetches,
+)
+from shoal.errors import ProtocolError
+from shoal.parallel.partition import partition_heads
+
+logger = logging.getLogger(__name__)
+
+POLL_MS = 100
+MAX_FETCH_BYTES = 1 << 12
+MAX_PAYLOAD_BYTES = 1 << 34
+DEFAULT_STORE_BYTES = 1 << 30
+DEFAULT_STORE_TTL_S = 60.0
+_WIRE_DTYPE = {torch.bfloat16: torch.int16}  # numpy has no bfloat16: its bits travel
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def to_wire(tensor: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor as a numpy array (bfloat16 as its int16 bits)."""
+    wire = _WIRE_DTYPE.get(tensor.dtype)
+    return (tensor.view(wire) if wire is not None else tensor).numpy()
+
+
+def from_wire(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of :func:`to_wire` (shares memory; the array may be read-only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only zmq frame: only read from
+        tensor = torch.from_numpy(array)
+    return tensor.view(dtype) if dtype in _WIRE_DTYPE else tensor
+
+
+@dataclass
+class _Entry:
+    data: np.ndarray  # [layers, 2, tokens, local_kv_heads, head_dim]
+    created: float
+    expected: int = 0  # fetches that retire it (0: unknown yet)
+    served: int = 0
+
+
+class KVStore:
+    """Finished prefills' pages on one producer rank, bounded in bytes and in age."""
+
+    def __init__(self, max_bytes: int, ttl_s: float):
+        self.max_bytes, self.ttl_s = max_bytes, ttl_s
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, transfer_id: str, data: np.ndarray) -> None:
+        with self._lock:
+            self._expire(time.monotonic())
+            while self._entries and self._bytes + data.nbytes > self.max_bytes:
+                old_id, old = self._entries.popitem(last=False)
+                self._bytes -= old.data.nbytes
+                logger.warning("KV store full: dropped transfer %s before it was fetched", old_id)
+            self._entries[transfer_id] = _Entry(data, time.monotonic())
+            self._bytes += data.nbytes
+
+    def take(self, transfer_id: str, fetches_expected: int) -> np.ndarray | None:
+        """The pages of a transfer; forgotten after ``fetches_expected`` takes."""
+        with self._lock:
+            self._expire(time.monotonic())
+            entry = self._entries.get(transfer_id)
+            if entry is None:
+                return None
+            entry.served += 1
+            if entry.served >= max(1, fetches_expected):
+                del self._entries[transfer_id]
+                self._bytes -= entry.data.nbytes
+            return entry.data
+
+    def _expire(self, now: float) -> None:
+        while self._entries:
+            transfer_id, entry = next(iter(self._entries.items()))
+            if now - entry.created < self.ttl_s:
+                break
+            del self._entries[transfer_id]
+            self._bytes -= entry.data.nbytes
+
+    @property
+    def num_bytes(self) -> int:
+        return self._bytes
+
+
+class Faults:
+    """Drop or corrupt a fraction of the payloads a store sends (FaultInjectingConnector)."""
+
+    def __init__(self, drop_rate: float = 0.0, corrupt_rate: float = 0.0, seed: int = 0):
+        for name, rate in (("drop_rate", drop_rate), ("corrupt_rate", corrupt_rate)):
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {rate!r}")
+        self.drop_rate, self.corrupt_rate = drop_rate, corrupt_rate
+        self.random = random.Random(seed)
+
+    def apply(self, payload: KVPayload) -> KVPayload | None:
+        """None: the payload is lost; else maybe one with a flipped byte."""
+        roll = self.random.random()
+        if roll < self.drop_rate:
+            return None
+        if roll < self.drop_rate + self.corrupt_rate and payload.data is not None:
+            data = payload.data.copy()
+            flat = data.reshape(-1).view(np.uint8)
+            flat[self.random.randrange(flat.size)] ^= 0x5A
+            payload = KVPayload(payload.transfer_id, "", payload.checksum, payload.dtype, data)
+        return payload
+
+
+class StoreServer(threading.Thread):
+    """Answers KVFetch requests for one rank's store on a ROUTER socket."""
+
+    def __init__(self, zctx: zmq.Context, bind: str, store: KVStore, kv_start: int,
+                 dtype: torch.dtype, faults: Faults | None):
+        super().__init__(name="kv-store", daemon=True)
+        self.store, self.kv_start, self.faults = store, kv_start, faults
+        self.dtype_name = _dtype_name(dtype)
+        self.socket = zctx.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(bind)
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                if not self.socket.poll(POLL_MS):
+                    continue
+                identity, *frames = self.socket.recv_multipart(copy=False)
+                reply = self._answer(frames)
+                if reply is not None:
+                    self.socket.send_multipart([identity, *encode(reply)], copy=False)
+        finally:
+            self.socket.close(0)
+
+    def _answer(self, frames) -> KVPayload | None:
+        try:
+            ask = decode(frames, MAX_FETCH_BYTES)
+        except ProtocolError as exc:
+            logger.warning("KV store: bad fetch (%s)", exc)
+            return None
+        if not isinstance(ask, KVFetch):
+            return None
+        data = self.store.take(ask.transfer_id, ask.fetches_expected)
+        if data is None:
+            return KVPayload(ask.transfer_id, f"transfer {ask.transfer_id} is not in this store "
+                             "(never saved, expired or already fetched)", 0, self.dtype_name, None)
+        lo, hi = ask.kv_start - self.kv_start, ask.kv_end - self.kv_start
+        if not 0 <= lo < hi <= data.shape[3]:
+            return KVPayload(ask.transfer_id, f"heads [{ask.kv_start}, {ask.kv_end}) are not "
+                             "held by this rank", 0, self.dtype_name, None)
+        piece = data if (lo, hi) == (0, data.shape[3]) else np.ascontiguousarray(data[:, :, :, lo:hi])
+        payload = KVPayload(ask.transfer_id, "", checksum(piece), self.dtype_name, piece)
+        return self.faults.apply(payload) if self.faults is not None else payload
+
+
+class Puller(threading.Thread):
+    """Consumer side: carries out the driver's fetch orders, reports, and stages the pages.
+
+    Also says hello to the driver once (where this rank's store listens, its heads).
+    """
+
+    def __init__(self, zctx: zmq.Context, orders: str, reports: str, hello: KVWorkerHello,
+                 fetches: bool):
+        super().__init__(name="kv-puller", daemon=True)
+        self.zctx, self.hello, self.fetches = zctx, hello, fetches
+        self.orders = zctx.socket(zmq.SUB)
+        self.orders.setsockopt(zmq.LINGER, 0)
+        self.orders.setsockopt(zmq.SUBSCRIBE, b"")
+        self.orders.connect(orders)
+        self.reports = zctx.socket(zmq.PUSH)
+        self.reports.setsockopt(zmq.LINGER, 0)
+        self.reports.connect(reports)
+        self.staged: dict[str, np.ndarray] = {}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self._dealers: dict[str, zmq.Socket] = {}
+
+    def run(self) -> None:
+        try:
+            self.reports.send_multipart(encode(self.hello), copy=False)
+            while not self.stopping.is_set():
+                if not self.orders.poll(POLL_MS):
+                    continue
+                try:
+                    msg = decode(self.orders.recv_multipart(copy=False))
+                except ProtocolError as exc:
+                    logger.warning("KV puller: bad order (%s)", exc)
+                    continue
+                if isinstance(msg, KVDrop):
+                    with self.lock:
+                        for transfer_id in msg.transfer_ids:
+                            self.staged.pop(transfer_id, None)
+                elif isinstance(msg, KVFetchOrder) and self.fetches:
+                    self.reports.send_multipart(encode(self._carry_out(msg)), copy=False)
+        finally:
+            for sock in (self.orders, self.reports, *self._dealers.values()):
+                sock.close(0)
+
+    def _carry_out(self, order: KVFetchOrder) -> KVFetchReport:
+        began = time.monotonic()
+        deadline = began + order.deadline_s
+        hello = self.hello
+        try:
+            pieces = plan_fetches(order.sources, hello.kv_start, hello.kv_end)
+            parts = [self._fetch(order, index, lo, hi, deadline) for index, lo, hi in pieces]
+        except (ValueError, TimeoutError) as exc:
+            return KVFetchReport(order.transfer_id, hello.rank, False, str(exc),
+                                 seconds=time.monotonic() - began)
+        data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=3)
+        with self.lock:
+            self.staged[order.transfer_id] = data
+        return KVFetchReport(order.transfer_id, hello.rank, True, "", int(data.nbytes),
+                             time.monotonic() - began)
+
+    def _fetch(self, order: KVFetchOrder, index: int, lo: int, hi: int,
+               deadline: float) -> np.ndarray:
+        """Heads ``[lo, hi)`` from source ``index``: checked, or ValueError/TimeoutError."""
+        src = order.sources[index]
+        dealer = self._dealer(src.endpoint)
+        dealer.send_multipart(encode(KVFetch(order.transfer_id, lo, hi,
+                                             order.fetch_counts[index])), copy=False)
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 or not dealer.poll(left_ms):
+                self._drop_dealer(src.endpoint)  # a late answer must not meet the next fetch
+                raise TimeoutError(f"no answer from {src.endpoint} for transfer "
+                                   f"{order.transfer_id} within {order.deadline_s:g} s")
+            try:
+                reply = decode(dealer.recv_multipart(copy=False), MAX_PAYLOAD_BYTES)
+            except ProtocolError as exc:
+                raise ValueError(f"bad payload from {src.endpoint}: {exc}") from None
+            if isinstance(reply, KVPayload) and reply.transfer_id == order.transfer_id:
+                break
+        hello = self.hello
+        if reply.error:
+            raise ValueError(reply.error)
+        expected = (hello.num_layers, 2, order.num_tokens, hi - lo, hello.head_dim)
+        if reply.data is None or tuple(reply.data.shape) != expected or reply.dtype != hello.dtype:
+            got = None if reply.data is None else tuple(reply.data.shape)
+            raise ValueError(f"payload of transfer {order.transfer_id} is {reply.dtype} {got}, "
+                             f"this rank needs {hello.dtype} {expected}")
+        if checksum(reply.data) != reply.checksum:
+            raise ValueError(f"checksum mismatch in transfer {order.transfer_id} from "
+                             f"{src.endpoint}")
+        return reply.data
+
+    def _dealer(self, endpoint: str) -> zmq.Socket:
+        sock = self._dealers.get(endpoint)
+        if sock is None:
+            sock = self._dealers[endpoint] = self.zctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+        return sock
+
+    def _drop_dealer(self, endpoint: str) -> None:
+        sock = self._dealers.pop(endpoint, None)
+        if sock is not None:
+            sock.close(0)
+
+    def take(self, transfer_id: str) -> np.ndarray:
+        with self.lock:
+            data = self.staged.pop(transfer_id, None)
+        if data is None:
+            raise RuntimeError(f"transfer {transfer_id} was scheduled but is not staged here")
+        return data
+
+
+class ShoalTransferWorker:
+    """The worker half of ShoalTransferConnector (see the module docstring).
+
+    Args:
+        ctx: this rank's ParallelContext (tp rank and size; pp must be 1).
+        hf_config: the model's config (KV heads, layers, head size).
+        extra: the worker config the scheduler half made (``worker_config``).
+        faults: drop or corrupt a fraction of what this rank's store sends.
+    """
+
+    def __init__(self, ctx, hf_config, dtype: torch.dtype, extra: dict,
+                 faults: Faults | None = None):
+        if ctx.pp.size != 1:
+            raise ValueError("ShoalTransferConnector needs pipeline_parallel_size 1")
+        total_heads = int(hf_config.num_attention_heads)
+        total_kv = int(getattr(hf_config, "num_key_value_heads", None) or total_heads)
+        part = partition_heads(total_heads, total_kv, ctx.tp.size, ctx.tp.rank_in_group)
+        self.head_dim = int(getattr(hf_config, "head_dim", None)
+                            or int(hf_config.hidden_size) // total_heads)
+        self.kv_start, self.kv_end = part.kv_start, part.kv_end
+        self.num_layers = int(hf_config.num_hidden_layers)
+        self.dtype = dtype
+        self.role = extra["role"]
+        self.store = KVStore(int(extra.get("store_bytes", DEFAULT_STORE_BYTES)),
+                             float(extra.get("store_ttl_s", DEFAULT_STORE_TTL_S)))
+        self.saves: list[dict] = []
+        self.loads: list[dict] = []
+        self.kv_caches: list[torch.Tensor] = []
+        self.zctx = zmq.Context()
+        self.server: StoreServer | None = None
+        endpoint = ""
+        if self.role in ("kv_producer", "kv_both"):
+            self.server = StoreServer(self.zctx, extra["store_bind"].format(rank=ctx.rank),
+                                      self.store, self.kv_start, dtype, faults)
+            endpoint = self.server.endpoint
+            self.server.start()
+        hello = KVWorkerHello(rank=ctx.rank, tp_rank=ctx.tp.rank_in_group, endpoint=endpoint,
+                              kv_start=self.kv_start, kv_end=self.kv_end,
+                              total_num_kv_heads=total_kv, num_layers=self.num_layers,
+                              head_dim=self.head_dim, dtype=_dtype_name(dtype))
+        self.puller = Puller(self.zctx, extra["orders"], extra["reports"], hello,
+                             fetches=self.role in ("kv_consumer", "kv_both"))
+        self.puller.start()
+        atexit.register(self.close)
+
+    def _check_caches(self, kv_caches: list[torch.Tensor]) -> None:
+        """The caches, once: token-major MHA/GQA layout with this rank's heads."""
+        shape = tuple(kv_caches[0].shape) if kv_caches else ()
+        want = (2, self.kv_end - self.kv_start, self.head_dim)
+        if (len(kv_caches) != self.num_layers or len(shape) != 5
+                or (shape[0], shape[3], shape[4]) != want):
+            raise ValueError(f"ShoalTransferConnector needs {self.num_layers} caches of "
+                             f"[2, pages, page_size, {want[1]}, {want[2]}], got "
+                             f"{len(kv_caches)} of {shape} (MLA caches are not supported)")
+        self.kv_caches = kv_caches
+
+    # -- the hooks -------------------------------------------------------------------------
+
+    def bind_metadata(self, metadata: bytes) -> None:
+        meta = json.loads(metadata) if metadata else {}
+        self.saves, self.loads = meta.get("save", []), meta.get("load", [])
+
+    def start_load_kv(self, kv_caches: list[torch.Tensor]) -> None:
+        if not self.kv_caches:
+            self._check_caches(kv_caches)
+        for load in self.loads:
+            staged = self.puller.take(load["transfer_id"])
+            self._write(staged, load["start"], load["count"], load["page_ids"])
+
+    def wait_for_layer_load(self, layer_idx: int) -> None:
+        pass  # a whole request is loaded before the first layer runs
+
+    def save_kv_layer(self, layer_idx: int, kv_cache: torch.Tensor) -> None:
+        pass  # pages are copied out once, after the last layer (wait_for_save)
+
+    def wait_for_save(self) -> None:
+        for save in self.saves:
+            self.store.put(save["transfer_id"], self._gather(save["page_ids"],
+                                                             save["num_tokens"]))
+
+    def clear_metadata(self) -> None:
+        self.saves, self.loads = [], []
+
+    # -- pages in and out ------------------------------------------------------------------
+
+    def _gather(self, page_ids: list[int], num_tokens: int) -> np.ndarray:
+        """Tokens ``[0, num_tokens)`` of these pages, every layer: [L, 2, T, heads, dim]."""
+        index = torch.tensor(page_ids, dtype=torch.long)
+        layers = []
+        for cache in self.kv_caches:  # [2, pages, page_size, heads, dim]
+            pages = cache.index_select(1, index)  # [2, n, page_size, heads, dim]
+            layers.append(pages.flatten(1, 2)[:, :num_tokens])  # [2, T, heads, dim]
+        return to_wire(torch.stack(layers).cpu())
+
+    def _write(self, staged: np.ndarray, start: int, count: int, page_ids: list[int]) -> None:
+        """Tokens ``[start, start + count)`` of a staged transfer into the request's pages."""
+        if count <= 0:
+            return
+        page_size = self.kv_caches[0].shape[2]
+        positions = torch.arange(start, start + count)
+        pages = torch.tensor(page_ids, dtype=torch.long)[positions // page_size]
+        slots = pages * page_size + positions % page_size  # [count]
+        source = from_wire(staged, self.dtype)  # [L, 2, T, heads, dim]
+        for layer, cache in enumerate(self.kv_caches):
+            flat = cache.view(2, -1, *cache.shape[3:])  # [2, pages * page_size, heads, dim]
+            flat.index_copy_(1, slots.to(cache.device),
+                             source[layer, :, start:start + count].to(cache.device))
+
+    def close(self) -> None:
+        for thread in (self.server, self.puller):
+            if thread is not None and thread.is_alive():
+                thread.stopping.set()
+                thread.join(timeout=1.0)
+        if not any(t is not None and t.is_alive() for t in (self.server, self.puller)):
+            self.zctx.term()
+
+
+class FaultInjectingWorker(ShoalTransferWorker):
+    """ShoalTransferConnector whose store drops or corrupts a fraction of its payloads."""
+
+    def __init__(self, ctx, hf_config, dtype: torch.dtype, extra: dict):
+        faults = Faults(float(extra.get("drop_rate", 0.0)), float(extra.get("corrupt_rate", 0.0)),
+                        int(extra.get("seed", 0)) + ctx.rank)
+        super().__init__(ctx, hf_config, dtype, extra, faults)
