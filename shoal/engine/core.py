@@ -132,6 +132,16 @@ def kv_transfer_params_of(msg: AddRequest) -> dict | None:
     return params
 
 
+def transfer_counters(connector) -> dict[str, Any]:
+    """The connector's transfer totals as CoreStats fields (none without transfers)."""
+    t = getattr(connector, "stats", None)
+    if t is None:
+        return {}
+    return dict(kv_transfers_saved=t.num_saved, kv_transfers_loaded=t.num_loaded,
+                kv_transfers_failed=t.num_failed, kv_transfer_bytes=t.num_bytes,
+                kv_transfer_seconds=t.seconds, kv_transfer_recomputed_tokens=t.recomputed_tokens)
+
+
 def requests_of(msg: AddRequest) -> list[Request]:
     """The core's child requests of one AddRequest (they share its prompt)."""
     if not msg.req_ids or len(msg.sampling) != len(msg.req_ids):
@@ -518,6 +528,7 @@ class EngineCore:
             num_draft_tokens=s.num_draft_tokens,
             num_accepted_tokens=s.num_accepted_tokens,
             num_accepted_tokens_per_pos=list(s.num_accepted_tokens_per_pos or []),
+            **transfer_counters(self.kv_connector),
         )
 
     def worker_stats(self) -> list:

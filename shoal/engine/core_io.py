@@ -157,6 +157,15 @@ class CoreStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
+    # KV connector transfers (totals since start): pages stored by a producer, transfers
+    # received and used, failed or timed out (their prefix recomputed), bytes and seconds
+    # of the ones used, tokens recomputed for failed ones
+    kv_transfers_saved: int = 0
+    kv_transfers_loaded: int = 0
+    kv_transfers_failed: int = 0
+    kv_transfer_bytes: int = 0
+    kv_transfer_seconds: float = 0.0
+    kv_transfer_recomputed_tokens: int = 0
 
     @property
     def draft_acceptance_rate(self) -> float:

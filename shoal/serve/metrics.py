@@ -105,6 +105,18 @@ class ServerMetrics:
                                          "Draft tokens proposed.")
         self.spec_accepted = counter("shoal:spec_decode_num_accepted_tokens",
                                      "Draft tokens accepted.")
+        # KV connector transfers (disaggregated prefill / decode)
+        kv = (("kv_transfers_saved", "kv_transfer_saved", "Requests whose KV pages a "
+               "prefill engine stored for a decode engine."),
+              ("kv_transfers_loaded", "kv_transfer_loaded", "KV transfers received and used."),
+              ("kv_transfers_failed", "kv_transfer_failed", "KV transfers that failed, timed "
+               "out or failed their checksum: their prefix was recomputed."),
+              ("kv_transfer_bytes", "kv_transfer_bytes", "Bytes of KV received."),
+              ("kv_transfer_seconds", "kv_transfer_seconds", "Seconds from fetch order to "
+               "the last rank's pages, summed over transfers used."),
+              ("kv_transfer_recomputed_tokens", "kv_transfer_recomputed_tokens",
+               "Tokens recomputed because their KV transfer failed."))
+        kv_totals = tuple((key, counter(f"shoal:{name}", doc)) for key, name, doc in kv)
         # the core's running totals (CoreStats fields) that counters follow by increments
         self._totals = (("prefix_cache_queries", self.prefix_queries),
                         ("prefix_cache_hits", self.prefix_hits),
@@ -115,7 +127,7 @@ class ServerMetrics:
                         ("num_recomputed_tokens", self.recomputed),
                         ("num_drafts", self.spec_drafts),
                         ("num_draft_tokens", self.spec_draft_tokens),
-                        ("num_accepted_tokens", self.spec_accepted))
+                        ("num_accepted_tokens", self.spec_accepted)) + kv_totals
         self._last = dict.fromkeys((name for name, _ in self._totals), 0)
         self._expert_totals: np.ndarray | None = None
 

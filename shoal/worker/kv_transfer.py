@@ -73,6 +73,37 @@ def from_wire(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return tensor.view(dtype) if dtype in _WIRE_DTYPE else tensor
 
 
+def gather_pages(kv_caches: list[torch.Tensor], page_ids: list[int],
+                 num_tokens: int) -> np.ndarray:
+    """Tokens ``[0, num_tokens)`` held in ``page_ids``, every layer: [L, 2, T, heads, dim]."""
+    index = torch.tensor(page_ids, dtype=torch.long, device=kv_caches[0].device)
+    layers = []
+    for cache in kv_caches:  # [2, pages, page_size, heads, dim]
+        pages = cache.index_select(1, index)  # [2, n, page_size, heads, dim]
+        layers.append(pages.flatten(1, 2)[:, :num_tokens])  # [2, T, heads, dim]
+    return to_wire(torch.stack(layers).cpu())
+
+
+def write_pages(kv_caches: list[torch.Tensor], staged: np.ndarray, start: int, count: int,
+                page_ids: list[int]) -> None:
+    """Tokens ``[start, start + count)`` of a token-major transfer into a request's pages.
+
+    ``staged`` is ``[L, 2, T, heads, dim]`` (wire dtype); token t goes to slot
+    ``t % page_size`` of page ``page_ids[t // page_size]`` (this engine's page size).
+    """
+    if count <= 0:
+        return
+    page_size = kv_caches[0].shape[2]
+    positions = torch.arange(start, start + count)
+    pages = torch.tensor(page_ids, dtype=torch.long)[positions // page_size]
+    slots = pages * page_size + positions % page_size  # [count]
+    source = from_wire(staged, kv_caches[0].dtype)  # [L, 2, T, heads, dim]
+    for layer, cache in enumerate(kv_caches):
+        flat = cache.view(2, -1, *cache.shape[3:])  # [2, pages * page_size, heads, dim]
+        flat.index_copy_(1, slots.to(cache.device),
+                         source[layer, :, start:start + count].to(cache.device))
+
+
 @dataclass
 class _Entry:
     data: np.ndarray  # [layers, 2, tokens, local_kv_heads, head_dim]
@@ -337,6 +368,7 @@ class ShoalTransferWorker:
         self.loads: list[dict] = []
         self.kv_caches: list[torch.Tensor] = []
         self.zctx = zmq.Context()
+        self._closed = False
         self.server: StoreServer | None = None
         endpoint = ""
         if self.role in ("kv_producer", "kv_both"):
@@ -375,7 +407,7 @@ class ShoalTransferWorker:
             self._check_caches(kv_caches)
         for load in self.loads:
             staged = self.puller.take(load["transfer_id"])
-            self._write(staged, load["start"], load["count"], load["page_ids"])
+            write_pages(self.kv_caches, staged, load["start"], load["count"], load["page_ids"])
 
     def wait_for_layer_load(self, layer_idx: int) -> None:
         pass  # a whole request is loaded before the first layer runs
@@ -385,38 +417,16 @@ class ShoalTransferWorker:
 
     def wait_for_save(self) -> None:
         for save in self.saves:
-            self.store.put(save["transfer_id"], self._gather(save["page_ids"],
-                                                             save["num_tokens"]))
+            self.store.put(save["transfer_id"],
+                           gather_pages(self.kv_caches, save["page_ids"], save["num_tokens"]))
 
     def clear_metadata(self) -> None:
         self.saves, self.loads = [], []
 
-    # -- pages in and out ------------------------------------------------------------------
-
-    def _gather(self, page_ids: list[int], num_tokens: int) -> np.ndarray:
-        """Tokens ``[0, num_tokens)`` of these pages, every layer: [L, 2, T, heads, dim]."""
-        index = torch.tensor(page_ids, dtype=torch.long)
-        layers = []
-        for cache in self.kv_caches:  # [2, pages, page_size, heads, dim]
-            pages = cache.index_select(1, index)  # [2, n, page_size, heads, dim]
-            layers.append(pages.flatten(1, 2)[:, :num_tokens])  # [2, T, heads, dim]
-        return to_wire(torch.stack(layers).cpu())
-
-    def _write(self, staged: np.ndarray, start: int, count: int, page_ids: list[int]) -> None:
-        """Tokens ``[start, start + count)`` of a staged transfer into the request's pages."""
-        if count <= 0:
-            return
-        page_size = self.kv_caches[0].shape[2]
-        positions = torch.arange(start, start + count)
-        pages = torch.tensor(page_ids, dtype=torch.long)[positions // page_size]
-        slots = pages * page_size + positions % page_size  # [count]
-        source = from_wire(staged, self.dtype)  # [L, 2, T, heads, dim]
-        for layer, cache in enumerate(self.kv_caches):
-            flat = cache.view(2, -1, *cache.shape[3:])  # [2, pages * page_size, heads, dim]
-            flat.index_copy_(1, slots.to(cache.device),
-                             source[layer, :, start:start + count].to(cache.device))
-
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         for thread in (self.server, self.puller):
             if thread is not None and thread.is_alive():
                 thread.stopping.set()
