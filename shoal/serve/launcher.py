@@ -37,10 +37,13 @@ class ServerProcess:
         args: flags for ``shoal serve`` (not ``--port``).
         env: extra environment variables.
         startup_timeout_s: how long to wait for ``/health`` to answer 200.
+        command: the ``shoal`` subcommand (``serve``, or ``proxy``).
     """
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None,
-                 startup_timeout_s: float = 600.0, host: str = "127.0.0.1"):
+                 startup_timeout_s: float = 600.0, host: str = "127.0.0.1",
+                 command: str = "serve"):
+        self.command = command
         self.args = list(args)
         self.env = {**os.environ, **(env or {})}
         self.startup_timeout_s = startup_timeout_s
@@ -68,7 +71,7 @@ class ServerProcess:
             # a second launch would orphan the first (``with server.start():`` starts twice)
             raise RuntimeError("this ServerProcess is already running: use "
                                "`with ServerProcess(...) as server:` or start(), not both")
-        cmd = [sys.executable, "-m", "shoal.cli", "serve", "--host", self.host,
+        cmd = [sys.executable, "-m", "shoal.cli", self.command, "--host", self.host,
                "--port", str(self.port), *self.args]
         self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT)
@@ -76,7 +79,8 @@ class ServerProcess:
         while True:
             code = self.proc.poll()
             if code is not None:
-                raise RuntimeError(f"shoal serve exited with code {code}:\n{self.log_tail()}")
+                raise RuntimeError(f"shoal {self.command} exited with code {code}:\n"
+                                   f"{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
                     if response.status == 200:
