@@ -132,16 +132,6 @@ def kv_transfer_params_of(msg: AddRequest) -> dict | None:
     return params
 
 
-def transfer_counters(connector) -> dict[str, Any]:
-    """The connector's transfer totals as CoreStats fields (none without transfers)."""
-    t = getattr(connector, "stats", None)
-    if t is None:
-        return {}
-    return dict(kv_transfers_saved=t.num_saved, kv_transfers_loaded=t.num_loaded,
-                kv_transfers_failed=t.num_failed, kv_transfer_bytes=t.num_bytes,
-                kv_transfer_seconds=t.seconds, kv_transfer_recomputed_tokens=t.recomputed_tokens)
-
-
 def requests_of(msg: AddRequest) -> list[Request]:
     """The core's child requests of one AddRequest (they share its prompt)."""
     if not msg.req_ids or len(msg.sampling) != len(msg.req_ids):
@@ -245,6 +235,8 @@ class EngineCore:
                                 async_scheduling=self.async_scheduling,
                                 proposer=make_proposer(config)) for kv in self.kvs]
         self.kv = self.kvs[0]  # dp = 1: the cache; dp > 1: rank 0's (see self.kvs)
+        if dp == 1:
+            connector.bind_kv_manager(self.kv)
         self.dp_results: DPResultGatherer | None = None
         if dp == 1:
             self.scheduler: Scheduler | DPScheduler = schedulers[0]
@@ -466,6 +458,7 @@ class EngineCore:
         if self.dp_results is not None:
             self.dp_results.reset()
         requeued, lost_tokens = self.scheduler.requeue_after_worker_loss()
+        self.kv_connector.reset()  # what the lost workers held (a host tier) is gone too
         restart = getattr(self.executor, "restart", None)
         while True:
             if restart is None or not self.restarts.allow():
@@ -528,7 +521,7 @@ class EngineCore:
             num_draft_tokens=s.num_draft_tokens,
             num_accepted_tokens=s.num_accepted_tokens,
             num_accepted_tokens_per_pos=list(s.num_accepted_tokens_per_pos or []),
-            **transfer_counters(self.kv_connector),
+            **self.kv_connector.counters(),
         )
 
     def worker_stats(self) -> list:

@@ -166,6 +166,13 @@ class CoreStats:
     kv_transfer_bytes: int = 0
     kv_transfer_seconds: float = 0.0
     kv_transfer_recomputed_tokens: int = 0
+    # the host-memory KV tier (OffloadingConnector): tokens and pages loaded from it
+    # instead of recomputed, pages spilled into it (totals); pages it holds, and can hold
+    kv_offload_hit_tokens: int = 0
+    kv_offload_hit_pages: int = 0
+    kv_offload_spilled_pages: int = 0
+    kv_offload_resident_pages: int = 0
+    kv_offload_capacity_pages: int = 0
 
     @property
     def draft_acceptance_rate(self) -> float:

@@ -21,8 +21,11 @@ The hooks, in the order the scheduler calls them:
    connector releases them (an async save), False frees them now. A connector may set
    ``request.kv_transfer_output`` here: it reaches the client as ``kv_transfer_params``.
 
-Besides, ``worker_config()`` is the JSON config its worker half starts with, and
-``close()`` releases what the connector holds when the engine shuts down.
+Besides: ``bind_kv_manager(kv)`` hands it the engine's KV cache manager once (before
+the first step), ``worker_config()`` is the JSON config its worker half starts with,
+``counters()`` its totals as ``CoreStats`` fields, ``reset()`` forgets what the worker
+halves held when the worker group is replaced, and ``close()`` releases what it holds
+when the engine shuts down.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ import time
 from typing import Protocol
 
 from shoal.config import EngineConfig, KVTransferConfig
+from shoal.engine.kv_manager import KVCacheManager
+from shoal.engine.kv_offload import OffloadingScheduler
 from shoal.engine.kv_transfer import FaultInjectingScheduler, ShoalTransferScheduler
 from shoal.engine.plan import StepPlan
 from shoal.engine.request import Request
@@ -48,7 +53,13 @@ class KVConnectorScheduler(Protocol):
 
     def request_finished(self, request: Request) -> bool: ...
 
+    def bind_kv_manager(self, kv: KVCacheManager) -> None: ...
+
     def worker_config(self) -> str: ...
+
+    def counters(self) -> dict[str, int | float]: ...
+
+    def reset(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -68,8 +79,17 @@ class NoKVConnector:
     def request_finished(self, request: Request) -> bool:
         return False
 
+    def bind_kv_manager(self, kv: KVCacheManager) -> None:
+        pass
+
     def worker_config(self) -> str:
         return "{}"
+
+    def counters(self) -> dict[str, int | float]:
+        return {}
+
+    def reset(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -118,6 +138,7 @@ SCHEDULER_CONNECTORS = {
     "LoggingConnector": LoggingConnectorScheduler,
     "ShoalTransferConnector": ShoalTransferScheduler,
     "FaultInjectingConnector": FaultInjectingScheduler,
+    "OffloadingConnector": OffloadingScheduler,
 }
 
 

@@ -134,6 +134,26 @@ class ShoalTransferScheduler:
         sock.bind(self._bind(name))
         return sock
 
+    def bind_kv_manager(self, kv) -> None:
+        pass
+
+    def reset(self) -> None:
+        """New workers: their stores and staged pages are gone; they say hello again."""
+        self.hellos.clear()
+        for pull in self._pulls.values():
+            if pull.state in ("pending", "ready"):
+                pull.state = "failed"  # recomputed when the request is admitted again
+                self.stats.num_failed += 1
+        self._saved.clear()  # re-saved when the requeued prefill ends again
+        self._saves, self._loads = [], []
+
+    def counters(self) -> dict[str, int | float]:
+        t = self.stats
+        return dict(kv_transfers_saved=t.num_saved, kv_transfers_loaded=t.num_loaded,
+                    kv_transfers_failed=t.num_failed, kv_transfer_bytes=t.num_bytes,
+                    kv_transfer_seconds=t.seconds,
+                    kv_transfer_recomputed_tokens=t.recomputed_tokens)
+
     def worker_config(self) -> str:
         """The worker half's config: the driver's sockets and how stores bind."""
         return json.dumps({**self.extra, "role": self.role,

@@ -116,7 +116,17 @@ class ServerMetrics:
                "the last rank's pages, summed over transfers used."),
               ("kv_transfer_recomputed_tokens", "kv_transfer_recomputed_tokens",
                "Tokens recomputed because their KV transfer failed."))
+        kv += (("kv_offload_hit_tokens", "kv_offload_hit_tokens", "Tokens loaded from the "
+                "host KV tier instead of recomputed."),
+               ("kv_offload_hit_pages", "kv_offload_hit_pages", "Pages loaded from the host "
+                "KV tier."),
+               ("kv_offload_spilled_pages", "kv_offload_spilled_pages", "Pages evicted from "
+                "the prefix cache and copied into the host KV tier."))
         kv_totals = tuple((key, counter(f"shoal:{name}", doc)) for key, name, doc in kv)
+        self.offload_resident = gauge("shoal:kv_offload_resident_pages",
+                                      "Pages the host KV tier holds.")
+        self.offload_capacity = gauge("shoal:kv_offload_capacity_pages",
+                                      "Pages the host KV tier can hold.")
         # the core's running totals (CoreStats fields) that counters follow by increments
         self._totals = (("prefix_cache_queries", self.prefix_queries),
                         ("prefix_cache_hits", self.prefix_hits),
@@ -186,6 +196,8 @@ class ServerMetrics:
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_usage)
         self.num_pages.set(stats.num_pages)
+        self.offload_resident.set(stats.kv_offload_resident_pages)
+        self.offload_capacity.set(stats.kv_offload_capacity_pages)
         for key, metric in self._totals:
             total = getattr(stats, key)
             if total > self._last[key]:

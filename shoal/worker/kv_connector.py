@@ -21,6 +21,7 @@ from typing import Protocol
 
 import torch
 
+from shoal.worker.kv_offload import OffloadingWorker
 from shoal.worker.kv_transfer import FaultInjectingWorker, ShoalTransferWorker
 
 
@@ -80,6 +81,7 @@ WORKER_CONNECTORS = {
         ctx.rank, extra),
     "ShoalTransferConnector": ShoalTransferWorker,
     "FaultInjectingConnector": FaultInjectingWorker,
+    "OffloadingConnector": OffloadingWorker,
 }
 
 
