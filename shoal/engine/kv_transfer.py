@@ -42,6 +42,7 @@ from shoal.comm.kv_wire import (
     KVSource,
     KVWorkerHello,
     plan_fetches,
+    remove_segments,
 )
 from shoal.comm.socket_dirs import make_socket_dir
 from shoal.config import EngineConfig, KVTransferConfig
@@ -95,6 +96,7 @@ class ShoalTransferScheduler:
         host: the address tcp sockets bind to (default 127.0.0.1).
         transfer_timeout_s: a transfer not complete after this long is recomputed (1 s).
         store_bytes, store_ttl_s: bound on a producer rank's store (1 GiB, 60 s).
+        shm: pages between engines on one host go through /dev/shm (default true).
     """
 
     def __init__(self, config: KVTransferConfig, engine: EngineConfig):
@@ -122,6 +124,7 @@ class ShoalTransferScheduler:
         self._reports = self._socket(zmq.PULL, "reports")
         self._store_bind = self._bind("store-r{rank}")
         self.hellos: dict[int, KVWorkerHello] = {}  # tp rank -> its hello
+        self._shm_prefixes: set[str] = set()  # the workers' segments, removed at close
         self._pulls: dict[int, _Pull] = {}  # consumer: req_id -> its transfer
         self._producing: dict[int, Request] = {}  # producer: req_id -> request to save
         self._saved: set[int] = set()
@@ -175,6 +178,8 @@ class ShoalTransferScheduler:
                 continue
             if isinstance(msg, KVWorkerHello):
                 self.hellos[msg.tp_rank] = msg
+                if msg.shm_prefix:
+                    self._shm_prefixes.add(msg.shm_prefix)
             elif isinstance(msg, KVFetchReport):
                 for pull in self._pulls.values():
                     if pull.transfer_id == msg.transfer_id and pull.state == "pending":
@@ -225,8 +230,8 @@ class ShoalTransferScheduler:
         if problem is not None:
             self._fail(pull, request.req_id, problem)
             return pull
-        sources = [KVSource(str(s["endpoint"]), int(s["kv_start"]), int(s["kv_end"]))
-                   for s in params["sources"]]
+        sources = [KVSource(str(s["endpoint"]), int(s["kv_start"]), int(s["kv_end"]),
+                            str(s.get("host_id", ""))) for s in params["sources"]]
         counts = [0] * len(sources)
         try:
             for hello in self.hellos.values():
@@ -350,11 +355,15 @@ class ShoalTransferScheduler:
             "total_num_kv_heads": first.total_num_kv_heads,
             "head_dim": first.head_dim,
             "dtype": first.dtype,
-            "sources": [{"endpoint": h.endpoint, "kv_start": h.kv_start, "kv_end": h.kv_end}
-                        for _, h in sorted(self.hellos.items())],
+            "sources": [{"endpoint": h.endpoint, "kv_start": h.kv_start, "kv_end": h.kv_end,
+                         "host_id": h.host_id} for _, h in sorted(self.hellos.items())],
         }
 
     def close(self) -> None:
+        """After the workers stopped: remove their sockets and leftover segments."""
+        self._read_reports()
+        for prefix in self._shm_prefixes:
+            remove_segments(prefix)
         self._orders.close(0)
         self._reports.close(0)
         self._zctx.term()

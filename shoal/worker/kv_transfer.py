@@ -23,9 +23,6 @@ import logging
 import random
 import threading
 import time
-import warnings
-from collections import OrderedDict
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,12 +35,22 @@ from shoal.comm.kv_wire import (
     KVFetchOrder,
     KVFetchReport,
     KVPayload,
+    KVRelease,
     KVWorkerHello,
     checksum,
+    host_id,
     plan_fetches,
 )
 from shoal.errors import ProtocolError
 from shoal.parallel.partition import partition_heads
+from shoal.worker.kv_store import (
+    KVStore,
+    Segment,
+    dtype_name,
+    gather_pages,
+    wire_numpy_dtype,
+    write_pages,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,109 +59,6 @@ MAX_FETCH_BYTES = 1 << 12
 MAX_PAYLOAD_BYTES = 1 << 34
 DEFAULT_STORE_BYTES = 1 << 30
 DEFAULT_STORE_TTL_S = 60.0
-_WIRE_DTYPE = {torch.bfloat16: torch.int16}  # numpy has no bfloat16: its bits travel
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def to_wire(tensor: torch.Tensor) -> np.ndarray:
-    """A contiguous CPU tensor as a numpy array (bfloat16 as its int16 bits)."""
-    wire = _WIRE_DTYPE.get(tensor.dtype)
-    return (tensor.view(wire) if wire is not None else tensor).numpy()
-
-
-def from_wire(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """The inverse of :func:`to_wire` (shares memory; the array may be read-only)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only zmq frame: only read from
-        tensor = torch.from_numpy(array)
-    return tensor.view(dtype) if dtype in _WIRE_DTYPE else tensor
-
-
-def gather_pages(kv_caches: list[torch.Tensor], page_ids: list[int],
-                 num_tokens: int) -> np.ndarray:
-    """Tokens ``[0, num_tokens)`` held in ``page_ids``, every layer: [L, 2, T, heads, dim]."""
-    index = torch.tensor(page_ids, dtype=torch.long, device=kv_caches[0].device)
-    layers = []
-    for cache in kv_caches:  # [2, pages, page_size, heads, dim]
-        pages = cache.index_select(1, index)  # [2, n, page_size, heads, dim]
-        layers.append(pages.flatten(1, 2)[:, :num_tokens])  # [2, T, heads, dim]
-    return to_wire(torch.stack(layers).cpu())
-
-
-def write_pages(kv_caches: list[torch.Tensor], staged: np.ndarray, start: int, count: int,
-                page_ids: list[int]) -> None:
-    """Tokens ``[start, start + count)`` of a token-major transfer into a request's pages.
-
-    ``staged`` is ``[L, 2, T, heads, dim]`` (wire dtype); token t goes to slot
-    ``t % page_size`` of page ``page_ids[t // page_size]`` (this engine's page size).
-    """
-    if count <= 0:
-        return
-    page_size = kv_caches[0].shape[2]
-    positions = torch.arange(start, start + count)
-    pages = torch.tensor(page_ids, dtype=torch.long)[positions // page_size]
-    slots = pages * page_size + positions % page_size  # [count]
-    source = from_wire(staged, kv_caches[0].dtype)  # [L, 2, T, heads, dim]
-    for layer, cache in enumerate(kv_caches):
-        flat = cache.view(2, -1, *cache.shape[3:])  # [2, pages * page_size, heads, dim]
-        flat.index_copy_(1, slots.to(cache.device),
-                         source[layer, :, start:start + count].to(cache.device))
-
-
-@dataclass
-class _Entry:
-    data: np.ndarray  # [layers, 2, tokens, local_kv_heads, head_dim]
-    created: float
-    expected: int = 0  # fetches that retire it (0: unknown yet)
-    served: int = 0
-
-
-class KVStore:
-    """Finished prefills' pages on one producer rank, bounded in bytes and in age."""
-
-    def __init__(self, max_bytes: int, ttl_s: float):
-        self.max_bytes, self.ttl_s = max_bytes, ttl_s
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def put(self, transfer_id: str, data: np.ndarray) -> None:
-        with self._lock:
-            self._expire(time.monotonic())
-            while self._entries and self._bytes + data.nbytes > self.max_bytes:
-                old_id, old = self._entries.popitem(last=False)
-                self._bytes -= old.data.nbytes
-                logger.warning("KV store full: dropped transfer %s before it was fetched", old_id)
-            self._entries[transfer_id] = _Entry(data, time.monotonic())
-            self._bytes += data.nbytes
-
-    def take(self, transfer_id: str, fetches_expected: int) -> np.ndarray | None:
-        """The pages of a transfer; forgotten after ``fetches_expected`` takes."""
-        with self._lock:
-            self._expire(time.monotonic())
-            entry = self._entries.get(transfer_id)
-            if entry is None:
-                return None
-            entry.served += 1
-            if entry.served >= max(1, fetches_expected):
-                del self._entries[transfer_id]
-                self._bytes -= entry.data.nbytes
-            return entry.data
-
-    def _expire(self, now: float) -> None:
-        while self._entries:
-            transfer_id, entry = next(iter(self._entries.items()))
-            if now - entry.created < self.ttl_s:
-                break
-            del self._entries[transfer_id]
-            self._bytes -= entry.data.nbytes
-
-    @property
-    def num_bytes(self) -> int:
-        return self._bytes
 
 
 class Faults:
@@ -172,11 +76,14 @@ class Faults:
         roll = self.random.random()
         if roll < self.drop_rate:
             return None
-        if roll < self.drop_rate + self.corrupt_rate and payload.data is not None:
-            data = payload.data.copy()
-            flat = data.reshape(-1).view(np.uint8)
-            flat[self.random.randrange(flat.size)] ^= 0x5A
-            payload = KVPayload(payload.transfer_id, "", payload.checksum, payload.dtype, data)
+        if roll < self.drop_rate + self.corrupt_rate:
+            if payload.data is None:  # shared memory: others read the segment too
+                payload.checksum ^= 1 << 7
+            else:
+                data = payload.data.copy()
+                flat = data.reshape(-1).view(np.uint8)
+                flat[self.random.randrange(flat.size)] ^= 0x5A
+                payload.data = data
         return payload
 
 
@@ -187,7 +94,7 @@ class StoreServer(threading.Thread):
                  dtype: torch.dtype, faults: Faults | None):
         super().__init__(name="kv-store", daemon=True)
         self.store, self.kv_start, self.faults = store, kv_start, faults
-        self.dtype_name = _dtype_name(dtype)
+        self.dtype_name = dtype_name(dtype)
         self.socket = zctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(bind)
@@ -212,18 +119,29 @@ class StoreServer(threading.Thread):
         except ProtocolError as exc:
             logger.warning("KV store: bad fetch (%s)", exc)
             return None
+        if isinstance(ask, KVRelease):
+            self.store.retire_one(ask.transfer_id)
+            return None
         if not isinstance(ask, KVFetch):
             return None
-        data = self.store.take(ask.transfer_id, ask.fetches_expected)
-        if data is None:
+        entry = self.store.get(ask.transfer_id, ask.fetches_expected)
+        if entry is None:
             return KVPayload(ask.transfer_id, f"transfer {ask.transfer_id} is not in this store "
                              "(never saved, expired or already fetched)", 0, self.dtype_name, None)
+        data = entry.data
         lo, hi = ask.kv_start - self.kv_start, ask.kv_end - self.kv_start
         if not 0 <= lo < hi <= data.shape[3]:
             return KVPayload(ask.transfer_id, f"heads [{ask.kv_start}, {ask.kv_end}) are not "
                              "held by this rank", 0, self.dtype_name, None)
-        piece = data if (lo, hi) == (0, data.shape[3]) else np.ascontiguousarray(data[:, :, :, lo:hi])
-        payload = KVPayload(ask.transfer_id, "", checksum(piece), self.dtype_name, piece)
+        if ask.via_shm and entry.segment is not None:  # retired by the consumer's KVRelease
+            payload = KVPayload(ask.transfer_id, "", entry.checksum, self.dtype_name, None,
+                                entry.segment.name, list(data.shape), self.kv_start)
+        else:
+            whole = (lo, hi) == (0, data.shape[3])
+            piece = data if whole else np.ascontiguousarray(data[:, :, :, lo:hi])
+            payload = KVPayload(ask.transfer_id, "", entry.checksum if whole else checksum(piece),
+                                self.dtype_name, piece)
+            self.store.retire_one(ask.transfer_id)
         return self.faults.apply(payload) if self.faults is not None else payload
 
 
@@ -244,7 +162,9 @@ class Puller(threading.Thread):
         self.reports = zctx.socket(zmq.PUSH)
         self.reports.setsockopt(zmq.LINGER, 0)
         self.reports.connect(reports)
-        self.staged: dict[str, np.ndarray] = {}
+        # transfer id -> (first local head, [L, 2, T, heads, dim]) pieces, ready to load
+        self.staged: dict[str, list[tuple[int, np.ndarray]]] = {}
+        self.use_shm = bool(hello.host_id)
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self._dealers: dict[str, zmq.Socket] = {}
@@ -275,24 +195,25 @@ class Puller(threading.Thread):
         deadline = began + order.deadline_s
         hello = self.hello
         try:
-            pieces = plan_fetches(order.sources, hello.kv_start, hello.kv_end)
-            parts = [self._fetch(order, index, lo, hi, deadline) for index, lo, hi in pieces]
-        except (ValueError, TimeoutError) as exc:
+            plan = plan_fetches(order.sources, hello.kv_start, hello.kv_end)
+            pieces = [(lo - hello.kv_start, self._fetch(order, index, lo, hi, deadline))
+                      for index, lo, hi in plan]
+        except (ValueError, TimeoutError, OSError) as exc:
             return KVFetchReport(order.transfer_id, hello.rank, False, str(exc),
                                  seconds=time.monotonic() - began)
-        data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=3)
         with self.lock:
-            self.staged[order.transfer_id] = data
-        return KVFetchReport(order.transfer_id, hello.rank, True, "", int(data.nbytes),
-                             time.monotonic() - began)
+            self.staged[order.transfer_id] = pieces
+        return KVFetchReport(order.transfer_id, hello.rank, True, "",
+                             sum(int(p.nbytes) for _, p in pieces), time.monotonic() - began)
 
     def _fetch(self, order: KVFetchOrder, index: int, lo: int, hi: int,
                deadline: float) -> np.ndarray:
         """Heads ``[lo, hi)`` from source ``index``: checked, or ValueError/TimeoutError."""
         src = order.sources[index]
         dealer = self._dealer(src.endpoint)
+        via_shm = self.use_shm and src.host_id == self.hello.host_id
         dealer.send_multipart(encode(KVFetch(order.transfer_id, lo, hi,
-                                             order.fetch_counts[index])), copy=False)
+                                             order.fetch_counts[index], via_shm)), copy=False)
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0 or not dealer.poll(left_ms):
@@ -305,18 +226,39 @@ class Puller(threading.Thread):
                 raise ValueError(f"bad payload from {src.endpoint}: {exc}") from None
             if isinstance(reply, KVPayload) and reply.transfer_id == order.transfer_id:
                 break
-        hello = self.hello
         if reply.error:
             raise ValueError(reply.error)
+        if reply.shm_name:
+            data = self._map(dealer, reply, lo, hi)
+        else:
+            data = reply.data
+        hello = self.hello
         expected = (hello.num_layers, 2, order.num_tokens, hi - lo, hello.head_dim)
-        if reply.data is None or tuple(reply.data.shape) != expected or reply.dtype != hello.dtype:
-            got = None if reply.data is None else tuple(reply.data.shape)
+        if data is None or tuple(data.shape) != expected or reply.dtype != hello.dtype:
+            got = None if data is None else tuple(data.shape)
             raise ValueError(f"payload of transfer {order.transfer_id} is {reply.dtype} {got}, "
                              f"this rank needs {hello.dtype} {expected}")
-        if checksum(reply.data) != reply.checksum:
+        if not reply.shm_name and checksum(data) != reply.checksum:
             raise ValueError(f"checksum mismatch in transfer {order.transfer_id} from "
                              f"{src.endpoint}")
-        return reply.data
+        return data
+
+    def _map(self, dealer: zmq.Socket, reply: KVPayload, lo: int, hi: int) -> np.ndarray:
+        """Heads ``[lo, hi)`` of a producer's segment, checked; the producer may unlink it."""
+        try:
+            segment = Segment.open(reply.shm_name)
+        finally:
+            dealer.send_multipart(encode(KVRelease(reply.transfer_id)), copy=False)
+        dtype = wire_numpy_dtype(reply.dtype)
+        count = int(np.prod(reply.shape))
+        if count * dtype.itemsize > len(segment):
+            raise ValueError(f"segment {reply.shm_name} is smaller than its shape {reply.shape}")
+        whole = np.frombuffer(segment, dtype=dtype, count=count).reshape(reply.shape)
+        if checksum(whole) != reply.checksum:
+            raise ValueError(f"checksum mismatch in transfer {reply.transfer_id} "
+                             f"(segment {reply.shm_name})")
+        first = reply.kv_start
+        return whole[:, :, :, lo - first:hi - first]
 
     def _dealer(self, endpoint: str) -> zmq.Socket:
         sock = self._dealers.get(endpoint)
@@ -331,7 +273,7 @@ class Puller(threading.Thread):
         if sock is not None:
             sock.close(0)
 
-    def take(self, transfer_id: str) -> np.ndarray:
+    def take(self, transfer_id: str) -> list[tuple[int, np.ndarray]]:
         with self.lock:
             data = self.staged.pop(transfer_id, None)
         if data is None:
@@ -363,7 +305,9 @@ class ShoalTransferWorker:
         self.dtype = dtype
         self.role = extra["role"]
         self.store = KVStore(int(extra.get("store_bytes", DEFAULT_STORE_BYTES)),
-                             float(extra.get("store_ttl_s", DEFAULT_STORE_TTL_S)))
+                             float(extra.get("store_ttl_s", DEFAULT_STORE_TTL_S)),
+                             bool(extra.get("shm", True)), ctx.rank)
+        self.wire_dtype = wire_numpy_dtype(dtype_name(dtype))
         self.saves: list[dict] = []
         self.loads: list[dict] = []
         self.kv_caches: list[torch.Tensor] = []
@@ -379,7 +323,9 @@ class ShoalTransferWorker:
         hello = KVWorkerHello(rank=ctx.rank, tp_rank=ctx.tp.rank_in_group, endpoint=endpoint,
                               kv_start=self.kv_start, kv_end=self.kv_end,
                               total_num_kv_heads=total_kv, num_layers=self.num_layers,
-                              head_dim=self.head_dim, dtype=_dtype_name(dtype))
+                              head_dim=self.head_dim, dtype=dtype_name(dtype),
+                              host_id=host_id() if self.store.use_shm else "",
+                              shm_prefix=self.store.prefix if self.store.use_shm else "")
         self.puller = Puller(self.zctx, extra["orders"], extra["reports"], hello,
                              fetches=self.role in ("kv_consumer", "kv_both"))
         self.puller.start()
@@ -416,9 +362,12 @@ class ShoalTransferWorker:
         pass  # pages are copied out once, after the last layer (wait_for_save)
 
     def wait_for_save(self) -> None:
+        heads = self.kv_end - self.kv_start
         for save in self.saves:
-            self.store.put(save["transfer_id"],
-                           gather_pages(self.kv_caches, save["page_ids"], save["num_tokens"]))
+            shape = (self.num_layers, 2, save["num_tokens"], heads, self.head_dim)
+            self.store.save(save["transfer_id"], shape, self.wire_dtype,
+                            lambda out, s=save: gather_pages(self.kv_caches, s["page_ids"],
+                                                             s["num_tokens"], out))
 
     def clear_metadata(self) -> None:
         self.saves, self.loads = [], []
@@ -431,6 +380,7 @@ class ShoalTransferWorker:
             if thread is not None and thread.is_alive():
                 thread.stopping.set()
                 thread.join(timeout=1.0)
+        self.store.close()
         if not any(t is not None and t.is_alive() for t in (self.server, self.puller)):
             self.zctx.term()
 

@@ -7,6 +7,8 @@ it and must write exactly the tokens of one engine doing everything, with the pr
 sizes differ between the two (heads regrouped) and so do page sizes. With a store that
 drops or corrupts payloads the consumer recomputes, and still writes the same tokens.
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ import torch
 from factories import tiny_checkpoint
 from shoal import LLM, SamplingParams
 from shoal.comm.kv_wire import KVSource, checksum, plan_fetches
-from shoal.worker.kv_transfer import KVStore, gather_pages, write_pages
+from shoal.worker.kv_store import KVStore, gather_pages, write_pages
 
 PROMPTS = [[3, 5, 7, 11, 13, 17, 19, 23, 29], [2, 4, 6, 8, 10, 12, 14], [9] * 13]
 # distinct prompts: none hits the decode engine's own prefix cache
@@ -71,10 +73,10 @@ def test_plan_fetches_regroups_heads():
 def test_pages_round_trip_between_page_sizes():
     torch.manual_seed(0)
     src = [torch.randn(2, 6, 4, 3, 8) for _ in range(2)]  # page size 4
-    data = gather_pages(src, [5, 1, 3], 10)
-    assert data.shape == (2, 2, 10, 3, 8)
+    data = np.zeros((2, 2, 10, 3, 8), np.float32)
+    gather_pages(src, [5, 1, 3], 10, data)
     dst = [torch.zeros(2, 5, 8, 3, 8) for _ in range(2)]  # page size 8, other ids
-    write_pages(dst, data, 2, 7, [4, 0])
+    write_pages(dst, [(0, data[:, :, :, :1]), (1, data[:, :, :, 1:])], 2, 7, [4, 0])
     for s, d in zip(src, dst):
         tokens = torch.cat([s[:, 5], s[:, 1], s[:, 3]], dim=1)[:, :10]  # [2, 10, 3, 8]
         flat = torch.cat([d[:, 4], d[:, 0]], dim=1)  # [2, 16, 3, 8]
@@ -82,17 +84,31 @@ def test_pages_round_trip_between_page_sizes():
         assert not flat[:, :2].any() and not flat[:, 9:].any()  # nothing else written
 
 
-def test_store_is_bounded_and_forgets_after_the_expected_fetches():
-    store = KVStore(max_bytes=300, ttl_s=60)
-    a, b = np.ones(32, np.float32), np.zeros(32, np.float32)  # 128 bytes each
-    store.put("a", a)
-    assert store.take("a", 2) is not None and store.take("a", 2) is not None
-    assert store.take("a", 2) is None  # two fetches retire it
-    store.put("a", a)
-    store.put("b", b)
-    store.put("c", b)  # over 300 bytes: the oldest goes
-    assert store.take("a", 1) is None and store.take("c", 1) is not None
-    assert checksum(a) != checksum(b)
+@pytest.mark.parametrize("use_shm", [False, True])
+def test_store_is_bounded_and_forgets_after_the_expected_fetches(use_shm):
+    store = KVStore(max_bytes=300, ttl_s=60, use_shm=use_shm, rank=0)
+    f32 = np.dtype(np.float32)
+
+    def save(name, value):
+        store.save(name, (32,), f32, lambda out: out.fill(value))  # 128 bytes each
+
+    def segments():
+        return sorted(p.name for p in Path("/dev/shm").glob(store.prefix + "*"))
+
+    save("a", 1.0)
+    entry = store.get("a", 2)
+    assert entry.checksum == checksum(np.ones(32, np.float32)) != checksum(np.zeros(32))
+    assert segments() == ([store.prefix + "a"] if use_shm else [])
+    store.retire_one("a")
+    assert store.get("a", 2) is not None
+    store.retire_one("a")  # two consumer ranks retire it
+    assert store.get("a", 2) is None and segments() == []
+    save("a", 1.0)
+    save("b", 0.0)
+    save("c", 0.0)  # over 300 bytes: the oldest goes
+    assert store.get("a", 1) is None and store.get("c", 1) is not None
+    store.close()
+    assert segments() == []
 
 
 # -- engines ----------------------------------------------------------------------------------
@@ -100,13 +116,13 @@ def test_store_is_bounded_and_forgets_after_the_expected_fetches():
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("producer_tp,consumer_tp", [(2, 1), (1, 2)])
-def test_decode_engine_writes_the_aggregated_tokens(checkpoint, reference, producer_tp,
-                                                    consumer_tp):
-    with LLM(checkpoint, tensor_parallel_size=producer_tp, block_size=4,
+def test_decode_engine_writes_the_aggregated_tokens(checkpoint, reference):
+    """P tp1 -> D tp2, pages in ZeroMQ frames (shm off, as between hosts); the e2e proxy
+    test covers P tp2 -> D tp1 through shared memory."""
+    with LLM(checkpoint, block_size=4,
              kv_transfer_config=transfer(role="kv_producer"), **COMMON) as producer, \
-         LLM(checkpoint, tensor_parallel_size=consumer_tp, block_size=8,
-             kv_transfer_config=transfer(role="kv_consumer"), **COMMON) as consumer:
+         LLM(checkpoint, tensor_parallel_size=2, block_size=8,
+             kv_transfer_config=transfer(role="kv_consumer", shm=False), **COMMON) as consumer:
         outs = disaggregated(producer, consumer)
         assert [o.outputs[0].token_ids for o in outs] == reference[:len(PROMPTS)]
         # everything but the last prompt token came over the wire
