@@ -68,8 +68,9 @@ class Segment:
         if "/" in name or not name.startswith("shoal-kv-"):
             raise ValueError(f"not a KV segment name: {name!r}")
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY)
-        try:
-            return mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        try:  # populated at once: one fault per page would cost more than the copy
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            return mmap.mmap(fd, 0, flags=flags, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
 
@@ -84,19 +85,24 @@ def gather_pages(kv_caches: list[torch.Tensor], page_ids: list[int], num_tokens:
                  out: np.ndarray) -> None:
     """Tokens ``[0, num_tokens)`` held in ``page_ids``, every layer, into ``out``.
 
-    ``out`` is ``[L, 2, T, heads, dim]`` in the wire dtype; one copy per layer.
+    ``out`` is ``[L, 2, T, heads, dim]`` in the wire dtype. Whole pages are copied as
+    blocks (one index_select per layer and K/V), then the tail of a partial last page.
     """
     page_size = kv_caches[0].shape[2]
-    positions = torch.arange(num_tokens)
-    pages = torch.tensor(page_ids, dtype=torch.long)[positions // page_size]
-    slots = pages * page_size + positions % page_size  # [T]
+    num_full, tail = divmod(num_tokens, page_size)
+    device = kv_caches[0].device
+    full = torch.tensor(page_ids[:num_full], dtype=torch.long, device=device)
     target = from_wire(out, kv_caches[0].dtype)
     for layer, cache in enumerate(kv_caches):  # [2, pages, page_size, heads, dim]
-        flat = cache.view(2, -1, *cache.shape[3:])  # [2, pages * page_size, heads, dim]
-        if cache.device.type == "cpu":
-            torch.index_select(flat, 1, slots, out=target[layer])
-        else:
-            target[layer].copy_(flat.index_select(1, slots.to(cache.device)))
+        for kv in range(2):
+            dest = target[layer, kv]  # [T, heads, dim], contiguous
+            block = dest[:num_full * page_size].view(num_full, page_size, *dest.shape[1:])
+            if device.type == "cpu":
+                torch.index_select(cache[kv], 0, full, out=block)
+            else:
+                block.copy_(cache[kv].index_select(0, full))
+            if tail:
+                dest[num_full * page_size:].copy_(cache[kv, page_ids[num_full], :tail])
 
 
 def write_pages(kv_caches: list[torch.Tensor], pieces: list[tuple[int, np.ndarray]],
@@ -105,21 +111,63 @@ def write_pages(kv_caches: list[torch.Tensor], pieces: list[tuple[int, np.ndarra
 
     Each piece is ``(first local head, [L, 2, T, heads, dim] in the wire dtype)``; token t
     goes to slot ``t % page_size`` of page ``page_ids[t // page_size]`` (this engine's
-    page size).
+    page size). Whole pages are copied as blocks, partial ones token by token.
     """
     if count <= 0:
         return
     page_size = kv_caches[0].shape[2]
-    positions = torch.arange(start, start + count)
-    pages = torch.tensor(page_ids, dtype=torch.long)[positions // page_size]
-    slots = pages * page_size + positions % page_size  # [count]
+    end = start + count
+    lo = -(-start // page_size) * page_size  # the whole pages: tokens [lo, hi)
+    hi = max(lo, end // page_size * page_size)
+    device = kv_caches[0].device
+    pages = torch.tensor(page_ids[lo // page_size:hi // page_size], dtype=torch.long,
+                         device=device)
+    runs = _runs(page_ids[lo // page_size:hi // page_size])
+    edges = [(start, min(lo, end)), (max(hi, start), end)] if hi > lo else [(start, end)]
+    edge_slots = []
+    for a, b in edges:
+        if b > a:
+            positions = torch.arange(a, b)
+            ids = torch.tensor(page_ids, dtype=torch.long)[positions // page_size]
+            edge_slots.append((a, b, (ids * page_size + positions % page_size).to(device)))
     for head, array in pieces:
         source = from_wire(array, kv_caches[0].dtype)  # [L, 2, T, h, dim]
         width = source.shape[3]
         for layer, cache in enumerate(kv_caches):
-            flat = cache.view(2, -1, *cache.shape[3:])[:, :, head:head + width]
-            flat.index_copy_(1, slots.to(cache.device),
-                             source[layer, :, start:start + count].to(cache.device))
+            for kv in range(2):
+                dest = cache[kv, :, :, head:head + width]  # [pages, page_size, h, dim]
+                src = source[layer, kv]  # [T, h, dim]
+                if hi > lo:
+                    block = src[lo:hi].reshape(-1, page_size, width, src.shape[2])
+                    _copy_pages(dest, runs, pages, block.to(device))
+                for a, b, slots in edge_slots:
+                    dest.flatten(0, 1).index_copy_(0, slots, src[a:b].to(device))
+
+
+MAX_RUNS = 64  # more runs of consecutive pages than this: one index_copy_ instead
+
+
+def _runs(page_ids: list[int]) -> list[tuple[int, int, int]] | None:
+    """``(first block, first page, length)`` runs of consecutive page ids, or None if many."""
+    runs: list[tuple[int, int, int]] = []
+    for i, page in enumerate(page_ids):
+        if runs and page == runs[-1][1] + runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        elif len(runs) == MAX_RUNS:
+            return None
+        else:
+            runs.append((i, page, 1))
+    return runs
+
+
+def _copy_pages(dest: torch.Tensor, runs, pages: torch.Tensor, block: torch.Tensor) -> None:
+    """``dest[pages[i]] = block[i]``: plain copies per run of consecutive pages (faster
+    than index_copy_), or one index_copy_ when the pages are scattered."""
+    if runs is None:
+        dest.index_copy_(0, pages, block)
+        return
+    for first, page, length in runs:
+        dest[page:page + length].copy_(block[first:first + length])
 
 
 @dataclass

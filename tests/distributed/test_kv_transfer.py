@@ -82,6 +82,12 @@ def test_pages_round_trip_between_page_sizes():
         flat = torch.cat([d[:, 4], d[:, 0]], dim=1)  # [2, 16, 3, 8]
         assert torch.equal(flat[:, 2:9], tokens[:, 2:9])
         assert not flat[:, :2].any() and not flat[:, 9:].any()  # nothing else written
+    dst = [torch.zeros(2, 4, 4, 3, 8) for _ in range(2)]  # whole pages, then a partial one
+    write_pages(dst, [(0, data)], 0, 10, [2, 0, 3])
+    for s, d in zip(src, dst):
+        tokens = torch.cat([s[:, 5], s[:, 1], s[:, 3]], dim=1)[:, :10]
+        assert torch.equal(torch.cat([d[:, 2], d[:, 0], d[:, 3]], dim=1)[:, :10], tokens)
+        assert not d[:, 1].any() and not d[:, 3, 2:].any()
 
 
 @pytest.mark.parametrize("use_shm", [False, True])
