@@ -158,7 +158,8 @@ class DisaggProxy:
                 return refusal
         if handle is None:
             self.metrics.fallbacks.inc()
-        decode_body = dict(body, kv_transfer_params=handle) if handle else body
+        # the client's own kv_transfer_params never reach an engine: only a real handle
+        decode_body = dict(body, kv_transfer_params=handle)
         return await self._decode(path, decode_body, headers, bool(body.get("stream")))
 
     async def _prefill(self, path: str, body: dict,
