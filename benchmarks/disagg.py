@@ -130,30 +130,37 @@ def bench_offload(args) -> None:
 
     model = args.model or str(ensure_default_model(progress=False))
     vocab = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
-    prefix, filler = make_prompts(2, args.prefix_len, vocab, args.seed)
-    tails = make_prompts(3, 8, vocab, args.seed + 1)
-    bytes_per_token = _kv_bytes_per_token(model)
-    budget = int(bytes_per_token * (args.prefix_len * 1.3 + 64))  # one prompt fits, not two
+    rounds = 3
+    prompts = make_prompts(2 * rounds + 1, args.prefix_len, vocab, args.seed)
+    tails = make_prompts(2 * rounds + 1, 8, vocab, args.seed + 1)
+    budget = int(_kv_bytes_per_token(model) * (args.prefix_len + 64))  # one prompt at a time
     first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     results = {}
     for name, options in (("recompute", {}), ("host_tier", {"kv_transfer_config": {
             "kv_connector": "OffloadingConnector",
-            "kv_connector_extra_config": {"num_cpu_blocks": args.prefix_len // 16 * 3}}})):
+            "kv_connector_extra_config": {"num_cpu_blocks": args.prefix_len // 16 * 4}}})):
         with LLM(model, dtype="float32", kv_cache_memory=budget, max_num_seqs=1,
                  block_size=16, **options) as llm:
-            llm.generate([prefix + tails[0]], first, use_tqdm=False)
-            llm.generate([filler + tails[1]], first, use_tqdm=False)  # pushes the prefix out
-            start = time.perf_counter()
-            out = llm.generate([prefix + tails[2]], first, use_tqdm=False)[0]
-            results[name] = (time.perf_counter() - start, out.num_cached_tokens,
-                             out.outputs[0].token_ids, llm.engine.stats().kv_offload_hit_tokens)
+            llm.generate([prompts[-1] + tails[-1]], first, use_tqdm=False)  # warm-up
+            ttfts, cached, tokens = [], [], []
+            for r in range(rounds):
+                prefix, filler = prompts[2 * r], prompts[2 * r + 1]
+                llm.generate([prefix + tails[2 * r]], first, use_tqdm=False)
+                llm.generate([filler + tails[2 * r + 1]], first, use_tqdm=False)  # evicts it
+                start = time.perf_counter()
+                out = llm.generate([prefix + tails[(2 * r + 2) % len(tails)]], first,
+                                   use_tqdm=False)[0]
+                ttfts.append(time.perf_counter() - start)
+                cached.append(out.num_cached_tokens)
+                tokens.append(out.outputs[0].token_ids)
+            results[name] = (ttfts, cached, tokens, llm.engine.stats().kv_offload_hit_tokens)
     emit({"bench": "disagg", "case": "offload", "model": os.path.basename(model),
           "prefix_len": args.prefix_len,
-          "ttft_recompute_ms": round(results["recompute"][0] * 1e3, 2),
-          "ttft_host_tier_ms": round(results["host_tier"][0] * 1e3, 2),
+          "ttft_recompute": percentiles(results["recompute"][0]),
+          "ttft_host_tier": percentiles(results["host_tier"][0]),
           "cached_tokens": {k: v[1] for k, v in results.items()},
           "host_tier_hit_tokens": results["host_tier"][3],
-          "same_token": results["recompute"][2] == results["host_tier"][2]})
+          "same_tokens": results["recompute"][2] == results["host_tier"][2]})
 
 
 def _kv_bytes_per_token(model: str) -> int:
