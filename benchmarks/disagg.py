@@ -39,6 +39,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import emit, percentiles
 from serving import make_prompts, one_request
 
+from shoal.comm.codec import decode
 from shoal.comm.kv_wire import KVFetchOrder, KVSource, KVWorkerHello, host_id
 from shoal.worker.kv_store import KVStore, gather_pages, write_pages
 from shoal.worker.kv_transfer import Puller, StoreServer
@@ -90,6 +91,8 @@ def bench_transfer(args) -> None:
                                   args.head_dim) for _ in range(args.layers)]
             page_ids = list(range(args.tokens // page_size))
             zctx = zmq.Context()
+            reports = zctx.socket(zmq.PULL)
+            reports.bind(f"ipc://{tmp}/reports")
             for mode, own_host in (("shm", host_id()), ("zmq", "")):
                 hello = KVWorkerHello(0, 0, "", 0, args.kv_heads, args.kv_heads, args.layers,
                                       args.head_dim, "float32", own_host)
@@ -100,8 +103,10 @@ def bench_transfer(args) -> None:
                 for i in range(args.repeats):
                     tid = f"t{i + (0 if mode == 'shm' else args.repeats)}"
                     start = time.perf_counter()
-                    report = puller._carry_out(KVFetchOrder(tid, args.tokens, [source], [1],
-                                                            30.0))
+                    puller._start(KVFetchOrder(tid, args.tokens, [source], [1], 30.0))
+                    while tid in puller._jobs:
+                        puller.step(100)
+                    report = decode(reports.recv_multipart())
                     assert report.ok, report.error
                     write_pages(caches, puller.take(tid), 0, args.tokens, page_ids)
                     seconds.append(time.perf_counter() - start)
@@ -113,6 +118,7 @@ def bench_transfer(args) -> None:
                       "memcpy_gbps": round(memcpy_gbps, 3),
                       "fraction_of_memcpy": round(nbytes / best / 1e9 / memcpy_gbps, 3),
                       "seconds": percentiles(seconds)})
+            reports.close(0)
             zctx.term()
         finally:
             stop.set()

@@ -23,6 +23,7 @@ import logging
 import random
 import threading
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -145,10 +146,23 @@ class StoreServer(threading.Thread):
         return self.faults.apply(payload) if self.faults is not None else payload
 
 
+@dataclass
+class _Job:
+    """One fetch order in progress on this rank."""
+
+    order: KVFetchOrder
+    began: float
+    deadline: float
+    waiting: dict[str, tuple[int, int]]  # endpoint -> heads [lo, hi) asked of it
+    pieces: dict[int, np.ndarray] = field(default_factory=dict)  # first head -> pages
+
+
 class Puller(threading.Thread):
     """Consumer side: carries out the driver's fetch orders, reports, and stages the pages.
 
-    Also says hello to the driver once (where this rank's store listens, its heads).
+    Orders run side by side: every piece of every order is asked for at once and the
+    answers are taken as they come, so one lost transfer delays no other. Also says
+    hello to the driver once (where this rank's store listens, its heads).
     """
 
     def __init__(self, zctx: zmq.Context, orders: str, reports: str, hello: KVWorkerHello,
@@ -168,70 +182,117 @@ class Puller(threading.Thread):
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self._dealers: dict[str, zmq.Socket] = {}
+        self._jobs: dict[str, _Job] = {}
+        self._poller = zmq.Poller()
+        self._poller.register(self.orders, zmq.POLLIN)
 
     def run(self) -> None:
         try:
             self.reports.send_multipart(encode(self.hello), copy=False)
             while not self.stopping.is_set():
-                if not self.orders.poll(POLL_MS):
-                    continue
-                try:
-                    msg = decode(self.orders.recv_multipart(copy=False))
-                except ProtocolError as exc:
-                    logger.warning("KV puller: bad order (%s)", exc)
-                    continue
-                if isinstance(msg, KVDrop):
-                    with self.lock:
-                        for transfer_id in msg.transfer_ids:
-                            self.staged.pop(transfer_id, None)
-                elif isinstance(msg, KVFetchOrder) and self.fetches:
-                    self.reports.send_multipart(encode(self._carry_out(msg)), copy=False)
+                self.step(POLL_MS)
         finally:
             for sock in (self.orders, self.reports, *self._dealers.values()):
                 sock.close(0)
 
-    def _carry_out(self, order: KVFetchOrder) -> KVFetchReport:
+    def step(self, timeout_ms: int) -> None:
+        """Wait up to ``timeout_ms`` for orders and answers; handle them; expire jobs."""
+        if self._jobs:
+            soonest = min(job.deadline for job in self._jobs.values())
+            timeout_ms = max(0, min(timeout_ms, int((soonest - time.monotonic()) * 1000) + 1))
+        for sock, _ in self._poller.poll(timeout_ms):
+            if sock is self.orders:
+                self._read_orders()
+            else:
+                self._read_answers(sock)
+        now = time.monotonic()
+        for job in [j for j in self._jobs.values() if now >= j.deadline]:
+            self._finish(job, f"no answer from {', '.join(sorted(job.waiting))} for transfer "
+                              f"{job.order.transfer_id} within {job.order.deadline_s:g} s")
+
+    def _read_orders(self) -> None:
+        while True:
+            try:
+                frames = self.orders.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = decode(frames)
+            except ProtocolError as exc:
+                logger.warning("KV puller: bad order (%s)", exc)
+                continue
+            if isinstance(msg, KVDrop):
+                with self.lock:
+                    for transfer_id in msg.transfer_ids:
+                        self.staged.pop(transfer_id, None)
+            elif isinstance(msg, KVFetchOrder) and self.fetches:
+                self._start(msg)
+
+    def _start(self, order: KVFetchOrder) -> None:
         began = time.monotonic()
-        deadline = began + order.deadline_s
+        job = _Job(order, began, began + order.deadline_s, {})
         hello = self.hello
         try:
             plan = plan_fetches(order.sources, hello.kv_start, hello.kv_end)
-            pieces = [(lo - hello.kv_start, self._fetch(order, index, lo, hi, deadline))
-                      for index, lo, hi in plan]
-        except (ValueError, TimeoutError, OSError) as exc:
-            return KVFetchReport(order.transfer_id, hello.rank, False, str(exc),
-                                 seconds=time.monotonic() - began)
-        with self.lock:
-            self.staged[order.transfer_id] = pieces
-        return KVFetchReport(order.transfer_id, hello.rank, True, "",
-                             sum(int(p.nbytes) for _, p in pieces), time.monotonic() - began)
+        except ValueError as exc:
+            self._report(KVFetchReport(order.transfer_id, hello.rank, False, str(exc)))
+            return
+        for index, lo, hi in plan:
+            src = order.sources[index]
+            via_shm = self.use_shm and src.host_id == hello.host_id
+            job.waiting[src.endpoint] = (lo, hi)
+            self._dealer(src.endpoint).send_multipart(encode(KVFetch(
+                order.transfer_id, lo, hi, order.fetch_counts[index], via_shm)), copy=False)
+        self._jobs[order.transfer_id] = job
 
-    def _fetch(self, order: KVFetchOrder, index: int, lo: int, hi: int,
-               deadline: float) -> np.ndarray:
-        """Heads ``[lo, hi)`` from source ``index``: checked, or ValueError/TimeoutError."""
-        src = order.sources[index]
-        dealer = self._dealer(src.endpoint)
-        via_shm = self.use_shm and src.host_id == self.hello.host_id
-        dealer.send_multipart(encode(KVFetch(order.transfer_id, lo, hi,
-                                             order.fetch_counts[index], via_shm)), copy=False)
+    def _read_answers(self, dealer: zmq.Socket) -> None:
+        endpoint = next(e for e, s in self._dealers.items() if s is dealer)
         while True:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0 or not dealer.poll(left_ms):
-                self._drop_dealer(src.endpoint)  # a late answer must not meet the next fetch
-                raise TimeoutError(f"no answer from {src.endpoint} for transfer "
-                                   f"{order.transfer_id} within {order.deadline_s:g} s")
             try:
-                reply = decode(dealer.recv_multipart(copy=False), MAX_PAYLOAD_BYTES)
+                frames = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                reply = decode(frames, MAX_PAYLOAD_BYTES)
             except ProtocolError as exc:
-                raise ValueError(f"bad payload from {src.endpoint}: {exc}") from None
-            if isinstance(reply, KVPayload) and reply.transfer_id == order.transfer_id:
-                break
+                logger.warning("KV puller: bad payload from %s (%s)", endpoint, exc)
+                continue
+            job = self._jobs.get(getattr(reply, "transfer_id", None))
+            if not isinstance(reply, KVPayload) or job is None or endpoint not in job.waiting:
+                continue  # a late answer to a job that ended
+            lo, hi = job.waiting.pop(endpoint)
+            try:
+                job.pieces[lo - self.hello.kv_start] = self._check(dealer, job.order, reply,
+                                                                  lo, hi)
+            except (ValueError, OSError) as exc:
+                self._finish(job, str(exc))
+                continue
+            if not job.waiting:
+                self._finish(job, "")
+
+    def _finish(self, job: _Job, error: str) -> None:
+        """Stage a complete job's pages (or not, on ``error``) and report."""
+        del self._jobs[job.order.transfer_id]
+        seconds = time.monotonic() - job.began
+        if error:
+            self._report(KVFetchReport(job.order.transfer_id, self.hello.rank, False, error,
+                                       seconds=seconds))
+            return
+        pieces = sorted(job.pieces.items())
+        with self.lock:
+            self.staged[job.order.transfer_id] = pieces
+        self._report(KVFetchReport(job.order.transfer_id, self.hello.rank, True, "",
+                                   sum(int(p.nbytes) for _, p in pieces), seconds))
+
+    def _report(self, report: KVFetchReport) -> None:
+        self.reports.send_multipart(encode(report), copy=False)
+
+    def _check(self, dealer: zmq.Socket, order: KVFetchOrder, reply: KVPayload, lo: int,
+               hi: int) -> np.ndarray:
+        """Heads ``[lo, hi)`` of an answer, checked (ValueError when unusable)."""
         if reply.error:
             raise ValueError(reply.error)
-        if reply.shm_name:
-            data = self._map(dealer, reply, lo, hi)
-        else:
-            data = reply.data
+        data = self._map(dealer, reply, lo, hi) if reply.shm_name else reply.data
         hello = self.hello
         expected = (hello.num_layers, 2, order.num_tokens, hi - lo, hello.head_dim)
         if data is None or tuple(data.shape) != expected or reply.dtype != hello.dtype:
@@ -239,8 +300,7 @@ class Puller(threading.Thread):
             raise ValueError(f"payload of transfer {order.transfer_id} is {reply.dtype} {got}, "
                              f"this rank needs {hello.dtype} {expected}")
         if not reply.shm_name and checksum(data) != reply.checksum:
-            raise ValueError(f"checksum mismatch in transfer {order.transfer_id} from "
-                             f"{src.endpoint}")
+            raise ValueError(f"checksum mismatch in transfer {order.transfer_id}")
         return data
 
     def _map(self, dealer: zmq.Socket, reply: KVPayload, lo: int, hi: int) -> np.ndarray:
@@ -266,12 +326,8 @@ class Puller(threading.Thread):
             sock = self._dealers[endpoint] = self.zctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(endpoint)
+            self._poller.register(sock, zmq.POLLIN)
         return sock
-
-    def _drop_dealer(self, endpoint: str) -> None:
-        sock = self._dealers.pop(endpoint, None)
-        if sock is not None:
-            sock.close(0)
 
     def take(self, transfer_id: str) -> list[tuple[int, np.ndarray]]:
         with self.lock:

@@ -7,16 +7,21 @@ it and must write exactly the tokens of one engine doing everything, with the pr
 sizes differ between the two (heads regrouped) and so do page sizes. With a store that
 drops or corrupts payloads the consumer recomputes, and still writes the same tokens.
 """
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zmq
 
 from factories import tiny_checkpoint
 from shoal import LLM, SamplingParams
-from shoal.comm.kv_wire import KVSource, checksum, plan_fetches
+from shoal.comm.codec import decode
+from shoal.comm.kv_wire import (KVFetchOrder, KVSource, KVWorkerHello, checksum, host_id,
+                                plan_fetches)
 from shoal.worker.kv_store import KVStore, gather_pages, write_pages
+from shoal.worker.kv_transfer import Puller, StoreServer
 
 PROMPTS = [[3, 5, 7, 11, 13, 17, 19, 23, 29], [2, 4, 6, 8, 10, 12, 14], [9] * 13]
 # distinct prompts: none hits the decode engine's own prefix cache
@@ -163,3 +168,52 @@ def test_a_handle_for_another_prompt_is_recomputed_not_used(checkpoint, referenc
         out = engine.generate([PROMPTS[1]], wrong, use_tqdm=False)[0]
         assert out.outputs[0].token_ids == reference[1]
         assert engine.engine.stats().kv_transfers_failed == 1
+
+
+def test_a_lost_transfer_times_out_alone(tmp_path):
+    """An order whose store never answers fails at its deadline; one queued behind it
+    completes at once (orders run side by side), through ZeroMQ frames and /dev/shm."""
+    zctx = zmq.Context()
+    store = KVStore(1 << 20, 60, use_shm=True, rank=0)
+    shape = (1, 2, 4, 2, 8)
+    store.save("ok-shm", shape, np.dtype(np.float32), lambda out: out.fill(1.5))
+    store.save("ok-zmq", shape, np.dtype(np.float32), lambda out: out.fill(2.5))
+    server = StoreServer(zctx, f"ipc://{tmp_path}/store", store, 0, torch.float32, None)
+    silent = zctx.socket(zmq.ROUTER)  # a store that never answers
+    silent.bind(f"ipc://{tmp_path}/silent")
+    reports = zctx.socket(zmq.PULL)
+    reports.bind(f"ipc://{tmp_path}/reports")
+    server.start()
+    try:
+        hello = KVWorkerHello(0, 0, "", 0, 2, 2, 1, 8, "float32", host_id())
+        puller = Puller(zctx, f"ipc://{tmp_path}/orders", f"ipc://{tmp_path}/reports", hello,
+                        fetches=True)
+        good = KVSource(server.endpoint, 0, 2, host_id())
+        began = time.monotonic()
+        puller._start(KVFetchOrder("lost", 4, [KVSource(f"ipc://{tmp_path}/silent", 0, 2)],
+                                   [1], 1.0))
+        puller._start(KVFetchOrder("ok-shm", 4, [good], [1], 1.0))
+        puller._start(KVFetchOrder("ok-zmq", 4, [KVSource(server.endpoint, 0, 2)], [1], 1.0))
+        outcomes = {}
+        while len(outcomes) < 3 and time.monotonic() - began < 30:
+            puller.step(50)
+            while reports.poll(0):
+                report = decode(reports.recv_multipart())
+                outcomes[report.transfer_id] = (report, time.monotonic() - began)
+        assert outcomes["ok-shm"][0].ok and outcomes["ok-zmq"][0].ok
+        assert outcomes["ok-zmq"][1] < outcomes["lost"][1]  # not behind the lost one
+        lost, seconds = outcomes["lost"]
+        # at its 1 s deadline, not before (the bound above it only guards a loaded machine)
+        assert not lost.ok and "no answer" in lost.error and 1.0 <= seconds < 10.0
+        assert float(puller.take("ok-shm")[0][1].mean()) == 1.5
+        assert float(puller.take("ok-zmq")[0][1].mean()) == 2.5
+        assert store.get("ok-shm", 1) is None  # released: segment unlinked
+        for sock in (puller.orders, puller.reports, *puller._dealers.values()):
+            sock.close(0)
+    finally:
+        server.stopping.set()
+        server.join()
+        store.close()
+        silent.close(0)
+        reports.close(0)
+        zctx.term()
