@@ -125,6 +125,7 @@ class ShoalTransferScheduler:
         self._store_bind = self._bind("store-r{rank}")
         self.hellos: dict[int, KVWorkerHello] = {}  # tp rank -> its hello
         self._shm_prefixes: set[str] = set()  # the workers' segments, removed at close
+        self._hellos_due = time.monotonic() + HELLO_TIMEOUT_S
         self._pulls: dict[int, _Pull] = {}  # consumer: req_id -> its transfer
         self._producing: dict[int, Request] = {}  # producer: req_id -> request to save
         self._saved: set[int] = set()
@@ -143,6 +144,7 @@ class ShoalTransferScheduler:
     def reset(self) -> None:
         """New workers: their stores and staged pages are gone; they say hello again."""
         self.hellos.clear()
+        self._hellos_due = time.monotonic() + HELLO_TIMEOUT_S
         for pull in self._pulls.values():
             if pull.state in ("pending", "ready"):
                 pull.state = "failed"  # recomputed when the request is admitted again
@@ -186,11 +188,14 @@ class ShoalTransferScheduler:
                         pull.reports[msg.rank] = msg
 
     def _wait_for_hellos(self) -> bool:
-        """Every worker rank has said hello (waits up to HELLO_TIMEOUT_S the first time)."""
-        deadline = time.monotonic() + HELLO_TIMEOUT_S
+        """Every worker rank has said hello (waiting, at most until HELLO_TIMEOUT_S after
+        the workers started, for ranks that have not yet)."""
+        self._read_reports()
+        deadline = max(self._hellos_due, time.monotonic() + 1.0)  # one late thread start
         while len(self.hellos) < self.tp_size and time.monotonic() < deadline:
             self._read_reports(0.1)
         if len(self.hellos) < self.tp_size:
+            self._hellos_due = 0.0  # from now on a 1 s wait, not the start-up allowance
             logger.error("KV connector: %d of %d worker ranks never said hello",
                          len(self.hellos), self.tp_size)
             return False
