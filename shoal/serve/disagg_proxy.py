@@ -8,7 +8,7 @@ transfer handle in ``kv_transfer_params``. The request then goes, unchanged but 
 that handle, to a decode engine (``"kv_role": "kv_consumer"``), which pulls the KV pages
 from the prefill engine's workers and decodes; its answer (a JSON body or a stream of
 server-sent events) is passed back to the client byte for byte. vLLM's
-``disagg_proxy_server`` protocol, so either side can be a vLLM engine.
+``disagg_proxy_server`` protocol (the handle is opaque to the proxy).
 
 Engines are picked per pool round-robin or least-loaded (fewest requests in flight
 through this proxy). An engine that refuses connections, answers 5xx, or fails its
