@@ -140,6 +140,7 @@ class DisaggProxy:
     def _dead(self, pool: EnginePool, engine: Engine, reason: str) -> None:
         pool.mark_dead(engine, reason)
         self.metrics.failures.labels(pool.role, engine.url).inc()
+        self.metrics.live.labels(pool.role).set(len(pool.live()))
 
     # -- requests ----------------------------------------------------------------------------
 

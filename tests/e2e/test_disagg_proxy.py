@@ -160,6 +160,15 @@ class TestDense:
         r = httpx.post(f"{cluster['a'].url}/v1/completions", content=b"[1", timeout=30)
         assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
 
+    def test_an_engine_that_dies_leaves_its_pools(self, cluster):
+        """Last in the class: P2 (a decode engine behind A, a prefill engine behind B) stops;
+        both proxies go on answering with the same text, without it."""
+        cluster["p2"].stop()
+        assert completions(cluster["a"], True) == cluster["reference"]
+        assert completions(cluster["b"], False) == cluster["reference"]
+        assert metric(cluster["a"], 'shoal_proxy:live_engines{role="decode"}') == 1
+        assert metric(cluster["b"], 'shoal_proxy:live_engines{role="prefill"}') == 1
+
 
 class TestMoE:
     def test_mixtral_one_prefill_one_decode(self, tmp_path_factory, smollm2_dir):
