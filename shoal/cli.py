@@ -1,4 +1,4 @@
-"""The ``shoal`` command: serve, proxy, generate, chat, download, worker.
+"""The ``shoal`` command: serve, gateway, proxy, generate, chat, download, worker.
 
 Flags follow vLLM's names so users can switch without relearning them.
 """
@@ -15,6 +15,7 @@ from shoal.engine.sampling_params import SamplingParams
 from shoal.engine_args import add_engine_args, engine_config_from_args
 from shoal.errors import ShoalError
 from shoal.frontend.llm_engine import LLMEngine
+from shoal.gateway.app import add_gateway_args, run_gateway
 from shoal.serve.api_server import run_server
 from shoal.serve.disagg_proxy import add_proxy_args, run_proxy
 from shoal.serve.limits import add_limit_args
@@ -153,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "<tool_call> JSON; llama3_json: Llama 3 JSON)")
     add_limit_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("gateway", help="OpenAI-compatible gateway in front of engines: keys and "
+                       "limits, model router, replica routing, semantic cache, guardrails, cost")
+    add_gateway_args(p)
+    p.set_defaults(func=run_gateway)
 
     p = sub.add_parser("proxy", help="OpenAI-compatible front for disaggregated prefill "
                        "and decode engines")

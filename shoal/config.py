@@ -254,8 +254,9 @@ class KVTransferConfig:
         return json.loads(self.kv_connector_extra_config)
 
 
-SPECULATIVE_METHODS = ("ngram",)
-SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+SPECULATIVE_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                    "model", "draft_layers")
 
 
 @dataclass(frozen=True)
@@ -266,19 +267,38 @@ class SpeculativeConfig:
     tokens that followed the longest earlier occurrence of the sequence's last
     ``prompt_lookup_min``..``prompt_lookup_max`` tokens. When only one bound is given,
     the other takes its value; with neither, both are 5 (vLLM's defaults).
+
+    ``draft_model``: a smaller checkpoint with the target's vocabulary (``model``, a
+    local directory; default the target itself) proposes the drafts greedily on the
+    output rank. ``draft_layers`` (shoal's key) keeps only its first N decoder layers,
+    with its own final norm and head: a self-draft needs no second checkpoint.
     """
 
     method: str = ""
     num_speculative_tokens: int = 0
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
+    model: str | None = None  # draft_model: the draft checkpoint (None: the target's)
+    # draft_model: only the first N decoder layers, or these layer indices (layer skip)
+    draft_layers: int | tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.method:
             return
-        if self.method == "draft_model":
-            raise ValueError("speculative_config method 'draft_model' is not supported yet; "
-                             f"supported: {SPECULATIVE_METHODS}")
+        if self.method == "ngram" and (self.model is not None or self.draft_layers is not None):
+            raise ValueError("speculative_config keys 'model' and 'draft_layers' belong to "
+                             "method 'draft_model', not 'ngram'")
+        if isinstance(self.draft_layers, list):
+            object.__setattr__(self, "draft_layers", tuple(self.draft_layers))
+        if isinstance(self.draft_layers, tuple):
+            if (not self.draft_layers or any(not isinstance(i, int) or isinstance(i, bool)
+                                             or i < 0 for i in self.draft_layers)
+                    or list(self.draft_layers) != sorted(set(self.draft_layers))):
+                raise ValueError("speculative_config draft_layers must be a positive integer "
+                                 "or a non-empty increasing list of layer indices, got "
+                                 f"{list(self.draft_layers)!r}")
+        elif self.draft_layers is not None:
+            _positive("speculative_config draft_layers", self.draft_layers)
         if self.method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_config method must be one of {SPECULATIVE_METHODS}, "
                              f"got {self.method!r}")
@@ -295,12 +315,46 @@ class SpeculativeConfig:
         return bool(self.method)
 
     @property
+    def draft_layer_ids(self) -> list[int]:
+        """The draft's decoder layers by checkpoint index ([] = all of them)."""
+        if isinstance(self.draft_layers, int):
+            return list(range(self.draft_layers))
+        return list(self.draft_layers or ())
+
+    @property
     def lookup_max(self) -> int:
         return self.prompt_lookup_max or self.prompt_lookup_min or 5
 
     @property
     def lookup_min(self) -> int:
         return self.prompt_lookup_min or self.prompt_lookup_max or 5
+
+
+EPLB_KEYS = ("window_size", "step_interval", "num_redundant_experts")
+
+
+@dataclass(frozen=True)
+class EPLBConfig:
+    """Expert-parallel load balancing (vLLM's ``enable_eplb`` and ``eplb_config`` keys).
+
+    Every ``step_interval`` steps the driver re-places the experts from the routed-token
+    counts of the last ``window_size`` steps, with ``num_redundant_experts`` extra slots
+    in all for replicas of hot experts (``num_experts + num_redundant_experts`` must
+    divide over the ep ranks; checked against the model when it is known).
+    """
+
+    enable_eplb: bool = False
+    window_size: int = 1000
+    step_interval: int = 3000
+    num_redundant_experts: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("eplb_config window_size", self.window_size)
+        _positive("eplb_config step_interval", self.step_interval)
+        if (not isinstance(self.num_redundant_experts, int)
+                or isinstance(self.num_redundant_experts, bool) or self.num_redundant_experts < 0):
+            raise ValueError("eplb_config num_redundant_experts must be an integer >= 0, got "
+                             f"{self.num_redundant_experts!r}")
 
 
 @dataclass(frozen=True)
@@ -315,8 +369,19 @@ class EngineConfig:
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     fault: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    eplb: EPLBConfig = field(default_factory=EPLBConfig)
 
     def __post_init__(self) -> None:
+        if self.eplb.enable_eplb:
+            p = self.parallel
+            if not p.enable_expert_parallel or p.ep_size < 2:
+                raise ValueError("enable_eplb needs expert parallelism over more than one rank: "
+                                 "add --enable-expert-parallel with data_parallel_size x "
+                                 f"tensor_parallel_size > 1 (now dp={p.dp_size}, tp={p.tp_size}, "
+                                 f"expert parallel {'on' if p.enable_expert_parallel else 'off'})")
+            if p.pp_size > 1:
+                raise ValueError("enable_eplb with pipeline_parallel_size > 1 is not supported "
+                                 "yet: the expert counts come from the last stage only")
         if self.speculative.enabled and self.scheduler.async_scheduling:
             raise ValueError("async_scheduling cannot be combined with speculative_config: "
                              "a plan with drafts is never planned ahead (leave "

@@ -17,8 +17,10 @@ from typing import Any, Callable
 from shoal.config import (
     DTYPES,
     EXECUTOR_BACKENDS,
+    EPLB_KEYS,
     CacheConfig,
     EngineConfig,
+    EPLBConfig,
     ExecutorConfig,
     FaultToleranceConfig,
     KVTransferConfig,
@@ -38,6 +40,7 @@ SECTIONS: dict[str, type] = {
     "kv_transfer": KVTransferConfig,
     "fault": FaultToleranceConfig,
     "speculative": SpeculativeConfig,
+    "eplb": EPLBConfig,
 }
 
 
@@ -82,16 +85,20 @@ def _speculative(value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
     fields = dict(value)
-    if fields.get("method") == "draft_model" or "model" in fields:
-        raise ValueError("speculative_config: draft models (method 'draft_model', key 'model') "
-                         "are not supported yet; use method 'ngram'")
     unknown = sorted(set(fields) - set(SPECULATIVE_KEYS))
     if unknown:
         raise ValueError(f"unknown speculative_config keys {unknown}; known: "
                          f"{sorted(SPECULATIVE_KEYS)}")
     if "method" not in fields:
-        raise ValueError("speculative_config needs a 'method' (supported: 'ngram')")
-    for key in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+        raise ValueError("speculative_config needs a 'method' (supported: 'ngram', "
+                         "'draft_model')")
+    if fields.get("model") is not None and not isinstance(fields["model"], str):
+        raise ValueError(f"speculative_config model must be a path, got {fields['model']!r}")
+    layers = fields.get("draft_layers")
+    if isinstance(layers, list):  # layer indices (checked by SpeculativeConfig)
+        fields["draft_layers"] = tuple(layers)
+    for key in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                *(("draft_layers",) if not isinstance(layers, list) else ())):
         v = fields.get(key)
         if isinstance(v, str) and v.strip().isdigit():
             fields[key] = int(v)
@@ -99,6 +106,28 @@ def _speculative(value: Any) -> dict[str, Any]:
             raise ValueError(f"speculative_config {key} must be an integer, got {v!r}")
     if "num_speculative_tokens" not in fields:
         raise ValueError("speculative_config needs 'num_speculative_tokens'")
+    return fields
+
+
+def _eplb(value: Any) -> dict[str, Any]:
+    """A JSON object (string) or a dict of vLLM's ``eplb_config`` keys -> EPLBConfig fields."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"eplb_config is not valid JSON: {exc}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"eplb_config must be a JSON object, got {value!r}")
+    fields = dict(value)
+    fields.pop("log_balancedness", None)  # vLLM's logging switch: /metrics always has it
+    unknown = sorted(set(fields) - set(EPLB_KEYS))
+    if unknown:
+        raise ValueError(f"unknown eplb_config keys {unknown}; known: {sorted(EPLB_KEYS)}")
+    for key, v in fields.items():
+        if isinstance(v, str) and v.strip().isdigit():
+            fields[key] = int(v)
+        elif not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"eplb_config {key} must be an integer, got {v!r}")
     return fields
 
 
@@ -218,6 +247,12 @@ ENGINE_ARGS: tuple[EngineArg, ...] = (
               'speculative decoding as JSON (vLLM\'s keys), e.g. {"method": "ngram", '
               '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}',
               convert=_speculative),
+    EngineArg("enable_eplb", "eplb", "enable_eplb", bool,
+              "expert-parallel load balancing: replicate hot experts and move experts between "
+              "ranks while serving (needs --enable-expert-parallel)"),
+    EngineArg("eplb_config", "eplb", "", str,
+              'EPLB as JSON (vLLM\'s keys), e.g. {"window_size": 1000, "step_interval": 3000, '
+              '"num_redundant_experts": 2}', convert=_eplb),
 )
 BY_NAME: dict[str, EngineArg] = {a.name: a for a in ENGINE_ARGS}
 for _arg in ENGINE_ARGS:

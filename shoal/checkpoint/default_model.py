@@ -19,6 +19,7 @@ package, version and file checksum; an entry without a matching marker is rebuil
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from shoal.config import EngineConfig
 from shoal.errors import ModelNotAvailableError
 
 try:  # POSIX only; elsewhere concurrent converters race and the final rename decides
@@ -401,3 +403,26 @@ def save_gguf_tokenizer(gguf_path: Path, out_dir: Path) -> None:
         raise ModelNotAvailableError(
             "The saved tokenizer does not reproduce the GGUF tokenizer; conversion aborted"
         )
+
+
+def with_resolved_draft(config: EngineConfig, target: str) -> EngineConfig:
+    """``config`` with a draft_model's checkpoint as a local directory (None: the target
+    ``target`` itself), checked against the target: the same vocabulary, and at least
+    ``draft_layers`` decoder layers when that is given. Other configs come back as they are."""
+    from transformers import AutoConfig
+
+    spec = config.speculative
+    if spec.method != "draft_model":
+        return config
+    path = resolve_model(spec.model) if spec.model else target
+    draft, main = AutoConfig.from_pretrained(path), AutoConfig.from_pretrained(target)
+    if getattr(draft, "vocab_size", None) != getattr(main, "vocab_size", None):
+        raise ValueError(f"speculative_config model {path} has vocab_size "
+                         f"{getattr(draft, 'vocab_size', None)} but the target has "
+                         f"{getattr(main, 'vocab_size', None)}: a draft needs the same vocabulary")
+    layers = int(getattr(draft, "num_hidden_layers", 0) or 0)
+    wanted = spec.draft_layer_ids
+    if wanted and wanted[-1] >= layers:
+        raise ValueError(f"speculative_config draft_layers={spec.draft_layers} asks for layer "
+                         f"{wanted[-1]}, but {path} has {layers} decoder layers")
+    return dataclasses.replace(config, speculative=dataclasses.replace(spec, model=path))

@@ -40,3 +40,39 @@ def model_max_len(hf_config, requested: int | None) -> int:
     if requested > limit:
         raise ValueError(f"max_model_len={requested} exceeds the model's context of {limit} tokens")
     return requested
+
+
+# config.json keys of the routed-expert count, per family (Mixtral, Qwen-MoE, DeepSeek)
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def num_routed_experts(hf_config) -> int:
+    """Routed experts per MoE layer (0 for a dense model)."""
+    for key in _EXPERT_COUNT_KEYS:
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
+
+
+def check_eplb(hf_config, config) -> None:
+    """``--enable-eplb`` needs an MoE model whose slots divide over the ep ranks.
+
+    Raises ValueError naming the model or the sizes; does nothing when EPLB is off.
+    """
+    eplb = config.eplb
+    if not eplb.enable_eplb:
+        return
+    num_experts = num_routed_experts(hf_config)
+    archs = getattr(hf_config, "architectures", None) or ["this model"]
+    if not num_experts:
+        raise ValueError(f"enable_eplb needs a Mixture-of-Experts model; {archs[0]} has no "
+                         "routed experts")
+    ep_size = config.parallel.ep_size
+    num_physical = num_experts + eplb.num_redundant_experts
+    if num_physical % ep_size:
+        raise ValueError(
+            f"eplb_config num_redundant_experts={eplb.num_redundant_experts}: {num_experts} "
+            f"experts + {eplb.num_redundant_experts} redundant = {num_physical} slots do not "
+            f"divide over {ep_size} expert-parallel ranks (try num_redundant_experts="
+            f"{(-num_experts) % ep_size + ep_size * (eplb.num_redundant_experts // ep_size)})")

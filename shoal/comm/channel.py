@@ -35,6 +35,7 @@ from shoal.errors import ProtocolError
 logger = logging.getLogger(__name__)
 
 MAX_BOOTSTRAP_BYTES = 64 << 10  # a bootstrap request or answer is a few hundred bytes
+RESULT_SPIN_S = 100e-6  # the driver's spin on its return rings, where a core is spare
 
 
 def local_ip() -> str:
@@ -96,12 +97,37 @@ class DriverChannel:
         self._poller.register(self.results, zmq.POLLIN)
         self._subscribers = 0
         self.ring: ShmRing | None = None  # broadcasts go here when every worker is local
+        # rank -> a ring that rank writes its step results into (local output ranks)
+        self.return_rings: dict[int, ShmRing] = {}
+        self.result_spin_s = 0.0  # set by use_ring
 
-    def use_ring(self, num_readers: int, alive=None) -> str:
-        """Broadcast through a shared-memory ring from now on; returns its path."""
+    def use_ring(self, num_readers: int, alive=None, return_ranks=()) -> str:
+        """Broadcast through a shared-memory ring from now on; returns its path.
+
+        Each rank in ``return_ranks`` also gets a ring of its own to send step results
+        back through (``return_ring_path``); everything else still comes over ZeroMQ.
+        The driver spins briefly on those rings before it sleeps, when this host has
+        a core beyond the driver and its ``num_readers`` workers (measured here: a
+        one-request round trip 0.22 -> 0.10 ms with one worker; with every core busy
+        spinning only slows the workers, so it does not).
+        """
+        self.result_spin_s = RESULT_SPIN_S if (os.cpu_count() or 1) > num_readers else 0.0
         self.ring = ShmRing.create(num_readers)
         self.ring.alive = alive
+        for rank in return_ranks:
+            ring = self.return_rings[rank] = ShmRing.create(1, reader=0)
+            self._poller.register(ring.bell_fd, zmq.POLLIN)
         return self.ring.path
+
+    def return_ring_path(self, rank: int) -> str:
+        ring = self.return_rings.get(rank)
+        return ring.path if ring is not None else ""
+
+    def unlink_rings(self) -> None:
+        """Every worker has opened its rings: drop their names (nothing stays in /dev/shm)."""
+        for ring in [self.ring, *self.return_rings.values()]:
+            if ring is not None:
+                ring.unlink()
 
     @staticmethod
     def _bind(sock: zmq.Socket, address: str) -> str:
@@ -162,12 +188,35 @@ class DriverChannel:
 
     def recv(self, timeout_s: float | None) -> Any | None:
         """The next message from any worker, or None after ``timeout_s`` seconds."""
+        if self.return_rings:
+            # a short spin first: a result that lands within it needs no wake-up (a
+            # cross-core wake-up costs tens of microseconds on a virtual machine)
+            spin_until = time.perf_counter() + self.result_spin_s
+            while True:
+                msg = self._recv_return_ring()
+                if msg is not None or time.perf_counter() > spin_until:
+                    break
+            if msg is not None:
+                return msg
+            for ring in self.return_rings.values():
+                ring.drain_bell()  # (a result that came meanwhile is seen below or rings again)
+            msg = self._recv_return_ring()
+            if msg is not None:
+                return msg
         timeout_ms = None if timeout_s is None else int(timeout_s * 1000)
-        if not self._poller.poll(timeout_ms):
-            return None
+        events = dict(self._poller.poll(timeout_ms))
+        if self.results not in events:
+            return self._recv_return_ring() if events else None
         frames = self.results.recv_multipart(copy=False)
         self.last_peer = peer_rank(frames[0]) if self.keys else None
         return decode(frames, self.max_message_bytes)
+
+    def _recv_return_ring(self) -> Any | None:
+        for ring in self.return_rings.values():
+            if ring.has_message():
+                self.last_peer = None
+                return decode_ring_message(ring.read(None), self.max_message_bytes)
+        return None
 
     def close(self) -> None:
         for sock in (self.bootstrap, self.broadcast, self.results):
@@ -175,11 +224,19 @@ class DriverChannel:
         if self._auth is not None:
             self._auth.stop()
         self._ctx.term()
-        if self.ring is not None:
-            self.ring.unlink()
-            self.ring.close()
+        for ring in [self.ring, *self.return_rings.values()]:
+            if ring is not None:
+                ring.unlink()
+                ring.close()
         if self._ipc_dir:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+
+def decode_ring_message(data: bytes, max_message_bytes: int) -> Any:
+    """A message read from a ring: the codec's frames laid end to end."""
+    if len(data) > max_message_bytes:
+        raise ProtocolError(f"ring message of {len(data)} bytes exceeds the limit")
+    return decode(unpack_frames(data), max_message_bytes)
 
 
 def request_bootstrap(address: str, request: Any, timeout_s: float = 60.0,
@@ -218,11 +275,14 @@ class WorkerChannel:
         ring_path: str = "",
         reader: int = 0,
         keys: WorkerKeys | None = None,
+        return_ring_path: str = "",
     ):
         self.max_message_bytes = max_message_bytes
         self.keys = keys
-        # broadcasts come through the driver's shared-memory ring when it has one
+        # broadcasts come through the driver's shared-memory ring when it has one, and
+        # an output rank's step results go back through a ring of its own
         self.ring = ShmRing.attach(ring_path, reader) if ring_path else None
+        self.return_ring = ShmRing.attach(return_ring_path, None) if return_ring_path else None
         self._ctx = zmq.Context()
         self.sub = self._ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, 0)
@@ -251,24 +311,25 @@ class WorkerChannel:
     def recv(self, timeout_s: float | None) -> Any | None:
         if self.ring is not None:
             data = self.ring.read(timeout_s)
-            if data is None:
-                return None
-            frames = unpack_frames(data)
-            if sum(len(f) for f in frames) > self.max_message_bytes:
-                raise ProtocolError(f"broadcast of {len(data)} bytes exceeds the limit")
-            return decode(frames, self.max_message_bytes)
+            return None if data is None else decode_ring_message(data, self.max_message_bytes)
         timeout_ms = -1 if timeout_s is None else int(timeout_s * 1000)
         if not self.sub.poll(timeout_ms):
             return None
         return decode(self.sub.recv_multipart(copy=False), self.max_message_bytes)
 
-    def send(self, msg: Any) -> None:
+    def send(self, msg: Any, via_ring: bool = False) -> None:
+        """Send to the driver; ``via_ring``: through the return ring when this rank has one
+        (step results, from the main thread only: the ring has one writer)."""
+        if via_ring and self.return_ring is not None:
+            self.return_ring.write(pack_frames(encode(msg)))
+            return
         with self._push_lock:
             self.push.send_multipart(encode(msg), copy=False)
 
     def close(self) -> None:
-        if self.ring is not None:
-            self.ring.close()
+        for ring in (self.ring, self.return_ring):
+            if ring is not None:
+                ring.close()
         self.sub.close(linger=0)
         self.push.close(linger=1000)
         self._ctx.term()

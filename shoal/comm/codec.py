@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 import types
 import typing
@@ -39,7 +40,9 @@ def _torch() -> Any:
     """
     return sys.modules.get("torch")
 
-INLINE_THRESHOLD = 1024
+# Arrays below this many bytes travel inside frame 0: a 256-request plan's columns are
+# a few KB each, and a ZeroMQ frame of its own costs more than copying them does.
+INLINE_THRESHOLD = 16 << 10
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 
 _EXT_INLINE = 1  # [dtype, shape, is_torch, bytes]
@@ -60,6 +63,8 @@ _WIRE_DTYPES = {
     "float64": np.float64,
     "bfloat16": np.uint16,
 }
+_NP_DTYPES = {name: np.dtype(kind) for name, kind in _WIRE_DTYPES.items()}
+_DTYPE_NAMES = {np.dtype(kind): name for name, kind in _WIRE_DTYPES.items() if name != "bfloat16"}
 _MAX_NDIM = 8
 
 
@@ -97,9 +102,12 @@ class _Encoder:
         if kind in _PLAIN:
             return obj
         if kind is list:
-            if all(type(x) in _PLAIN for x in obj):
+            if set(map(type, obj)) <= _PLAIN_SET:
                 return obj
             return [self.to_wire(x) for x in obj]
+        if kind is np.ndarray:
+            dtype = obj.dtype
+            return self.array_ext(obj, _DTYPE_NAMES.get(dtype) or dtype.name, False)
         names = _field_names(kind)
         if names is not None:
             return [self.to_wire(getattr(obj, n)) for n in names]
@@ -119,6 +127,7 @@ class _Encoder:
 
 
 _PLAIN = (int, float, str, bool, bytes, type(None))
+_PLAIN_SET = frozenset(_PLAIN)
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,22 +170,22 @@ class _Decoder:
             dtype_name, shape, is_torch, ref = msgpack.unpackb(data, raw=False)
         except Exception as exc:
             raise ProtocolError(f"malformed array header: {exc}") from None
-        if dtype_name not in _WIRE_DTYPES:
+        np_dtype = _NP_DTYPES.get(dtype_name) if type(dtype_name) is str else None
+        if np_dtype is None:
             raise ProtocolError(f"array of unknown dtype {dtype_name!r}")
         if (
-            not isinstance(shape, list)
+            type(shape) is not list
             or len(shape) > _MAX_NDIM
-            or not all(isinstance(s, int) and s >= 0 for s in shape)
+            or not all(type(s) is int and s >= 0 for s in shape)
         ):
             raise ProtocolError(f"malformed array shape {shape!r}")
-        np_dtype = np.dtype(_WIRE_DTYPES[dtype_name])
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+        nbytes = math.prod(shape) * np_dtype.itemsize
         if code == _EXT_INLINE:
-            if not isinstance(ref, bytes):
+            if type(ref) is not bytes:
                 raise ProtocolError("inline array without bytes")
             raw: Any = ref
         elif code == _EXT_FRAME:
-            if not isinstance(ref, int) or not 1 <= ref < len(self.frames):
+            if type(ref) is not int or not 1 <= ref < len(self.frames):
                 raise ProtocolError(f"array refers to frame {ref!r}; message has {len(self.frames)}")
             raw = _buffer(self.frames[ref])
         else:
@@ -185,9 +194,13 @@ class _Decoder:
             raise ProtocolError(
                 f"array {dtype_name}{shape} needs {nbytes} bytes, frame holds {len(raw)}"
             )
-        array = np.frombuffer(raw, dtype=np_dtype).reshape(shape)
+        array = np.frombuffer(raw, dtype=np_dtype)
+        if len(shape) != 1:
+            array = array.reshape(shape)
+        if not is_torch:
+            return array
         torch = _torch()
-        if not is_torch or torch is None:
+        if torch is None:
             return array
         tensor = torch.from_numpy(array.copy())
         return tensor.view(torch.bfloat16) if dtype_name == "bfloat16" else tensor
@@ -260,14 +273,18 @@ def _decoder_required(hint: Any) -> Any:
     if origin is list:
         (item,) = typing.get_args(hint)
         if item in (int, float, str, bool):
+            check_item = _scalar(item)
+            allowed = {float, int} if item is float else {item}
+
             def scalar_list(v):
                 if type(v) is not list:
                     _fail("a list", v)
-                if item is float:
-                    return [_scalar(float)(x) for x in v]
-                for x in v:
-                    if type(x) is not item:
-                        _fail(f"a list of {item.__name__}", x)
+                kinds = set(map(type, v))  # one pass in C, not a check per element
+                if not kinds <= allowed:
+                    bad = next(x for x in v if type(x) not in allowed)
+                    _fail(f"a list of {item.__name__}", bad)
+                if item is float and int in kinds:
+                    return [check_item(x) for x in v]
                 return v
             return scalar_list
         item_decoder = _decoder(item)

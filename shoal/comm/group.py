@@ -130,6 +130,20 @@ class RankGroup:
         dist.recv(tensor, src=self.ranks[src_in_group], group=self.pg)
         return tensor
 
+    def exchange(self, sends: list[tuple[torch.Tensor, int]],
+                 recvs: list[tuple[torch.Tensor, int]]) -> None:
+        """Point-to-point sends and receives in one batch (``batch_isend_irecv``), then wait.
+
+        ``sends``: (tensor, destination rank in group); ``recvs``: (buffer, source rank in
+        group). Every rank posts its matching halves in the same order.
+        """
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.ranks[dst], group=self.pg)
+               for t, dst in sends]
+        ops += [dist.P2POp(dist.irecv, t, self.ranks[src], group=self.pg) for t, src in recvs]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier(group=self.pg)

@@ -12,13 +12,15 @@ Layout: a header (magic, readers, slots, slot size), then per slot
 - **Back-pressure**: the writer never overwrites a slot until every reader has
   acknowledged its previous use; a slow reader slows the writer, never loses data.
 - **Large messages** span consecutive slots (``more`` = 1 on all but the last).
-- **Opt-in** (`SHOAL_SHM_RING=1`, mp executor): on this 2-core machine its spinning
-  readers measured no faster than ZeroMQ; it is meant for hosts with cores to spare.
+- **Doorbells**: a reader spins only briefly (``SPIN_S``), then blocks on its own
+  FIFO; the writer rings each reader's FIFO (one byte, non-blocking) after every
+  message, so a sleeping reader wakes within a scheduler wake-up, and nothing spins
+  while the driver plans (two workers spinning would take both cores of a small host).
 - **Dead readers**: while blocked on back-pressure the writer calls ``alive()``
   (the executor's liveness check, which raises WorkerDiedError) every few
   milliseconds, and gives up after ``timeout_s``: a dead reader is an error, not a hang.
-- The segment's name is unlinked as soon as every reader has mapped it, so
-  nothing stays in /dev/shm even after ``kill -9``.
+- The segment's and the FIFOs' names are unlinked as soon as every reader has
+  opened them, so nothing stays in /dev/shm even after ``kill -9``.
 
 Ordering relies on x86-64's store order (aligned 8-byte stores are seen in
 program order), as the shared-memory all-reduce does; ``platform_supported``
@@ -30,6 +32,7 @@ import mmap
 import os
 import platform
 import secrets
+import select
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -43,7 +46,8 @@ SHM_DIR = "/dev/shm"
 MAGIC = 0x5348_4F41_4C52_4E47  # "SHOALRNG"
 _HEADER_WORDS = 4  # magic, readers, slots, slot_bytes
 _SLOT_WORDS = 3  # seq, nbytes, more (+ one ack per reader)
-SPIN_S = 50e-6  # spin this long before yielding the core
+SPIN_S = 50e-6  # a reader spins this long before it sleeps on its doorbell
+BELL_WAIT_S = 0.05  # longest sleep on the doorbell before looking again (a safety net)
 DEFAULT_SLOTS = 16
 DEFAULT_SLOT_BYTES = 1 << 18
 
@@ -51,6 +55,10 @@ DEFAULT_SLOT_BYTES = 1 << 18
 def platform_supported() -> bool:
     return (platform.system() == "Linux" and os.path.isdir(SHM_DIR)
             and platform.machine() in ("x86_64", "AMD64"))
+
+
+def _bell_path(path: str, reader: int) -> str:
+    return f"{path}.bell{reader}"
 
 
 def pack_frames(frames: Sequence[Any]) -> bytes:
@@ -97,6 +105,15 @@ class ShmRing:
         self._data_offset = [base + i * self._stride + 8 * (_SLOT_WORDS + self.num_readers)
                              for i in range(self.num_slots)]
         self._seq = 1  # the next sequence number to write (writer) or read (reader)
+        # doorbells: the writer's write ends (opened once every reader holds its read
+        # end), a reader's read end; -1 where not open
+        self._bells = [-1] * self.num_readers if reader is None else []
+        self._bell = -1
+        if reader is not None and 0 <= reader < self.num_readers:
+            try:
+                self._bell = os.open(_bell_path(path, reader), os.O_RDONLY | os.O_NONBLOCK)
+            except OSError:  # no doorbell (an older writer): sleep-polling still works
+                self._bell = -1
         self.alive: Callable[[], None] | None = None  # writer: raises when a reader is dead
         self.timeout_s = 600.0  # writer: longest wait for a slot
 
@@ -104,8 +121,12 @@ class ShmRing:
 
     @classmethod
     def create(cls, num_readers: int, num_slots: int = DEFAULT_SLOTS,
-               slot_bytes: int = DEFAULT_SLOT_BYTES) -> "ShmRing":
-        """A new ring in /dev/shm for ``num_readers`` readers (this process writes)."""
+               slot_bytes: int = DEFAULT_SLOT_BYTES, reader: int | None = None) -> "ShmRing":
+        """A new ring in /dev/shm for ``num_readers`` readers.
+
+        This process is the writer, or reader ``reader`` when given (a return ring:
+        the driver creates it and reads, a worker attaches to write).
+        """
         if num_readers < 1 or num_slots < 2 or slot_bytes < 64 or slot_bytes % 8:
             raise ValueError(f"bad ring shape: readers={num_readers}, slots={num_slots}, "
                              f"slot_bytes={slot_bytes}")
@@ -120,30 +141,77 @@ class ShmRing:
             os.close(fd)
         np.ndarray((_HEADER_WORDS,), np.int64, buf, 0)[:] = [MAGIC, num_readers, num_slots,
                                                              slot_bytes]
-        return cls(path, buf, None)
+        for index in range(num_readers):
+            os.mkfifo(_bell_path(path, index), 0o600)
+        return cls(path, buf, reader)
 
     @classmethod
-    def attach(cls, path: str, reader: int) -> "ShmRing":
-        """Map an existing ring as reader ``reader`` (0-based)."""
+    def attach(cls, path: str, reader: int | None) -> "ShmRing":
+        """Map an existing ring as reader ``reader`` (0-based), or as its writer (None)."""
         fd = os.open(path, os.O_RDWR)
         try:
             buf = mmap.mmap(fd, os.fstat(fd).st_size)
         finally:
             os.close(fd)
         ring = cls(path, buf, reader)
-        if not 0 <= reader < ring.num_readers:
+        if reader is None:
+            ring._open_bells()  # the readers (the creator) hold their ends already
+        elif not 0 <= reader < ring.num_readers:
             ring.close()
             raise ValueError(f"reader {reader} of a ring for {ring.num_readers}")
         return ring
 
+    # -- a reader that waits on several sources (the driver) ----------------------------------
+
+    @property
+    def bell_fd(self) -> int:
+        """This reader's doorbell (-1 if none), to wait on with select or zmq.Poller."""
+        return self._bell
+
+    def has_message(self) -> bool:
+        """Whether the next message is here (never waits)."""
+        return int(self._meta[self._seq % self.num_slots][0]) == self._seq
+
+    def drain_bell(self) -> None:
+        if self._bell >= 0:
+            self._drain_bell()
+
     def unlink(self) -> None:
-        """Drop the segment's name (mappings stay valid); safe to call twice."""
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        """Drop the segment's and FIFOs' names (open ends stay valid); safe to call twice.
+
+        The writer calls it once every reader has attached, and opens the doorbells'
+        write ends first (a FIFO opens for writing only while a reader holds it).
+        """
+        if self.reader is None:
+            self._open_bells()
+        for name in [self.path] + [_bell_path(self.path, r) for r in range(self.num_readers)]:
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+
+    def _open_bells(self) -> None:
+        for reader, fd in enumerate(self._bells):
+            if fd < 0:
+                try:
+                    self._bells[reader] = os.open(_bell_path(self.path, reader),
+                                                  os.O_WRONLY | os.O_NONBLOCK)
+                except OSError:  # not attached yet (ENXIO) or gone: that reader polls
+                    pass
+
+    def _ring_bells(self) -> None:
+        for fd in self._bells:
+            if fd >= 0:
+                try:
+                    os.write(fd, b"\0")
+                except (BlockingIOError, BrokenPipeError):  # full (it will wake) or dead
+                    pass
 
     def close(self) -> None:
+        for fd in [*self._bells, self._bell]:
+            if fd >= 0:
+                os.close(fd)
+        self._bells, self._bell = [-1] * len(self._bells), -1
         self._meta = []
         try:
             self._buf.close()
@@ -161,6 +229,9 @@ class ShmRing:
             offset += len(chunk)
             self._write_slot(chunk, more=offset < len(view))
             if offset >= len(view):
+                if -1 in self._bells:
+                    self._open_bells()
+                self._ring_bells()
                 return
 
     def _write_slot(self, chunk: memoryview, more: bool) -> None:
@@ -229,7 +300,25 @@ class ShmRing:
                 raise ProtocolError(f"broadcast ring overran reader {self.reader}")
             if time.perf_counter() < spin_until:
                 continue
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 return False
-            pause = min(max(pause * 2, 20e-6), 1e-3)
+            # the writer rings after publishing, so a ring drained here belongs to a
+            # message whose sequence number the next check sees
+            if self._bell >= 0 and self._drain_bell():
+                if int(meta[0]) == seq:
+                    continue  # it came while the bell was drained: take it above
+                wait = BELL_WAIT_S if deadline is None else min(BELL_WAIT_S, deadline - now)
+                select.select([self._bell], [], [], wait)
+                continue
+            pause = min(max(pause * 2, 20e-6), 1e-3)  # no writer on the bell yet: poll
             time.sleep(pause)
+
+    def _drain_bell(self) -> bool:
+        """Empty the doorbell; False when no writer holds it (reads see end-of-file)."""
+        try:
+            while True:
+                if not os.read(self._bell, 4096):
+                    return False
+        except BlockingIOError:
+            return True

@@ -46,6 +46,7 @@ class BootstrapInfo:
     heartbeat_timeout_s: float
     threads_per_worker: int | None
     broadcast_ring: str = ""  # /dev/shm path of the broadcast ring (local workers), or ""
+    return_ring: str = ""  # /dev/shm path of this rank's result ring (local output ranks)
 
 
 @wire_message(11)
@@ -158,6 +159,14 @@ class LoadModel:
     kv_connector_config: str = "{}"  # JSON
     async_scheduling: bool = False  # sampling ranks append their own tokens
     null_step_ms: float = 0.0  # the null runner sleeps this long per step (a device step)
+    # draft-model speculation: the output rank loads this checkpoint (only these decoder
+    # layers, renumbered, when given) and proposes num_speculative_tokens drafts
+    draft_model: str = ""
+    draft_layers: list[int] = field(default_factory=list)
+    num_speculative_tokens: int = 0
+    max_num_seqs: int = 256  # requests held at once (sizes the draft's scratch pages)
+    # EPLB: -1 = off; else each MoE layer holds (experts + this) physical slots over ep
+    eplb_num_redundant_experts: int = -1
 
 
 @dataclass
@@ -205,6 +214,10 @@ class WorkerStats:
     # the expert-parallel collectives with an empty batch), and their time
     dummy_steps: int = 0
     dummy_s: float = 0.0
+    # EPLB: layer moves applied, expert slots rewritten on this rank, and their time
+    eplb_layer_moves: int = 0
+    eplb_slots_moved: int = 0
+    eplb_move_s: float = 0.0
 
 
 @dataclass

@@ -34,6 +34,7 @@ from shoal.engine.control import (
     WorkerReady,
 )
 from shoal.engine.dp_coordinator import DPResultGatherer, DPRouter, DPScheduler
+from shoal.engine.eplb import EPLBManager
 from shoal.engine.core_io import AddRequest, CoreStats, TokenDelta, TokenLogprob
 from shoal.engine.kv_connector import create_scheduler_connector
 from shoal.engine.kv_manager import KVCacheManager
@@ -96,9 +97,18 @@ def resolve_async_scheduling(config: EngineConfig) -> bool:
 def make_proposer(config: EngineConfig) -> NgramProposer | None:
     """The draft proposer of ``config.speculative`` (None: speculative decoding is off)."""
     spec = config.speculative
-    if not spec.enabled:
-        return None
+    if spec.method != "ngram":
+        return None  # off, or a draft model on the workers (LoadModel.draft_model)
     return NgramProposer(spec.num_speculative_tokens, spec.lookup_min, spec.lookup_max)
+
+
+def draft_model_path(config: EngineConfig, model_path: str) -> str:
+    """The draft checkpoint of a draft_model config ("" without one); the frontend has
+    resolved and checked it already (``resolve_draft_model``)."""
+    spec = config.speculative
+    if spec.method != "draft_model":
+        return ""
+    return spec.model or model_path
 
 
 class ExpertCounter:
@@ -213,6 +223,12 @@ class EngineCore:
                 kv_connector_config=connector.worker_config(),
                 async_scheduling=self.async_scheduling,
                 null_step_ms=null_step_ms,
+                draft_model=draft_model_path(config, model_path),
+                draft_layers=config.speculative.draft_layer_ids,
+                num_speculative_tokens=config.speculative.num_speculative_tokens,
+                max_num_seqs=config.scheduler.max_num_seqs,
+                eplb_num_redundant_experts=(config.eplb.num_redundant_experts
+                                            if config.eplb.enable_eplb else -1),
             )
             self.load_info: list[ModelInfo] = self.executor.call(self._load_model)
             self.num_pages = self._agree_on_pages()
@@ -233,7 +249,10 @@ class EngineCore:
         schedulers = [Scheduler(config.scheduler, kv, max_model_len, per_plan,
                                 connector if dp == 1 else None,
                                 async_scheduling=self.async_scheduling,
-                                proposer=make_proposer(config)) for kv in self.kvs]
+                                proposer=make_proposer(config),
+                                worker_drafts=(config.speculative.num_speculative_tokens
+                                               if config.speculative.method == "draft_model"
+                                               else 0)) for kv in self.kvs]
         self.kv = self.kvs[0]  # dp = 1: the cache; dp > 1: rank 0's (see self.kvs)
         if dp == 1:
             connector.bind_kv_manager(self.kv)
@@ -250,6 +269,8 @@ class EngineCore:
         self.max_plans_in_flight_seen = 0
         self.plan_bytes = 0
         self.experts = ExpertCounter()
+        self.eplb = (EPLBManager(config.eplb, config.parallel.ep_size)
+                     if config.eplb.enable_eplb and runner == RunnerKind.MODEL else None)
         self._prompt_logprobs: dict[int, dict[int, TokenLogprob]] = {}  # req -> position -> lp
         # n > 1: followers wait until their leader's prompt is in the cache, then share its pages
         self._followers: dict[int, list[Request]] = {}
@@ -347,6 +368,8 @@ class EngineCore:
                 plan = self.scheduler.schedule()
                 if plan is None:
                     break
+                if self.eplb is not None:
+                    self.eplb.attach(plan)
                 self.in_flight.append(plan)  # before submit: a failed submit is requeued too
                 self.plan_bytes += self.executor.submit(plan)
             self.max_plans_in_flight_seen = max(self.max_plans_in_flight_seen,
@@ -371,15 +394,20 @@ class EngineCore:
             return deltas
         plan = self.in_flight.popleft()
         self.experts.add(result.expert_counts)
+        if self.eplb is not None:
+            self.eplb.record(result.expert_counts)
         changed = self.scheduler.update_from_output(plan, result)
         if result.prompt_logprobs:
             self._collect_prompt_logprobs(result.prompt_logprobs)
-        spans = result.spans
+        spans = None  # built only if a request asked for logprobs
         for request in changed:
             kept = request.num_new_output_tokens
             new_ids = request.output_token_ids[len(request.output_token_ids) - kept:]
-            span = spans.get(request.req_id)
-            logprobs = self._logprobs(result, span[0], kept, request) if span else None
+            logprobs = None
+            if request.sampling.logprobs is not None and result.logprobs is not None:
+                spans = result.spans if spans is None else spans
+                span = spans.get(request.req_id)
+                logprobs = self._logprobs(result, span[0], kept, request) if span else None
             delta = self._delta(request, new_ids, logprobs)
             if (request.req_id in self._prompt_logprobs
                     and request.num_output_tokens == kept):  # the first tokens
@@ -457,6 +485,8 @@ class EngineCore:
         self.in_flight.clear()
         if self.dp_results is not None:
             self.dp_results.reset()
+        if self.eplb is not None:  # the new workers start from the initial placement
+            self.eplb.reset()
         requeued, lost_tokens = self.scheduler.requeue_after_worker_loss()
         self.kv_connector.reset()  # what the lost workers held (a host tier) is gone too
         restart = getattr(self.executor, "restart", None)
@@ -521,8 +551,18 @@ class EngineCore:
             num_draft_tokens=s.num_draft_tokens,
             num_accepted_tokens=s.num_accepted_tokens,
             num_accepted_tokens_per_pos=list(s.num_accepted_tokens_per_pos or []),
+            **self._eplb_stats(),
             **self.kv_connector.counters(),
         )
+
+    def _eplb_stats(self) -> dict[str, Any]:
+        eplb = self.eplb
+        if eplb is None:
+            return {}
+        return {"eplb_rank_load": eplb.rank_load, "eplb_num_rebalances": eplb.num_rebalances,
+                "eplb_num_layer_moves": eplb.num_layer_moves,
+                "eplb_num_slot_moves": eplb.num_slot_moves,
+                "eplb_policy_ms": eplb.last_policy_ms}
 
     def worker_stats(self) -> list:
         return self.executor.call(Command.GET_STATS)

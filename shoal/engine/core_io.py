@@ -157,6 +157,16 @@ class CoreStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
+    # EPLB (enable_eplb): float64 [moe_layers, ep_size], the load window's routed tokens per
+    # ep rank under the current placement (None when off, or unchanged on the wire like
+    # expert_counts); rebalances done, layer moves and slot moves sent, the last
+    # rebalance's policy time
+    eplb_rank_load: np.ndarray | None = None
+    eplb_num_rebalances: int = 0
+    eplb_num_layer_moves: int = 0
+    eplb_num_slot_moves: int = 0
+    eplb_policy_ms: float = 0.0
+
     # KV connector transfers (totals since start): pages stored by a producer, transfers
     # received and used, failed or timed out (their prefix recomputed), bytes and seconds
     # of the ones used, tokens recomputed for failed ones
@@ -173,6 +183,15 @@ class CoreStats:
     kv_offload_spilled_pages: int = 0
     kv_offload_resident_pages: int = 0
     kv_offload_capacity_pages: int = 0
+
+    @property
+    def eplb_balancedness(self) -> np.ndarray | None:
+        """Per MoE layer: mean over max tokens per ep rank (1.0 = even), from eplb_rank_load."""
+        load = self.eplb_rank_load
+        if load is None:
+            return None
+        peak = load.max(axis=1)
+        return np.where(peak > 0, load.mean(axis=1) / np.where(peak > 0, peak, 1), 1.0)
 
     @property
     def draft_acceptance_rate(self) -> float:

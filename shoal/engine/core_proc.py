@@ -182,6 +182,7 @@ class CoreServer:
             self._expert_version_sent, self._expert_sent_at = core.experts.version, now
         else:
             stats.expert_counts = None
+            stats.eplb_rank_load = None
         return stats
 
     def close(self) -> None:

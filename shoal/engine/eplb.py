@@ -12,16 +12,27 @@ ranks with DeepSeek's EPLB policy (non-hierarchical form):
    least load so far that still has a free slot and no replica of that expert yet
    (every rank gets the same number of slots).
 
-What is here is the policy and the measures. Moving the weights between ranks and
-splitting a hot expert's tokens over its replicas (the worker's half) are not built
-yet; see docs/ARCHITECTURE.md.
+Then ``align_slots`` keeps every expert that stays on a rank in the slot it holds, so
+only the slots whose expert really changes move. ``EPLBManager`` runs this in the
+engine core: it feeds the window and every ``step_interval`` steps places the layers
+one per plan, putting each changed layer's new slot map on that plan
+(``StepPlan.expert_move``); the workers move that layer's weights before the step and
+switch its slot map (``shoal.moe.eplb``), so no step waits for more than one layer's
+policy and moves.
 """
 from __future__ import annotations
 
 import collections
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from shoal.config import EPLBConfig
+from shoal.engine.plan import DPStepPlan, ExpertMove, StepPlan
+
+logger = logging.getLogger(__name__)
 
 
 class ExpertLoadWindow:
@@ -76,6 +87,43 @@ class EPLBPlacement:
         return per_slot.reshape(per_slot.shape[0], self.ep_size, -1).sum(axis=2)
 
 
+def placement_of(phy2log: np.ndarray, num_experts: int, ep_size: int) -> EPLBPlacement:
+    """The placement a slot map describes (replica counts recounted)."""
+    phy2log = np.asarray(phy2log, np.int64)
+    counts = np.stack([np.bincount(row, minlength=num_experts) for row in phy2log])
+    return EPLBPlacement(phy2log, counts.astype(np.int64), ep_size)
+
+
+def initial_placement(num_layers: int, num_experts: int, num_physical: int,
+                      ep_size: int) -> EPLBPlacement:
+    """Where the workers start: slot p holds expert ``p % num_experts`` in every layer
+    (the rule of ``shoal.moe.eplb.initial_phy2log``)."""
+    row = np.arange(num_physical, dtype=np.int64) % num_experts
+    return placement_of(np.tile(row, (num_layers, 1)), num_experts, ep_size)
+
+
+def align_slots(old: np.ndarray, new: np.ndarray, ep_size: int) -> np.ndarray:
+    """``new`` with each rank's slots reordered so that an expert a rank keeps stays in
+    its old slot: the same experts per rank, fewest slots rewritten. [layers, P]."""
+    old, new = np.asarray(old, np.int64), np.asarray(new, np.int64)
+    per_rank = new.shape[1] // ep_size
+    out = new.copy()
+    for layer in range(new.shape[0]):
+        for rank in range(ep_size):
+            span = slice(rank * per_rank, (rank + 1) * per_rank)
+            want = collections.Counter(new[layer, span].tolist())
+            row: list[int | None] = []
+            for e in old[layer, span].tolist():  # keep what stays
+                if want[e] > 0:
+                    want[e] -= 1
+                    row.append(e)
+                else:
+                    row.append(None)
+            rest = iter(sorted(want.elements()))
+            out[layer, span] = [e if e is not None else next(rest) for e in row]
+    return out
+
+
 def linear_placement(num_layers: int, num_experts: int, ep_size: int) -> EPLBPlacement:
     """No redundancy, contiguous blocks (``ExpertPlacement('linear')`` when it divides)."""
     if num_experts % ep_size:
@@ -125,3 +173,118 @@ def balancedness(rank_load: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         out = rank_load.mean(axis=1) / peak
     return np.where(peak > 0, out, 1.0)
+
+
+class EPLBManager:
+    """The engine core's load balancer: window, periodic rebalance, one layer a step.
+
+    Args:
+        config: ``EngineConfig.eplb``.
+        ep_size: expert-parallel ranks (dp x tp).
+
+    A rebalance takes a snapshot of the window and then, one MoE layer per plan, computes
+    that layer's placement (the policy's cost is spread like the moves: a DeepSeek-V3
+    sized model costs about 2 ms a step, not 115 ms in one) and, when it changed, puts
+    the move on the plan. The model's sizes come with the first expert counts.
+    ``placement`` is the one the workers run once every plan sent so far has run (a
+    move takes effect in the step whose plan carries it).
+    """
+
+    def __init__(self, config: EPLBConfig, ep_size: int):
+        self.config = config
+        self.ep_size = ep_size
+        self.window = ExpertLoadWindow(config.window_size)
+        self.placement: EPLBPlacement | None = None
+        self._snapshot: np.ndarray | None = None  # [layers, experts] load being placed
+        self._todo: collections.deque[int] = collections.deque()  # layers left to place
+        self._pass_began: np.ndarray | None = None  # placement when the pass began
+        self._steps_since_rebalance = 0
+        self.num_rebalances = 0
+        self.num_layer_moves = 0  # ExpertMoves sent
+        self.num_slot_moves = 0  # slots whose expert changed
+        self.last_policy_ms = 0.0  # the policy's time over the last (or current) pass
+
+    def record(self, counts: np.ndarray | None) -> None:
+        """One step's routed-token counts ([layers, experts]); rebalances when it is time."""
+        if counts is None or not counts.size:
+            return
+        self.window.add(counts)
+        if self.placement is None:
+            layers, experts = counts.shape
+            num_physical = experts + self.config.num_redundant_experts
+            self.placement = initial_placement(layers, experts, num_physical, self.ep_size)
+        self._steps_since_rebalance += 1
+        if self._steps_since_rebalance >= self.config.step_interval and not self._todo:
+            self.rebalance()
+
+    def rebalance(self) -> None:
+        """Start a pass over every layer with the window's load as it is now."""
+        self._steps_since_rebalance = 0
+        load = self.window.load
+        if load is None or self.placement is None:
+            return
+        self._snapshot = load
+        self._todo = collections.deque(range(load.shape[0]))
+        self._pass_began = self.placement.phy2log.copy()
+        self.num_rebalances += 1
+        self.last_policy_ms = 0.0
+
+    def next_move(self) -> ExpertMove | None:
+        """Place the next layer of a pass; its move when it changed (None otherwise)."""
+        if not self._todo or self.placement is None or self._snapshot is None:
+            return None
+        layer = self._todo.popleft()
+        began = time.perf_counter()
+        current = self.placement.phy2log
+        row = rebalance_experts(self._snapshot[layer : layer + 1], current.shape[1],
+                                self.ep_size).phy2log
+        row = align_slots(current[layer : layer + 1], row, self.ep_size)[0]
+        self.last_policy_ms += (time.perf_counter() - began) * 1e3
+        move = None
+        if not np.array_equal(row, current[layer]):
+            phy2log = current.copy()
+            self.num_slot_moves += int((phy2log[layer] != row).sum())
+            phy2log[layer] = row
+            self.placement = placement_of(phy2log, self.placement.replica_counts.shape[1],
+                                          self.ep_size)
+            self.num_layer_moves += 1
+            move = ExpertMove(layer=layer, phy2log=row.copy())
+        if not self._todo:
+            self._log_pass()
+        return move
+
+    def _log_pass(self) -> None:
+        load, began = self._snapshot, self._pass_began
+        if load is None or began is None or self.placement is None:
+            return
+        experts = load.shape[1]
+        before = balancedness(placement_of(began, experts, self.ep_size).rank_load(load))
+        after = balancedness(self.placement.rank_load(load))
+        moved = int((began != self.placement.phy2log).any(axis=1).sum())
+        logger.info("EPLB rebalance %d: %d of %d layers moved (policy %.1f ms); balancedness "
+                    "%.3f -> %.3f (mean over layers)", self.num_rebalances, moved, len(load),
+                    self.last_policy_ms, float(before.mean()), float(after.mean()))
+
+    def attach(self, plan: StepPlan | DPStepPlan) -> None:
+        """Put the next layer's move (if any) on ``plan``; every dp rank's part carries it."""
+        move = self.next_move()
+        if move is None:
+            return
+        for part in plan.plans if isinstance(plan, DPStepPlan) else [plan]:
+            part.expert_move = move
+
+    def reset(self) -> None:
+        """A fresh worker group starts from the initial placement: forget moves and plans."""
+        self._todo.clear()
+        if self.placement is not None:
+            layers, experts = self.placement.replica_counts.shape
+            self.placement = initial_placement(layers, experts, self.placement.phy2log.shape[1],
+                                               self.ep_size)
+
+    @property
+    def rank_load(self) -> np.ndarray | None:
+        """[layers, ep_size] float64: the window's tokens per rank under ``placement``."""
+        load = self.window.load
+        if load is None or self.placement is None:
+            return None
+        return self.placement.rank_load(load)

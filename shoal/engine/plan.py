@@ -55,6 +55,15 @@ class SamplingOptions:
     pooling_normalize: bool = True
 
 
+def speculation_allowed(sampling: SamplingOptions) -> bool:
+    """Whether a request may get draft tokens: its sampling must not depend on the
+    tokens accepted earlier in the same step (penalties, bad words, a grammar), and
+    embeddings sample nothing. Such requests decode one token a step."""
+    return not (sampling.pooling or sampling.structured_kind or sampling.bad_words_ids
+                or sampling.presence_penalty != 0.0 or sampling.frequency_penalty != 0.0
+                or sampling.repetition_penalty != 1.0)
+
+
 @dataclass
 class NewRequestData:
     """A request scheduled for the first time (or again after preemption), in full."""
@@ -145,6 +154,18 @@ class CachedRequests:
         return list(self)[index]
 
 
+@dataclass
+class ExpertMove:
+    """EPLB: MoE layer ``layer`` (index among the model's MoE layers) takes a new placement.
+
+    ``phy2log[p]`` is the logical expert physical slot p serves from this step on; every
+    ep rank moves the weights that changed before the step's forward.
+    """
+
+    layer: int
+    phy2log: np.ndarray  # int64 [num_physical]
+
+
 @wire_message(4)
 @dataclass
 class StepPlan:
@@ -165,6 +186,8 @@ class StepPlan:
     finished_req_ids: list[int]  # finished, aborted or preempted: drop their state
     # opaque to the engine: what the KV connector's scheduler side tells its worker side
     kv_connector_metadata: bytes = b""
+    # EPLB: at most one MoE layer's new expert placement, applied before this step runs
+    expert_move: ExpertMove | None = None
 
 
 @wire_message(12)
@@ -208,6 +231,22 @@ class StepResult:
     # req_id -> float32 [hidden]: pooled prompt of each embedding request whose prefill
     # ended in this step (such requests sample no token)
     embeddings: dict[int, np.ndarray] | None = None
+    # draft-model speculation: the output rank's draft proposals for the next step, to
+    # follow each request's tokens of this result; row i of req_ids owns draft_counts[i]
+    # consecutive entries of draft_token_ids
+    draft_counts: np.ndarray | None = None  # int32 [len(req_ids)]
+    draft_token_ids: np.ndarray | None = None  # int32 [sum of draft_counts]
+
+    def proposals(self) -> dict[int, list[int]]:
+        """req_id -> its proposed draft tokens (requests with none are left out)."""
+        if self.draft_counts is None or self.draft_token_ids is None:
+            return {}
+        out, tokens, first = {}, self.draft_token_ids.tolist(), 0
+        for rid, count in zip(self.req_ids, self.draft_counts.tolist()):
+            if count:
+                out[rid] = tokens[first : first + count]
+            first += count
+        return out
 
     @functools.cached_property
     def spans(self) -> dict[int, tuple[int, int]]:

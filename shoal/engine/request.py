@@ -141,13 +141,15 @@ class Request:
         samples EOS as its last allowed token reports "stop". Stop strings are the
         engine's business (it sees text): see ``Scheduler.finish_requests``.
         """
-        if self.num_output_tokens >= self.min_tokens and self.output_token_ids:
-            last = self.output_token_ids[-1]
+        outputs = self.output_token_ids
+        num_outputs = len(outputs)
+        if num_outputs and num_outputs >= self.min_tokens:
+            last = outputs[-1]
             if last in self.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
             if last in self.stop_token_ids:
                 self.stop_reason = last  # as vLLM: the stop token id, None for EOS
                 return RequestStatus.FINISHED_STOPPED
-        if self.num_output_tokens >= self.max_tokens:
+        if num_outputs >= self.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None

@@ -75,11 +75,12 @@ class Scheduler:
                  max_seqs_per_plan: int | None = None,
                  connector: KVConnectorScheduler | None = None,
                  async_scheduling: bool = False,
-                 proposer: NgramProposer | None = None):
-        if proposer is not None and async_scheduling:
+                 proposer: NgramProposer | None = None,
+                 worker_drafts: int = 0):
+        if (proposer is not None or worker_drafts) and async_scheduling:
             raise ValueError("speculative decoding needs async_scheduling off")
         self.config = scheduler_config
-        self.spec = Speculation(proposer, max_model_len)
+        self.spec = Speculation(proposer, max_model_len, worker_drafts)
         # workers append the tokens they sample themselves, so a decode can be planned
         # again while the plan that samples its next token is still running
         self.async_scheduling = async_scheduling
@@ -232,24 +233,34 @@ class Scheduler:
         blocked = False  # ... or that left a running request waiting for pages
 
         room = self.max_seqs_per_plan
+        speculating = self.spec.enabled
+        page_size = self.kv.page_size
+        in_flight_ids = self._in_flight
         i = 0
         while i < len(self.running) and budget > 0 and len(scheduled) < room:
             request = self.running[i]
-            if request.req_id in self._in_flight:
+            if request.req_id in in_flight_ids:
                 if self._schedule_ahead(request):
                     scheduled.append((request, 1))
                     budget -= 1
                 i += 1
                 continue
-            drafts = self.spec.propose(request, budget)
-            if drafts and self.kv.allocate_slots(request, 1 + len(drafts)) is not None:
-                self.spec.in_flight[request.req_id] = drafts
-                scheduled.append((request, 1 + len(drafts)))
-                budget -= 1 + len(drafts)
-                i += 1
-                continue  # (no pages for the drafts: a plain decode step below)
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if speculating:
+                drafts = self.spec.propose(request, budget)
+                if drafts and self.kv.allocate_slots(request, 1 + len(drafts)) is not None:
+                    self.spec.in_flight[request.req_id] = drafts
+                    scheduled.append((request, 1 + len(drafts)))
+                    budget -= 1 + len(drafts)
+                    i += 1
+                    continue  # (no pages for the drafts: a plain decode step below)
+            computed = request.num_computed_tokens
+            num_new = min(len(request._all_token_ids) - computed, budget)
             assert num_new > 0, f"request {request.req_id} is running with nothing to compute"
+            if computed + num_new <= len(request.page_ids) * page_size and request.page_ids:
+                scheduled.append((request, num_new))  # fits its pages (allocate_slots' fast case)
+                budget -= num_new
+                i += 1
+                continue
             while self.kv.allocate_slots(request, num_new) is None:
                 victim = self._pick_victim(request)
                 if victim is None:  # only in-flight requests are newer: wait for their pages
@@ -325,27 +336,51 @@ class Scheduler:
         if result.step_id != plan.step_id:
             raise ValueError(f"result of step {result.step_id} given with plan {plan.step_id}")
         self._in_flight_step_ids.popleft()
+        if self.spec.worker_drafts:
+            self.spec.keep_proposals(result)  # (a request that ends below forgets its own)
         tokens = result.sampled_token_ids
         tokens = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
-        spans = result.spans
+        # one token each for exactly the plan's requests (a decode step): token i is row i's
+        aligned = result.num_sampled is None and result.req_ids == plan.scheduled_req_ids
+        spans = None if aligned else result.spans
+        spec_in_flight = self.spec.in_flight
+        requests = self._requests
+        cache_pages = self.kv.enable_prefix_caching
         changed = []
-        for rid, num_scheduled in zip(plan.scheduled_req_ids, plan.num_scheduled_tokens):
-            self._release_in_flight(rid, num_scheduled)
-            drafts = self.spec.in_flight.pop(rid, None)
-            request = self._requests.get(rid)
+        in_flight_plans, in_flight_tokens = self._in_flight_plans, self._in_flight
+        pending_samples = self._pending_samples
+        for row, (rid, num_scheduled) in enumerate(zip(plan.scheduled_req_ids,
+                                                       plan.num_scheduled_tokens)):
+            left = in_flight_plans.get(rid, 0) - 1  # (_release_in_flight, inlined)
+            if left > 0:
+                in_flight_plans[rid] = left
+                in_flight_tokens[rid] -= num_scheduled
+            else:
+                in_flight_plans.pop(rid, None)
+                in_flight_tokens.pop(rid, None)
+            if pending_samples:
+                pending = pending_samples.get(rid, 0)
+                if pending > 1:
+                    pending_samples[rid] = pending - 1
+                else:
+                    pending_samples.pop(rid, None)
+            drafts = spec_in_flight.pop(rid, None) if spec_in_flight else None
+            request = requests.get(rid)
             if request is None:  # ended while in flight
                 continue
             assert request.status == RequestStatus.RUNNING, (rid, request.status)
             if drafts:
-                num_scheduled -= self.spec.rejected(plan.step_id, request, drafts, spans)
+                num_scheduled -= self.spec.rejected(plan.step_id, request, drafts,
+                                                    spans if spans is not None else result.spans)
             request.num_computed_tokens += num_scheduled
             if drafts:  # pages that held only rejected drafts
                 self.kv.free_tail(request, request.num_computed_tokens)
                 view = self._worker_views[rid]
                 view.num_pages = min(view.num_pages, len(request.page_ids))
-            self.kv.cache_full_pages(request)
-            if request.num_computed_tokens < request.num_tokens:
-                assert rid not in spans, f"request {rid} sampled mid-prefill"
+            if cache_pages:
+                self.kv.cache_full_pages(request)
+            if request.num_computed_tokens < len(request._all_token_ids):
+                assert not aligned and rid not in spans, f"request {rid} sampled mid-prefill"
                 continue
             if request.sampling.pooling:  # an embedding: done with its prefill
                 embedding = (result.embeddings or {}).get(rid)
@@ -354,6 +389,14 @@ class Scheduler:
                 request.embedding = embedding
                 request.num_new_output_tokens = 0
                 self._finish(request, RequestStatus.FINISHED_STOPPED)
+                changed.append(request)
+                continue
+            if aligned:
+                request.append_output_token(tokens[row])
+                request.num_new_output_tokens = 1
+                stop = request.check_stop()
+                if stop is not None:
+                    self._finish(request, stop)
                 changed.append(request)
                 continue
             if rid not in spans or spans[rid][1] < 1:
@@ -425,6 +468,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
+        self.spec.forget(request.req_id)
         self.kv.free(request)
         self._forget_on_workers(request)
         request.status = RequestStatus.PREEMPTED
@@ -441,6 +485,7 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = status
         request.finish_reason = FINISH_REASON_OF[status]
+        self.spec.forget(request.req_id)
         # a connector that keeps pages for an async save is not supported yet: free them
         self.connector.request_finished(request)
         self.kv.free(request)
@@ -456,15 +501,21 @@ class Scheduler:
         # known requests' deltas go straight into CachedRequests' columns
         c_ids, c_computed, c_ntok, c_tokens, c_npage, c_pages = [], [], [], [], [], []
         c_ndraft, c_drafts = [], []
+        views, in_flight_tokens, in_flight_plans = (
+            self._worker_views, self._in_flight, self._in_flight_plans)
+        pending_samples, spec_drafts = self._pending_samples, self.spec.in_flight
+        self_append = self.async_scheduling
         for request, num_new in scheduled:
             rid = request.req_id
-            view = self._worker_views.get(rid)
-            in_flight = self._in_flight.get(rid, 0)
+            view = views.get(rid)
+            in_flight = in_flight_tokens.get(rid, 0)
             placed = request.num_computed_tokens + in_flight  # what the workers will have cached
-            pending = self._pending_samples.get(rid, 0)
-            held = request.num_tokens + pending  # tokens the workers hold when this plan runs
-            drafts = self.spec.in_flight.get(rid, [])
+            pending = pending_samples.get(rid, 0) if self_append else 0
+            all_tokens = request._all_token_ids
+            held = len(all_tokens) + pending  # tokens the workers hold when this plan runs
+            drafts = spec_drafts.get(rid, ()) if spec_drafts else ()
             samples = placed + num_new - len(drafts) == held
+            pages = request.page_ids
             if view is None:
                 assert not in_flight, f"request {rid} is sent in full while in flight"
                 assert not drafts, f"request {rid} has drafts in its first plan"
@@ -473,29 +524,37 @@ class Scheduler:
                         req_id=rid,
                         prompt_token_ids=np.asarray(request.prompt_token_ids, dtype=np.int32),
                         output_token_ids=list(request.output_token_ids),
-                        page_ids=list(request.page_ids),
+                        page_ids=list(pages),
                         num_computed_tokens=request.num_computed_tokens,
                         sampling=request.sampling,
                     )
                 )
-                view = self._worker_views[rid] = _WorkerView(held, len(request.page_ids))
+                view = views[rid] = _WorkerView(held, len(pages))
             else:
-                new_tokens = request.all_token_ids[view.num_tokens :]
-                new_pages = request.page_ids[view.num_pages :]
+                known_tokens, known_pages = view.num_tokens, view.num_pages
                 c_ids.append(rid)
                 c_computed.append(placed)
-                c_ntok.append(len(new_tokens))
-                c_tokens += new_tokens
-                c_npage.append(len(new_pages))
-                c_pages += new_pages
+                if known_tokens < len(all_tokens):
+                    c_ntok.append(len(all_tokens) - known_tokens)
+                    c_tokens += all_tokens[known_tokens:]
+                else:
+                    c_ntok.append(0)
+                if known_pages < len(pages):
+                    c_npage.append(len(pages) - known_pages)
+                    c_pages += pages[known_pages:]
+                else:
+                    c_npage.append(0)
                 c_ndraft.append(len(drafts))
-                c_drafts += drafts
-                view.num_tokens, view.num_pages = max(view.num_tokens, held), len(request.page_ids)
-            if samples and self.async_scheduling and not request.sampling.pooling:
+                if drafts:
+                    c_drafts += drafts
+                if held > known_tokens:
+                    view.num_tokens = held
+                view.num_pages = len(pages)
+            if samples and self_append and not request.sampling.pooling:
                 view.num_tokens += 1  # the workers append the token they sample
-                self._pending_samples[rid] = pending + 1
-            self._in_flight[rid] = in_flight + num_new
-            self._in_flight_plans[rid] = self._in_flight_plans.get(rid, 0) + 1
+                pending_samples[rid] = pending + 1
+            in_flight_tokens[rid] = in_flight + num_new
+            in_flight_plans[rid] = in_flight_plans.get(rid, 0) + 1
         plan = StepPlan(
             step_id=self._next_step_id,
             new_requests=new_requests,
@@ -548,6 +607,7 @@ class Scheduler:
         self._in_flight_plans.clear()
         self._pending_samples.clear()
         self.spec.in_flight.clear()
+        self.spec.proposed.clear()
         self._in_flight_step_ids.clear()
         return len(running), lost_tokens
 

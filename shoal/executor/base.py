@@ -135,6 +135,7 @@ class ZmqExecutor:
             heartbeat_timeout_s=self.heartbeat_timeout_s,
             threads_per_worker=self.threads_per_worker,
             broadcast_ring=self.channel.ring.path if self.channel.ring is not None else "",
+            return_ring=self.channel.return_ring_path(request.rank),
         )
 
     def start(self) -> None:
@@ -167,8 +168,7 @@ class ZmqExecutor:
                 self._last_heartbeat[msg.rank] = time.monotonic()
         self.workers = [ready[r] for r in range(self.world_size)]
         self._close_store_if_done()
-        if self.channel.ring is not None:
-            self.channel.ring.unlink()  # every worker has mapped it: nothing stays in /dev/shm
+        self.channel.unlink_rings()  # every worker has opened them: nothing stays in /dev/shm
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, daemon=True)
         self._heartbeat_thread.start()
         logger.info("all %d workers ready", self.world_size)

@@ -28,10 +28,11 @@ class MpExecutor(ZmqExecutor):
 
     def __init__(self, parallel, **kwargs):
         super().__init__(parallel, **kwargs)
-        # every worker is on this host: plans may go through a shared-memory ring
-        # (opt-in: on 2 cores its spinning readers measured no faster than ZeroMQ)
-        if shm_ring_supported() and os.environ.get("SHOAL_SHM_RING") == "1":
-            self.channel.use_ring(self.world_size, alive=self.check_alive)
+        # every worker is on this host: plans go through a shared-memory ring (readers
+        # block on a doorbell, not spin); SHOAL_SHM_RING=0 sends them over ZeroMQ instead
+        if shm_ring_supported() and os.environ.get("SHOAL_SHM_RING", "1") != "0":
+            self.channel.use_ring(self.world_size, alive=self.check_alive,
+                                  return_ranks=self.output_ranks)
         self.procs: list[subprocess.Popen] = []
         self._stalled: set[int] = set()  # ranks silent beyond the heartbeat timeout, alive
 

@@ -34,7 +34,8 @@ class LLM:
     ``kv_cache_memory`` (bytes per rank, CPU), ``gpu_memory_utilization``,
     ``enable_prefix_caching``, ``max_num_seqs``, ``max_num_batched_tokens``, ``seed``,
     ``enforce_eager``, ``kv_transfer_config``, ``speculative_config`` (a dict, vLLM's
-    keys). ``executor_kwargs`` takes the executor's own names (``host``, ``bootstrap_port``, ``threads_per_worker``, ...).
+    keys), ``enable_eplb`` and ``eplb_config`` (a dict: ``window_size``, ``step_interval``,
+    ``num_redundant_experts``). ``executor_kwargs`` takes the executor's own names (``host``, ``bootstrap_port``, ``threads_per_worker``, ...).
     An unknown or badly typed option is a ValueError naming it.
     """
 

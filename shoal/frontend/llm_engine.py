@@ -13,8 +13,8 @@ import logging
 
 from transformers import AutoConfig
 
-from shoal.checkpoint.default_model import resolve_model
-from shoal.checkpoint.hf import eos_token_ids, load_tokenizer, model_max_len
+from shoal.checkpoint.default_model import resolve_model, with_resolved_draft
+from shoal.checkpoint.hf import check_eplb, eos_token_ids, load_tokenizer, model_max_len
 from shoal.config import EngineConfig
 from shoal.engine.core import EngineCore
 from shoal.engine.core_io import CoreStats
@@ -32,11 +32,12 @@ class LLMEngine:
     """Tokenize, schedule, execute, detokenize — one step at a time."""
 
     def __init__(self, config: EngineConfig):
-        self.config = config
         self.model_path = resolve_model(config.model.model)
+        config = self.config = with_resolved_draft(config, self.model_path)
         self.tokenizer = load_tokenizer(self.model_path)
         self.hf_config = AutoConfig.from_pretrained(self.model_path)
         self.max_model_len = model_max_len(self.hf_config, config.model.max_model_len)
+        check_eplb(self.hf_config, config)
         self.eos_token_ids = eos_token_ids(self.model_path, self.tokenizer)
         self.generation_defaults = load_generation_defaults(self.model_path,
                                                             config.model.generation_config)

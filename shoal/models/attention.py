@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,7 +98,6 @@ class AttentionMetadata:
                 f"query_lens, num_computed and page_tables must have one entry per sequence; "
                 f"got {len(query_lens)}, {len(num_computed)}, {len(page_tables)}"
             )
-        device = torch.device(device)
         context_lens = [n + q for n, q in zip(num_computed, query_lens)]
         pages_needed = [-(-c // page_size) for c in context_lens]
         for i, (table, need) in enumerate(zip(page_tables, pages_needed)):
@@ -107,66 +107,86 @@ class AttentionMetadata:
                     f"{context_lens[i]} tokens but its page table has {len(table)}"
                 )
         max_pages = max(pages_needed, default=0)
-        padded = torch.tensor(
-            [list(t[:max_pages]) + [0] * (max_pages - min(len(t), max_pages)) for t in page_tables],
-            dtype=torch.long,
-        )
-        padded = padded.reshape(len(page_tables), max_pages)  # [B, max_pages]
-        q_lens = torch.tensor(query_lens, dtype=torch.long)
-        num_tokens = int(sum(query_lens))
-        seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)  # [T]
-        starts = torch.cumsum(q_lens, 0) - q_lens  # [B] first token of each sequence
-        positions = (
-            torch.tensor(num_computed, dtype=torch.long)[seq_of_token]
-            + torch.arange(num_tokens)
-            - starts[seq_of_token]
-        )  # [T]
-        pages = padded[seq_of_token, positions // page_size]  # [T]
-        slot_mapping = pages * page_size + positions % page_size
-        token_context_lens = torch.tensor(context_lens, dtype=torch.long)[seq_of_token]
+        padded = np.zeros((len(page_tables), max_pages), np.int64)
+        for i, table in enumerate(page_tables):
+            row = list(table[:max_pages])
+            padded[i, : len(row)] = row
+        return cls.from_arrays(np.asarray(query_lens, np.int64), np.asarray(num_computed, np.int64),
+                               padded, page_size, device)
 
+    @classmethod
+    def from_arrays(
+        cls,
+        query_lens: np.ndarray,
+        num_computed: np.ndarray,
+        page_table: np.ndarray,
+        page_size: int,
+        device: torch.device | str,
+    ) -> AttentionMetadata:
+        """:meth:`build` from columns: int [B] lengths and counts, int [B, P] page tables.
+
+        ``page_table`` must cover every sequence's context (the caller checks); it is
+        what the worker's request table holds, so a decode batch costs a few tensor ops.
+        """
+        device = torch.device(device)
+        q_lens = torch.from_numpy(np.asarray(query_lens, np.int64))  # [B]
+        computed = torch.from_numpy(np.asarray(num_computed, np.int64))  # [B]
+        padded = torch.from_numpy(np.asarray(page_table)).long()  # [B, max_pages]
+        num_seqs = len(q_lens)
+        context = computed + q_lens  # [B]
+        num_tokens = int(q_lens.sum())
+        starts = torch.cumsum(q_lens, 0) - q_lens  # [B] first token of each sequence
+        all_decodes = num_tokens == num_seqs and bool((q_lens == 1).all())  # one new token each
+        if all_decodes:
+            seq_of_token = torch.arange(num_seqs)
+            positions = computed.clone()
+        else:
+            seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [T]
+            positions = computed[seq_of_token] + torch.arange(num_tokens) - starts[seq_of_token]
+        slot_mapping = padded[seq_of_token, positions // page_size] * page_size + positions % page_size
+        token_context_lens = context[seq_of_token]
+        max_context = int(context.max()) if num_seqs else 0
         padded = padded.to(device)
-        decodes = [i for i, q in enumerate(query_lens) if q == 1]
-        token_starts = starts.tolist()
-        prefills = [
-            PrefillSeq(
-                token_starts[i], token_starts[i] + q, num_computed[i], padded[i, : pages_needed[i]]
-            )
-            for i, q in enumerate(query_lens)
-            if q > 1
-        ]
+
+        q_list = q_lens.tolist() if not all_decodes else None
+        prefills = []
+        if not all_decodes:
+            token_starts, computed_list = starts.tolist(), computed.tolist()
+            for i, q in enumerate(q_list):
+                if q > 1:
+                    need = -(-(computed_list[i] + q) // page_size)
+                    prefills.append(PrefillSeq(token_starts[i], token_starts[i] + q,
+                                               computed_list[i], padded[i, :need]))
         decode_index = decode_table = decode_ctx = None
         max_decode_context = 0
-        if decodes:
-            first = token_starts[decodes[0]]
-            contiguous = [token_starts[i] for i in decodes] == list(
-                range(first, first + len(decodes))
-            )
-            decode_index = (
-                slice(first, first + len(decodes))
-                if contiguous
-                else torch.tensor([token_starts[i] for i in decodes], device=device)
-            )
-            max_decode_context = max(context_lens[i] for i in decodes)
-            dec = torch.tensor(decodes, device=device)
-            decode_table = padded[dec, : -(-max_decode_context // page_size)]
-            decode_ctx = torch.tensor([context_lens[i] for i in decodes], device=device)
+        decodes = torch.arange(num_seqs) if all_decodes else torch.nonzero(q_lens == 1).flatten()
+        num_decodes = len(decodes)
+        if num_decodes:
+            decode_starts = starts[decodes]
+            first = int(decode_starts[0])
+            contiguous = bool((decode_starts == torch.arange(first, first + num_decodes)).all())
+            decode_index = (slice(first, first + num_decodes) if contiguous
+                            else decode_starts.to(device))
+            decode_ctx = context[decodes]
+            max_decode_context = int(decode_ctx.max())
+            decode_table = padded[decodes.to(device), : -(-max_decode_context // page_size)]
+            decode_ctx = decode_ctx.to(device)
         return cls(
             num_tokens=num_tokens,
             page_size=page_size,
             slot_mapping=slot_mapping.to(device),
             positions=positions.to(device),
             token_context_lens=token_context_lens.to(device),
-            max_context_len=max(context_lens, default=0),
+            max_context_len=max_context,
             prefills=prefills,
             decode_index=decode_index,
             decode_page_table=decode_table,
             decode_context_lens=decode_ctx,
-            num_decodes=len(decodes),
+            num_decodes=num_decodes,
             max_decode_context=max_decode_context,
             page_table=padded,
             query_start=torch.cat([starts, q_lens.sum(0, keepdim=True)]).to(device),
-            context_lens=torch.tensor(context_lens, dtype=torch.long, device=device),
+            context_lens=context.to(device),
         )
 
     def decode_mask(self, window: int | None) -> torch.Tensor:

@@ -53,6 +53,8 @@ class DispatchedTokens:
     recv_splits: list[int] | None = None
     recv_order: torch.Tensor | None = None  # [N]
     tp_token_counts: list[int] | None = None  # tokens each tp rank dispatched (tp slicing)
+    pair_index: torch.Tensor | None = None  # [M] the (token, k) pair of each row sent
+    top_k: int = 0
 
 
 @runtime_checkable
@@ -83,6 +85,19 @@ def _weighted_sum(
     out = rows.new_zeros(num_tokens, rows.shape[-1])  # [T, H]
     out.index_add_(0, token_index, rows * weights.to(rows.dtype).unsqueeze(-1))
     return out
+
+
+def _sum_in_k_order(
+    rows: torch.Tensor, pair_index: torch.Tensor, weights: torch.Tensor, num_tokens: int,
+    top_k: int,
+) -> torch.Tensor:
+    """Like ``_weighted_sum`` for rows covering every (token, k) pair once, but each token
+    adds its k contributions in k order, whatever order the rows came in: where a
+    token's experts live (which rank, which slot, which EPLB replica) cannot change the
+    rounding of its sum. -> [T, H]."""
+    out = rows.new_empty(num_tokens * top_k, rows.shape[-1])  # [T * K, H]
+    out[pair_index] = rows * weights.to(rows.dtype).unsqueeze(-1)
+    return out.view(num_tokens, top_k, rows.shape[-1]).sum(dim=1)
 
 
 def _sort_local_rows(
@@ -243,6 +258,8 @@ class AllToAllEPDispatcher:
             recv_splits=recv_splits,
             recv_order=recv_order,
             tp_token_counts=tp_counts,
+            pair_index=order,
+            top_k=top_k,
         )
 
     def combine(self, expert_out: torch.Tensor, dispatched: DispatchedTokens) -> torch.Tensor:
@@ -251,8 +268,9 @@ class AllToAllEPDispatcher:
         back[dispatched.recv_order] = expert_out
         rows = expert_out.new_empty(sum(dispatched.send_splits), expert_out.shape[-1])  # [M, H]
         self.group.all_to_all_single(rows, back, dispatched.send_splits, dispatched.recv_splits)
-        out = _weighted_sum(
-            rows, dispatched.token_index, dispatched.row_weights, dispatched.num_tokens
+        out = _sum_in_k_order(
+            rows, dispatched.pair_index, dispatched.row_weights, dispatched.num_tokens,
+            dispatched.top_k,
         )  # [T_slice, H]
         counts = dispatched.tp_token_counts
         if counts is not None and sum(counts):  # every tp rank knows the counts: all or none

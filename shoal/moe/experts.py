@@ -69,6 +69,8 @@ class FusedExpertWeights(nn.Module):
         shard_size, shard_rank: split each expert's intermediate dim into ``shard_size``
             pieces and keep piece ``shard_rank`` (1, 0 = whole experts).
         activation: name of the gate activation (``silu`` for every supported family).
+        logical_ids: the checkpoint expert each local slot holds, when ``expert_ids`` are
+            physical slots (EPLB: a hot expert may have replicas; default ``expert_ids``).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class FusedExpertWeights(nn.Module):
         activation: str = "silu",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        logical_ids: tuple[int, ...] | list[int] | None = None,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -93,7 +96,7 @@ class FusedExpertWeights(nn.Module):
         start, end = split_range(intermediate_size, shard_size, shard_rank)
         self.shard_start, self.shard_len = start, end - start
         self.act = ACTIVATIONS[activation]
-        self._local_index = {e: i for i, e in enumerate(self.expert_ids)}
+        self.set_logical_ids(self.expert_ids if logical_ids is None else logical_ids)
         num_local, inter = len(self.expert_ids), self.shard_len
         self.w13 = nn.Parameter(
             torch.zeros(num_local, 2 * inter, hidden_size, dtype=dtype, device=device),
@@ -110,8 +113,17 @@ class FusedExpertWeights(nn.Module):
     def num_local_experts(self) -> int:
         return len(self.expert_ids)
 
+    def set_logical_ids(self, logical_ids: tuple[int, ...] | list[int]) -> None:
+        """Which checkpoint expert each local slot holds (after EPLB moved weights in)."""
+        if len(logical_ids) != len(self.expert_ids):
+            raise ValueError(f"{len(logical_ids)} logical ids for {len(self.expert_ids)} slots")
+        self.logical_ids = tuple(int(e) for e in logical_ids)
+        self._local_slots: dict[int, list[int]] = {}
+        for i, e in enumerate(self.logical_ids):
+            self._local_slots.setdefault(e, []).append(i)
+
     def is_local(self, expert_id: int) -> bool:
-        return expert_id in self._local_index
+        return expert_id in self._local_slots
 
     def _param_loader(self, param: nn.Parameter, loaded: Any, shard_id: tuple[int, str]) -> None:
         """``weight_loader`` of ``w13``/``w2``; ``shard_id`` = (global expert id, projection)."""
@@ -126,27 +138,28 @@ class FusedExpertWeights(nn.Module):
 
         ``proj`` is ``gate`` ([I, H]), ``up`` ([I, H]) or ``down`` ([H, I]). Only this
         shard's slice of the intermediate dim is read, so a lazy safetensors slice works too.
-        Returns False (and reads nothing) when the expert is not held here.
+        Returns False (and reads nothing) when the expert is not held here; an expert held
+        in several local slots (EPLB replicas) is copied into each.
         """
         if proj not in PROJECTIONS:
             raise ValueError(f"expert projection must be one of {PROJECTIONS}, got {proj!r}")
-        local = self._local_index.get(expert_id)
-        if local is None:
+        slots = self._local_slots.get(expert_id)
+        if slots is None:
             return False
         start, size = self.shard_start, self.shard_len
-        if proj == "down":
-            src = loaded[:, start : start + size]  # [H, I_local]
-            dst = self.w2.data[local]
-        else:
-            src = loaded[start : start + size]  # [I_local, H]
-            offset = 0 if proj == "gate" else size
-            dst = self.w13.data[local, offset : offset + size]
-        copy_checked(dst, src, f"expert {expert_id} {proj}")
+        src = loaded[:, start : start + size] if proj == "down" else loaded[start : start + size]
+        for local in slots:
+            if proj == "down":
+                dst = self.w2.data[local]  # [H, I_local]
+            else:
+                offset = 0 if proj == "gate" else size
+                dst = self.w13.data[local, offset : offset + size]  # [I_local, H]
+            copy_checked(dst, src, f"expert {expert_id} {proj}")
         return True
 
     def extra_repr(self) -> str:
         return (
-            f"experts={list(self.expert_ids)}, hidden={self.hidden_size}, "
+            f"experts={list(self.logical_ids)}, hidden={self.hidden_size}, "
             f"intermediate={self.shard_len}/{self.intermediate_size} from {self.shard_start}"
         )
 

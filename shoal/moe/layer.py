@@ -15,6 +15,10 @@ Shared experts (Qwen2-MoE's single sigmoid-gated ``shared_expert``, DeepSeek's
 
 ``expert_counts`` ([E] int64) accumulates how many of this rank's token-expert
 pairs went to each expert; the runner reads it and calls ``reset_expert_counts``.
+
+With EPLB (``use_physical_slots``) the dispatcher and the experts work on physical
+slots (``shoal.moe.eplb``): the router's logical ids are mapped to slots before
+dispatch; counts stay per logical expert.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from shoal.moe.dispatcher import (
     ReplicatedEPDispatcher,
     TPExpertsDispatcher,
 )
+from shoal.moe.eplb import ExpertSlotMap, initial_phy2log
 from shoal.moe.experts import ACTIVATIONS, EXPERT_IMPLS
 from shoal.moe.placement import ExpertPlacement
 from shoal.moe.router import RouterConfig, TopKRouter
@@ -187,11 +192,38 @@ class MoELayer(nn.Module):
             else None
         )  # [1, H]
         self.register_parameter("shared_expert_gate", gate_weight)
+        self.slot_map: ExpertSlotMap | None = None  # EPLB: logical expert -> physical slots
         self.register_buffer(
             "expert_counts",
             torch.zeros(num_experts, dtype=torch.int64, device=device),
             persistent=False,
         )  # [E]
+
+    def use_physical_slots(self, ctx: ParallelContext, num_redundant_experts: int) -> None:
+        """EPLB: hold ``(num_experts + num_redundant_experts) / ep_size`` physical slots.
+
+        Called after construction and before the weights load (the new slots are empty).
+        The initial placement is ``initial_phy2log``; the driver moves it later.
+        """
+        num_experts = self.config.router.num_experts
+        num_physical = num_experts + num_redundant_experts
+        if not (ctx.enable_expert_parallel and ctx.ep.size > 1):
+            raise ValueError("EPLB needs expert parallelism over more than one rank")
+        if num_redundant_experts < 0 or num_physical % ctx.ep.size:
+            raise ValueError(
+                f"{num_experts} experts + {num_redundant_experts} redundant = {num_physical} "
+                f"slots do not divide over {ctx.ep.size} expert-parallel ranks")
+        phy2log = initial_phy2log(num_experts, num_physical)
+        old = self.experts
+        self.dispatcher = make_dispatcher(ctx, num_physical, "linear")
+        slots = self.dispatcher.local_expert_ids  # physical slot ids of this rank
+        self.experts = type(old)(
+            slots, old.hidden_size, old.intermediate_size, *self.dispatcher.expert_shard,
+            activation=self.config.activation, dtype=old.w13.dtype, device=old.w13.device,
+            logical_ids=[phy2log[p] for p in slots])
+        # tokens differ per dp rank (offset by it), the tp ranks of one dp rank agree
+        self.slot_map = ExpertSlotMap(phy2log, num_experts, old.w13.device,
+                                      offset=ctx.dp.rank_in_group)
 
     # -- forward: the named parts --------------------------------------------------------------
 
@@ -200,7 +232,10 @@ class MoELayer(nn.Module):
         self.expert_counts += torch.bincount(
             routing.topk_ids.reshape(-1), minlength=self.config.router.num_experts
         )
-        dispatched = self.dispatcher.dispatch(hidden, routing.topk_ids, routing.topk_weights)
+        expert_ids = routing.topk_ids  # [T, K] logical; physical slots with EPLB
+        if self.slot_map is not None:
+            expert_ids = self.slot_map.route(expert_ids)
+        dispatched = self.dispatcher.dispatch(hidden, expert_ids, routing.topk_weights)
         expert_out = self.experts(dispatched.hidden, dispatched.tokens_per_expert)  # [N, H]
         out = self.dispatcher.combine(
             expert_out, dispatched

@@ -35,8 +35,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from transformers import AutoConfig
 
 import shoal
-from shoal.checkpoint.default_model import DEFAULT_MODEL_ALIASES, resolve_model
-from shoal.checkpoint.hf import eos_token_ids, load_tokenizer, model_max_len
+from shoal.checkpoint.default_model import (DEFAULT_MODEL_ALIASES, resolve_model,
+                                           with_resolved_draft)
+from shoal.checkpoint.hf import check_eplb, eos_token_ids, load_tokenizer, model_max_len
 from shoal.config import EngineConfig
 from shoal.frontend.generation_defaults import load_generation_defaults
 from shoal.serve.banner import banner_lines, log_banner
@@ -272,6 +273,7 @@ def served_model(config: EngineConfig, name: str | None) -> ServedModel:
     root = resolve_model(config.model.model)
     hf_config = AutoConfig.from_pretrained(root)
     max_len = model_max_len(hf_config, config.model.max_model_len)
+    check_eplb(hf_config, config)
     given = config.model.model
     if given is None or given in DEFAULT_MODEL_ALIASES:
         aliases = DEFAULT_MODEL_ALIASES
@@ -289,9 +291,11 @@ def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> None:
     """Serve until interrupted (the ``shoal serve`` command)."""
     engine_config = bounded_queue(engine_config)
     os.environ.setdefault("SHOAL_LOG_LEVEL", getattr(args, "log_level", "WARNING").upper())
+    model = served_model(engine_config, getattr(args, "served_model_name", None))
+    engine_config = with_resolved_draft(engine_config, model.root)
     settings = ServerSettings(
         engine_config=engine_config,
-        model=served_model(engine_config, getattr(args, "served_model_name", None)),
+        model=model,
         api_key=getattr(args, "api_key", None) or None,
         host=args.host,
         port=args.port,

@@ -34,17 +34,17 @@ class ServerProcess:
     """``python -m shoal.cli serve <args> --port <free port>``, stopped on exit.
 
     Args:
-        args: flags for ``shoal serve`` (not ``--port``).
+        args: flags for ``shoal <command>`` (not ``--port``).
         env: extra environment variables.
         startup_timeout_s: how long to wait for ``/health`` to answer 200.
-        command: the ``shoal`` subcommand (``serve``, or ``proxy``).
+        command: the subcommand (``serve``, ``gateway`` or ``proxy``).
     """
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None,
                  startup_timeout_s: float = 600.0, host: str = "127.0.0.1",
                  command: str = "serve"):
-        self.command = command
         self.args = list(args)
+        self.command = command  # the shoal subcommand: serve, gateway or proxy
         self.env = {**os.environ, **(env or {})}
         self.startup_timeout_s = startup_timeout_s
         self.host = host
@@ -79,8 +79,7 @@ class ServerProcess:
         while True:
             code = self.proc.poll()
             if code is not None:
-                raise RuntimeError(f"shoal {self.command} exited with code {code}:\n"
-                                   f"{self.log_tail()}")
+                raise RuntimeError(f"shoal {self.command} exited with code {code}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
                     if response.status == 200:
@@ -89,7 +88,7 @@ class ServerProcess:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"shoal serve did not become healthy in "
+                raise TimeoutError(f"shoal {self.command} did not become healthy in "
                                    f"{self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
             time.sleep(0.2)
 

@@ -105,6 +105,20 @@ class ServerMetrics:
                                          "Draft tokens proposed.")
         self.spec_accepted = counter("shoal:spec_decode_num_accepted_tokens",
                                      "Draft tokens accepted.")
+        # EPLB: the load window per ep rank and layer, its balancedness, rebalances and moves
+        self._eplb_rank_tokens = Gauge(
+            "shoal:eplb_rank_tokens",
+            "EPLB: routed tokens per expert-parallel rank over the load window, per MoE layer "
+            "(each expert's tokens split evenly over its replicas).",
+            labels + ["layer", "rank"], registry=r)
+        self._eplb_balancedness = Gauge(
+            "shoal:eplb_balancedness",
+            "EPLB: mean over max routed tokens per expert-parallel rank, per MoE layer "
+            "(1 = even).", labels + ["layer"], registry=r)
+        self.eplb_rebalances = counter("shoal:eplb_rebalances",
+                                       "EPLB: placements computed from the load window.")
+        self.eplb_slot_moves = counter("shoal:eplb_moved_experts",
+                                       "EPLB: expert slots given another expert's weights.")
         # KV connector transfers (disaggregated prefill / decode)
         kv = (("kv_transfers_saved", "kv_transfer_saved", "Requests whose KV pages a "
                "prefill engine stored for a decode engine."),
@@ -137,7 +151,9 @@ class ServerMetrics:
                         ("num_recomputed_tokens", self.recomputed),
                         ("num_drafts", self.spec_drafts),
                         ("num_draft_tokens", self.spec_draft_tokens),
-                        ("num_accepted_tokens", self.spec_accepted)) + kv_totals
+                        ("num_accepted_tokens", self.spec_accepted),
+                        ("eplb_num_rebalances", self.eplb_rebalances),
+                        ("eplb_num_slot_moves", self.eplb_slot_moves)) + kv_totals
         self._last = dict.fromkeys((name for name, _ in self._totals), 0)
         self._expert_totals: np.ndarray | None = None
 
@@ -205,6 +221,15 @@ class ServerMetrics:
                 self._last[key] = total
         if stats.expert_counts is not None:
             self._expert_counts(stats.expert_counts)
+        if stats.eplb_rank_load is not None:
+            self._eplb_load(stats)
+
+    def _eplb_load(self, stats: CoreStats) -> None:
+        name = self._model_name
+        for (layer, rank), tokens in np.ndenumerate(np.asarray(stats.eplb_rank_load)):
+            self._eplb_rank_tokens.labels(name, str(layer), str(rank)).set(float(tokens))
+        for layer, value in enumerate(stats.eplb_balancedness.tolist()):
+            self._eplb_balancedness.labels(name, str(layer)).set(value)
 
     def _expert_counts(self, totals: np.ndarray) -> None:
         totals = np.asarray(totals, dtype=np.int64)  # [moe_layers, experts]

@@ -28,6 +28,7 @@ import logging
 import os
 from typing import Any
 
+from shoal.checkpoint.default_model import with_resolved_draft
 from shoal.config import EngineConfig, ParallelConfig
 from shoal.engine_args import ENGINE_ARGS, engine_config, is_engine_option
 from shoal.executor.ray_executor import PLACEMENT_GROUP_ENV, import_ray
@@ -89,9 +90,9 @@ class ShoalDeployment:
         group = ray.util.get_current_placement_group()
         if group is not None:
             os.environ[PLACEMENT_GROUP_ENV] = group.id.hex()
-        self.settings = ServerSettings(engine_config=config,
-                                       model=served_model(config, served_model_name),
-                                       **server_settings(server))
+        model = served_model(config, served_model_name)
+        self.settings = ServerSettings(engine_config=with_resolved_draft(config, model.root),
+                                       model=model, **server_settings(server))
 
     def __serve_build_asgi_app__(self):
         """Called by Ray Serve after ``__init__`` in the replica: the app to serve."""

@@ -29,20 +29,23 @@ from shoal.engine.control import (
     ModelInfo,
     WorkerStats,
 )
-from shoal.engine.plan import NewRequestData, StepPlan, StepResult
+from shoal.engine.plan import NewRequestData, StepPlan, StepResult, speculation_allowed
 from shoal.models.attention import AttentionMetadata
 from shoal.models.compiled import compile_model
 from shoal.models.ops.build import kernels_enabled
 from shoal.models.ops.fused import fused_ops_available
 from shoal.models.ops.paged_attention import kernel_available
 from shoal.models.registry import build_model
+from shoal.moe.eplb import ExpertRebalancer, enable_eplb
 from shoal.parallel.context import ParallelContext
 from shoal.parallel.linear import prepack_weights
 from shoal.parallel.pipeline import IntermediateTensors
 from shoal.worker.device import resolve_dtype
+from shoal.worker.draft_runner import DraftProposer
 from shoal.worker.kv_connector import KVConnectorWorker, create_worker_connector
 from shoal.worker.pooler import PromptPooler
 from shoal.worker.rejection_sampler import verify_greedy, verify_sampled
+from shoal.worker.request_table import RequestTable, ragged_index
 from shoal.worker.sampler import Sampler, SamplingState, gather_logprobs
 from shoal.worker.structured_output import GrammarCache
 
@@ -53,14 +56,12 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 
 @dataclass
 class _RequestState:
-    """What a worker remembers of one request between steps."""
+    """What a worker remembers of one request beyond its row of the RequestTable."""
 
-    token_ids: list[int]
-    page_ids: list[int]
-    num_computed: int
+    slot: int  # its row of the table: token ids, pages, computed count
     num_prompt_tokens: int
     prompt_logprobs: int | None  # top-N prompt logprobs asked for (every rank needs to know)
-    sampling: SamplingState | None  # only on the output rank
+    sampling: SamplingState | None  # only where this rank samples
     pooling: str = ""  # an embedding request: how its prompt is pooled (every rank knows)
     pooler: PromptPooler | None = None  # only on the output rank
     drafts: list[int] = field(default_factory=list)  # draft tokens of this step's plan
@@ -71,12 +72,12 @@ class _RequestState:
 
 @dataclass
 class _Batch:
-    """One step's flat batch, built from the plan and the per-request state."""
+    """One step's flat batch, built from the plan and the request table (numpy columns)."""
 
-    input_ids: list[int] = field(default_factory=list)
-    query_lens: list[int] = field(default_factory=list)
-    computed: list[int] = field(default_factory=list)  # tokens already cached, per request
-    tables: list[list[int]] = field(default_factory=list)  # page ids, per request
+    input_ids: np.ndarray  # int64 [T]
+    query_lens: np.ndarray  # int64 [B]
+    computed: np.ndarray  # int64 [B] tokens already cached, per request
+    tables: np.ndarray  # int32 [B, max_pages] page ids, per request (padded)
     sample_rows: list[int] = field(default_factory=list)  # rows whose logits are sampled
     sample_ids: list[int] = field(default_factory=list)  # their request ids
     # per sampling request: its draft tokens (rows 1 + len(drafts) of sample_rows)
@@ -90,6 +91,8 @@ class _Batch:
 class ModelRunner:
     """One rank's model shard, KV cache and per-request state."""
 
+    eplb: ExpertRebalancer | None = None  # EPLB: physical expert slots, moved by plans
+
     def __init__(self, ctx: ParallelContext, args: LoadModel):
         self.ctx = ctx
         self.device = ctx.device
@@ -100,6 +103,8 @@ class ModelRunner:
         partition = tuple(args.pp_layer_partition) or None
         with torch.device(self.device):
             self.model = build_model(self.hf_config, ctx, self.dtype, pp_layer_partition=partition)
+        if args.eplb_num_redundant_experts >= 0:
+            self.eplb = enable_eplb(self.model, ctx, args.eplb_num_redundant_experts)
         self.model.load_weights(args.model)
         self.model.eval()
         if self.device.type == "cpu":  # build/load the C++ kernels now, not in the first step
@@ -119,6 +124,10 @@ class ModelRunner:
         self.page_size = 0
         self.num_pages = 0
         self.requests: dict[int, _RequestState] = {}
+        self.table = RequestTable()
+        self._special: set[int] = set()  # requests with drafts, prompt logprobs or pooling
+        # requests whose sampling state reads its output (SamplingState.tracks_output)
+        self._tracked_ids: set[int] = set()
         self.is_output_rank = ctx.is_output_rank
         # async scheduling: every last-stage rank samples (same logits, same seeded
         # generators: the same tokens) and appends its own tokens, so the next plan
@@ -135,6 +144,9 @@ class ModelRunner:
         self.dp_rank = ctx.dp.rank_in_group
         self.ep_lockstep = (ctx.dp.size > 1 and ctx.enable_expert_parallel and ctx.ep.size > 1
                             and bool(self.moe_layers))
+        # draft-model speculation: the draft lives on the output rank only (draft_runner.py)
+        self.drafter = (DraftProposer(args, self.device, self.dtype)
+                        if args.draft_model and self.is_output_rank else None)
         self.kv_connector: KVConnectorWorker | None = create_worker_connector(
             args.kv_connector, ctx, args.kv_connector_config, self.hf_config, self.dtype)
         self.reset_stats()
@@ -153,6 +165,8 @@ class ModelRunner:
     def measure_kv_capacity(self, args: MeasureKVCapacity) -> KVCapacity:
         """How many pages this rank's budget holds (the driver takes the minimum)."""
         per_page = self.model.kv_cache_spec.bytes_per_page(args.page_size)
+        if self.drafter is not None:  # its pages come from the same budget
+            per_page += self.drafter.bytes_per_page(args.page_size)
         if self.device.type == "cuda":
             budget = self._cuda_kv_budget(args.gpu_memory_utilization)
         else:
@@ -181,6 +195,8 @@ class ModelRunner:
         self.model.bind_kv_cache(caches)
         self.page_size, self.num_pages = page_size, num_pages
         self.kv_caches = caches
+        if self.drafter is not None:
+            self.drafter.init_kv_cache(num_pages, page_size)
         if self.kv_connector is not None:
             self._attach_connector_hooks(self.kv_connector)
         return KVCacheInfo(bytes=sum(c.numel() * c.element_size() for c in caches))
@@ -200,48 +216,77 @@ class ModelRunner:
     def reset_stats(self) -> None:
         self._stats = WorkerStats()
         self._last_step_end: float | None = None
+        if self.eplb is not None:
+            self.eplb.reset_stats()
 
     def stats(self) -> WorkerStats:
-        return dataclasses.replace(self._stats, num_requests=len(self.requests))
+        stats = dataclasses.replace(self._stats, num_requests=len(self.requests))
+        if self.eplb is not None:
+            stats.eplb_layer_moves = self.eplb.num_moves
+            stats.eplb_slots_moved = self.eplb.moved_slots
+            stats.eplb_move_s = self.eplb.move_s
+        return stats
 
     # -- steps -------------------------------------------------------------------------------
 
     def _apply_plan(self, plan: StepPlan) -> None:
+        """Drop finished requests, add new ones, apply the known ones' deltas (as columns)."""
+        table = self.table
         for req_id in plan.finished_req_ids:
-            self.requests.pop(req_id, None)
+            if self.requests.pop(req_id, None) is not None:
+                table.remove(req_id)
+                self._special.discard(req_id)
+                self._tracked_ids.discard(req_id)
         for new in plan.new_requests:
-            self.requests[new.req_id] = self._new_state(new)
-        # the columns once as lists, then one pass without a record per row: a 256-request
-        # decode delta costs tens of microseconds here, not hundreds
+            self._add_request(new)
         deltas = plan.cached_requests
-        tokens, pages = deltas.new_token_ids.tolist(), deltas.new_page_ids.tolist()
+        if not len(deltas):
+            return
+        ids = deltas.req_ids.tolist()
+        slots = table.slots(ids)
+        if self._special or deltas.draft_counts.any():  # drafts settle first (counts assume it)
+            self._settle_and_stage_drafts(ids, deltas)
+        counts = deltas.new_token_counts
+        table.append_tokens(slots, counts, deltas.new_token_ids)
+        table.append_pages(slots, deltas.new_page_counts, deltas.new_page_ids)
+        if self.samples and len(deltas.new_token_ids):
+            self._track_outputs(ids, counts, deltas.new_token_ids)
+        wrong = np.flatnonzero(table.num_computed[slots] != deltas.num_computed_tokens)
+        if len(wrong):
+            i = int(wrong[0])
+            raise RuntimeError(
+                f"request {ids[i]}: worker has {int(table.num_computed[slots[i]])} computed "
+                f"tokens, driver believes {int(deltas.num_computed_tokens[i])}")
+
+    def _settle_and_stage_drafts(self, ids: list[int], deltas) -> None:
+        """Rows of requests that verified drafts last step or bring drafts this step."""
         drafts = deltas.draft_token_ids.tolist()
-        t = p = d = 0
-        for req_id, computed, nt, npg, nd in zip(deltas.req_ids.tolist(),
-                                                 deltas.num_computed_tokens.tolist(),
-                                                 deltas.new_token_counts.tolist(),
-                                                 deltas.new_page_counts.tolist(),
-                                                 deltas.draft_counts.tolist()):
-            state = self.requests[req_id]
+        offsets = np.cumsum(deltas.draft_counts) - deltas.draft_counts
+        rows = set(np.flatnonzero(deltas.draft_counts).tolist())
+        rows.update(i for i, rid in enumerate(ids)
+                    if rid in self._special and self.requests[rid].num_unverified)
+        for i in sorted(rows):
+            state = self.requests[ids[i]]
             if state.num_unverified:
-                self._settle_drafts(req_id, state, computed)
-            if nd:
-                state.drafts = drafts[d : d + nd]
-                d += nd
-            if nt:
-                new_tokens = tokens[t : t + nt]
-                state.token_ids += new_tokens
-                if state.sampling is not None:
-                    state.sampling.append_output(new_tokens)
-                t += nt
-            if npg:
-                state.page_ids += pages[p : p + npg]
-                p += npg
-            if state.num_computed != computed:
-                raise RuntimeError(
-                    f"request {req_id}: worker has {state.num_computed} computed tokens, "
-                    f"driver believes {computed}"
-                )
+                self._settle_drafts(ids[i], state, int(deltas.num_computed_tokens[i]))
+            count = int(deltas.draft_counts[i])
+            if count:
+                state.drafts = drafts[offsets[i] : offsets[i] + count]
+                self._special.add(ids[i])
+
+    def _track_outputs(self, ids: list[int], counts: np.ndarray, tokens: np.ndarray) -> None:
+        """New output tokens reach the sampling states that read their output."""
+        tracked = self._tracked_ids
+        if not tracked:
+            return
+        starts = np.cumsum(counts) - counts
+        token_list = None
+        for i, rid in enumerate(ids):
+            if rid in tracked and counts[i]:
+                if token_list is None:
+                    token_list = tokens.tolist()
+                first = int(starts[i])
+                self.requests[rid].sampling.append_output(token_list[first : first + counts[i]])
 
     def _settle_drafts(self, req_id: int, state: _RequestState, computed: int) -> None:
         """Last step's drafts are verified: the driver's count of cached tokens is the truth.
@@ -249,26 +294,50 @@ class ModelRunner:
         The KV of rejected drafts is overwritten later; pages that held only rejected
         drafts were freed by the driver, so this rank drops them too (same rule).
         """
-        if not state.num_computed - state.num_unverified <= computed <= state.num_computed:
+        table, slot = self.table, state.slot
+        ran = int(table.num_computed[slot])
+        if not ran - state.num_unverified <= computed <= ran:
             raise RuntimeError(
                 f"request {req_id}: worker ran {state.num_unverified} drafts up to "
-                f"{state.num_computed} tokens, driver believes {computed} are cached")
-        state.num_computed = computed
-        del state.page_ids[-(-computed // self.page_size):]
+                f"{ran} tokens, driver believes {computed} are cached")
+        table.num_computed[slot] = computed
+        table.num_pages[slot] = min(int(table.num_pages[slot]), -(-computed // self.page_size))
         state.num_unverified = 0
+        self._refresh_special(req_id, state)
 
-    def _new_state(self, new: NewRequestData) -> _RequestState:
-        prompt = new.prompt_token_ids.tolist()
-        sampling = None
+    def _refresh_special(self, req_id: int, state: _RequestState) -> None:
+        if state.drafts or state.num_unverified or state.pooling or state.prompt_logprobs is not None:
+            self._special.add(req_id)
+        else:
+            self._special.discard(req_id)
+
+    def _add_request(self, new: NewRequestData) -> None:
+        if new.req_id in self.requests:  # sent again after a preemption
+            self.table.remove(new.req_id)
+        prompt = new.prompt_token_ids
+        tokens = np.concatenate([np.asarray(prompt, np.int32),
+                                 np.asarray(new.output_token_ids, np.int32)])
+        slot = self.table.add(new.req_id, tokens, new.page_ids, new.num_computed_tokens)
+        if self.drafter is not None:
+            self.drafter.reset(slot)
+        state = self._new_state(new, slot)
+        self.requests[new.req_id] = state
+        self._refresh_special(new.req_id, state)
+        if state.sampling is not None and state.sampling.tracks_output:
+            self._tracked_ids.add(new.req_id)
+        else:
+            self._tracked_ids.discard(new.req_id)
+
+    def _new_state(self, new: NewRequestData, slot: int) -> _RequestState:
+        num_prompt = len(new.prompt_token_ids)
         if new.sampling.pooling:
             pooler = None
             if self.is_output_rank:
                 pooler = PromptPooler(new.sampling.pooling, new.sampling.pooling_normalize,
-                                      len(prompt))
-            return _RequestState(token_ids=prompt, page_ids=list(new.page_ids),
-                                 num_computed=new.num_computed_tokens,
-                                 num_prompt_tokens=len(prompt), prompt_logprobs=None,
+                                      num_prompt)
+            return _RequestState(slot=slot, num_prompt_tokens=num_prompt, prompt_logprobs=None,
                                  sampling=None, pooling=new.sampling.pooling, pooler=pooler)
+        sampling = None
         if self.samples:
             grammar = None
             if new.sampling.structured_kind:
@@ -276,14 +345,8 @@ class ModelRunner:
                                                    new.sampling.structured_spec)
             sampling = SamplingState(new.sampling, new.prompt_token_ids,
                                      list(new.output_token_ids), grammar=grammar)
-        return _RequestState(
-            token_ids=prompt + list(new.output_token_ids),
-            page_ids=list(new.page_ids),
-            num_computed=new.num_computed_tokens,
-            num_prompt_tokens=len(prompt),
-            prompt_logprobs=new.sampling.prompt_logprobs,
-            sampling=sampling,
-        )
+        return _RequestState(slot=slot, num_prompt_tokens=num_prompt,
+                             prompt_logprobs=new.sampling.prompt_logprobs, sampling=sampling)
 
     def _grammars(self) -> GrammarCache:
         """The structured-output compiler over the model's tokenizer, built on first use."""
@@ -303,13 +366,15 @@ class ModelRunner:
         if self._last_step_end is not None:
             self._stats.idle_s += began - self._last_step_end
         self._apply_plan(plan)
+        if plan.expert_move is not None:  # EPLB: this layer's new placement, before the step
+            self._need_eplb().apply(plan.expert_move.layer, plan.expert_move.phy2log.tolist())
         batch = self._prepare(plan)
         connector = self.kv_connector
         if connector is not None:
             connector.bind_metadata(plan.kv_connector_metadata)
             connector.start_load_kv(self.kv_caches)
         result = None
-        if batch.input_ids:
+        if len(batch.input_ids):
             hidden = self._run(batch)
             if hidden is not None:
                 result = self._sample(plan.step_id, batch, hidden)
@@ -322,6 +387,8 @@ class ModelRunner:
             connector.clear_metadata()
         if self.is_output_rank and result is None:
             result = StepResult(plan.step_id, [], np.zeros(0, np.int32))
+        if self.drafter is not None and result.req_ids:
+            self._propose(result)
         if self.moe_layers:
             counts = torch.stack([m.reset_expert_counts() for m in self.moe_layers])
             if result is not None:
@@ -334,6 +401,28 @@ class ModelRunner:
         self._stats.forward_s += now - began
         self._last_step_end = now
         return result
+
+    def _need_eplb(self) -> ExpertRebalancer:
+        if self.eplb is None:
+            raise RuntimeError("a plan moved experts, but this worker was loaded without EPLB")
+        return self.eplb
+
+    def _propose(self, result: StepResult) -> None:
+        """The draft model's proposals for every request that sampled and may speculate."""
+        spans, tokens = result.spans, result.sampled_token_ids.tolist()
+        ids, emitted = [], []
+        for rid in result.req_ids:
+            state = self.requests[rid]
+            if state.sampling is not None and speculation_allowed(state.sampling.options):
+                first, count = spans[rid]
+                ids.append(rid)
+                emitted.append(tokens[first : first + count])
+        if not ids:
+            return
+        drafts = dict(zip(ids, self.drafter.propose(self.table, self.table.slots(ids), emitted)))
+        per_request = [drafts.get(rid, []) for rid in result.req_ids]
+        result.draft_counts = np.asarray([len(d) for d in per_request], np.int32)
+        result.draft_token_ids = np.asarray([t for d in per_request for t in d], np.int32)
 
     def _dummy_step(self) -> None:
         """No tokens on this dp rank: join every MoE collective of this stage, in layer order.
@@ -350,44 +439,75 @@ class ModelRunner:
         self._stats.dummy_s += time.perf_counter() - began
 
     def _prepare(self, plan: StepPlan) -> _Batch:
-        """The flat batch of this step: tokens, lengths, page tables, rows that sample."""
-        batch = _Batch()
-        for req_id, n in zip(plan.scheduled_req_ids, plan.num_scheduled_tokens):
-            state = self.requests[req_id]
-            start = state.num_computed
-            first_row = len(batch.input_ids)
-            drafts, state.drafts = state.drafts, []
-            batch.input_ids.extend(state.token_ids[start : start + n - len(drafts)])
-            batch.input_ids.extend(drafts)
-            batch.query_lens.append(n)
-            batch.computed.append(start)
-            batch.tables.append(state.page_ids)
-            state.num_computed = start + n
-            if state.pooling:  # an embedding: its rows are pooled, nothing is sampled
-                batch.pool_rows.append((req_id, first_row, start, n))
+        """The flat batch of this step: tokens, lengths, page tables, rows that sample.
+
+        Column-wise over the request table; only requests with drafts, prompt logprobs
+        or pooling (``_special``) take a per-request pass.
+        """
+        table, ids = self.table, plan.scheduled_req_ids
+        slots = table.slots(ids)
+        n = np.asarray(plan.num_scheduled_tokens, dtype=np.int64)
+        special = [i for i, rid in enumerate(ids) if rid in self._special] if self._special else []
+        for i in special:  # drafts go just past the tokens, where the gather below finds them
+            state = self.requests[ids[i]]
+            if state.drafts:
+                table.put_drafts(int(slots[i]), state.drafts)
+        start = table.num_computed[slots]  # (a copy: fancy indexing)
+        end = start + n
+        rows, offsets = ragged_index(n)
+        input_ids = table.tokens[slots[rows], start[rows] + offsets].astype(np.int64)
+        short = np.flatnonzero(table.num_pages[slots] * self.page_size < end)
+        if len(short):
+            i = int(short[0])
+            raise RuntimeError(
+                f"request {ids[i]} runs up to token {int(end[i])} but holds only "
+                f"{int(table.num_pages[slots[i]])} pages of {self.page_size}")
+        max_pages = -(-int(end.max(initial=0)) // self.page_size)
+        tables = table.pages[slots, :max_pages]
+        # past its own pages a row holds what an earlier request left: pad with page 0
+        tables[np.arange(max_pages) >= table.num_pages[slots][:, None]] = 0
+        batch = _Batch(input_ids=input_ids, query_lens=n, computed=start, tables=tables)
+        table.num_computed[slots] = end
+        last_rows = np.cumsum(n) - 1
+        if not special:
+            done = np.flatnonzero(end == table.num_tokens[slots])
+            batch.sample_rows = last_rows[done].tolist()
+            batch.sample_ids = [ids[i] for i in done.tolist()]
+            batch.sample_drafts = [[] for _ in batch.sample_ids]
+            return batch
+        num_tokens = table.num_tokens[slots].tolist()
+        for i, (req_id, first, stop) in enumerate(zip(ids, (last_rows - n + 1).tolist(),
+                                                      end.tolist())):
+            begin, count = stop - int(n[i]), int(n[i])
+            state = self.requests[req_id] if req_id in self._special else None
+            if state is not None and state.pooling:  # pooled rows, nothing sampled
+                batch.pool_rows.append((req_id, first, begin, count))
                 continue
-            if state.prompt_logprobs is not None:
+            if state is not None and state.prompt_logprobs is not None:
                 # position p predicts prompt token p + 1
-                count = min(start + n, state.num_prompt_tokens - 1) - start
-                if count > 0:
-                    batch.prompt_rows.append((req_id, first_row, start, count))
+                wanted = min(stop, state.num_prompt_tokens - 1) - begin
+                if wanted > 0:
+                    batch.prompt_rows.append((req_id, first, begin, wanted))
+            drafts = state.drafts if state is not None else []
             if drafts:  # the last real token and every draft: 1 + d rows to verify
-                assert state.num_computed == len(state.token_ids) + len(drafts), req_id
-                state.num_unverified = len(drafts)
-                batch.sample_rows.extend(range(first_row, first_row + n))
+                assert stop == num_tokens[i] + len(drafts), req_id
+                state.drafts, state.num_unverified = [], len(drafts)
+                batch.sample_rows.extend(range(first, first + count))
                 batch.sample_ids.append(req_id)
                 batch.sample_drafts.append(drafts)
-            elif state.num_computed == len(state.token_ids):
-                batch.sample_rows.append(len(batch.input_ids) - 1)
+            elif stop == num_tokens[i]:
+                batch.sample_rows.append(first + count - 1)
                 batch.sample_ids.append(req_id)
                 batch.sample_drafts.append([])
+            if state is not None:
+                self._refresh_special(req_id, state)
         return batch
 
     def _run(self, batch: _Batch) -> torch.Tensor | None:
         """This rank's forward pass over the batch; hidden states [T, hidden] on the last stage."""
-        meta = AttentionMetadata.build(batch.query_lens, batch.computed, batch.tables,
-                                       self.page_size, self.device)
-        ids = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
+        meta = AttentionMetadata.from_arrays(batch.query_lens, batch.computed, batch.tables,
+                                             self.page_size, self.device)
+        ids = torch.from_numpy(batch.input_ids).to(self.device)
         return self._forward(ids, meta.positions, meta)
 
     def _sample(self, step_id: int, batch: _Batch, hidden: torch.Tensor) -> StepResult | None:
@@ -421,7 +541,7 @@ class ModelRunner:
         for req_id, first_row, first_pos, count in batch.pool_rows:
             state = self.requests[req_id]
             state.pooler.add(hidden[first_row : first_row + count], first_pos)  # [count, H]
-            if state.num_computed == len(state.token_ids):
+            if self.table.num_computed[state.slot] == self.table.num_tokens[state.slot]:
                 embeddings[req_id] = state.pooler.result()
         if result is None:
             result = StepResult(step_id, [], np.zeros(0, np.int32))
@@ -431,12 +551,13 @@ class ModelRunner:
 
     def _append_sampled(self, result: StepResult) -> None:
         """Async scheduling: the tokens this rank sampled join their requests now."""
-        tokens = result.sampled_token_ids.tolist()
-        for rid, (first, count) in result.spans.items():
-            state = self.requests[rid]
-            new = tokens[first : first + count]
-            state.token_ids.extend(new)
-            state.sampling.append_output(new)
+        if not result.req_ids:
+            return
+        counts = (result.num_sampled if result.num_sampled is not None
+                  else np.ones(len(result.req_ids), np.int64))
+        self.table.append_tokens(self.table.slots(result.req_ids), counts,
+                                 result.sampled_token_ids)
+        self._track_outputs(result.req_ids, counts, result.sampled_token_ids)
 
     def _forward(self, ids, positions, meta, profile: bool = False) -> torch.Tensor | None:
         """This stage's part of the forward pass; the hidden states on the last stage."""
@@ -469,8 +590,9 @@ class ModelRunner:
             state = self.requests[req_id]
             logprobs = self.model.compute_logits(hidden[first_row : first_row + count])
             logprobs = logprobs.float().log_softmax(-1)  # [count, vocab]
-            targets = torch.tensor(state.token_ids[first_pos + 1 : first_pos + 1 + count],
-                                   device=logprobs.device)
+            prompt = self.table.token_ids(state.slot)
+            targets = torch.from_numpy(
+                prompt[first_pos + 1 : first_pos + 1 + count].astype(np.int64)).to(logprobs.device)
             chosen, top_ids, top_lps = gather_logprobs(logprobs, targets, state.prompt_logprobs)
             k = state.prompt_logprobs
             out[req_id] = [

@@ -22,6 +22,7 @@ from shoal.engine.control import KVCacheInfo, KVCapacity, LoadModel, MeasureKVCa
 from shoal.engine.plan import StepPlan, StepResult
 from shoal.parallel.context import ParallelContext
 from shoal.worker.model_runner import ModelRunner
+from shoal.worker.request_table import RequestTable
 
 
 class NullRunner(ModelRunner):
@@ -31,6 +32,10 @@ class NullRunner(ModelRunner):
         self.ctx = ctx
         self.load_args = args
         self.requests = {}
+        self.table = RequestTable()
+        self.drafter = None
+        self._special = set()
+        self._tracked_ids = set()
         self.is_output_rank = ctx.is_output_rank
         self.vocab_size = args.vocab_size
         self.self_append = args.async_scheduling
@@ -61,35 +66,60 @@ class NullRunner(ModelRunner):
 
     def execute(self, plan: StepPlan) -> StepResult | None:
         self._apply_plan(plan)
-        req_ids, tokens, counts = [], [], []
-        for req_id, n in zip(plan.scheduled_req_ids, plan.num_scheduled_tokens):
-            state = self.requests[req_id]
-            state.num_computed += n
-            drafts, state.drafts = state.drafts, []
-            if drafts:  # speculative decoding: drafts that continue the chain are accepted
-                state.num_unverified = len(drafts)
-                emitted = self._verify(state.token_ids[-1], drafts)
-                req_ids.append(req_id)
-                tokens += emitted
-                counts.append(len(emitted))
-            elif state.num_computed == len(state.token_ids):
-                req_ids.append(req_id)
-                tokens.append((state.token_ids[-1] + 1) % self.vocab_size)
-                counts.append(1)
-                if self.self_append:
-                    state.token_ids.append(tokens[-1])
-        if self.ep_lockstep and not (self.skips_empty_collective and not plan.scheduled_req_ids):
+        ids = plan.scheduled_req_ids
+        if self._special:  # drafts: a pass per request
+            req_ids, tokens, counts = self._execute_rows(plan)
+        else:  # column-wise, as ModelRunner._prepare
+            table = self.table
+            slots = table.slots(ids)
+            end = table.num_computed[slots] + np.asarray(plan.num_scheduled_tokens, np.int64)
+            table.num_computed[slots] = end
+            done = np.flatnonzero(end == table.num_tokens[slots])
+            sampled = slots[done]
+            last = table.tokens[sampled, table.num_tokens[sampled] - 1]
+            tokens = (last.astype(np.int64) + 1) % self.vocab_size
+            req_ids = [ids[i] for i in done.tolist()]
+            counts = None
+            if self.self_append:
+                table.append_tokens(sampled, np.ones(len(sampled), np.int64), tokens)
+        if self.ep_lockstep and not (self.skips_empty_collective and not ids):
             self._exchange_counts(sum(plan.num_scheduled_tokens))
         if self.step_s:
             time.sleep(self.step_s)  # stands in for a device step of this length
         self._stats.steps += 1
-        if not plan.scheduled_req_ids:
+        if not ids:
             self._stats.dummy_steps += 1
         if not self.is_output_rank:
             return None
-        ragged = np.asarray(counts, dtype=np.int32) if len(tokens) > len(req_ids) else None
+        ragged = (np.asarray(counts, dtype=np.int32)
+                  if counts is not None and len(tokens) > len(req_ids) else None)
         return StepResult(plan.step_id, req_ids, np.asarray(tokens, dtype=np.int32),
                           dp_rank=self.dp_rank, num_sampled=ragged)
+
+    def _execute_rows(self, plan: StepPlan) -> tuple[list[int], list[int], list[int]]:
+        table = self.table
+        req_ids, tokens, counts = [], [], []
+        for req_id, n in zip(plan.scheduled_req_ids, plan.num_scheduled_tokens):
+            state = self.requests[req_id]
+            slot = state.slot
+            table.num_computed[slot] += n
+            last = int(table.tokens[slot, table.num_tokens[slot] - 1])
+            drafts, state.drafts = state.drafts, []
+            if drafts:  # speculative decoding: drafts that continue the chain are accepted
+                state.num_unverified = len(drafts)
+                emitted = self._verify(last, drafts)
+                req_ids.append(req_id)
+                tokens += emitted
+                counts.append(len(emitted))
+            elif table.num_computed[slot] == table.num_tokens[slot]:
+                req_ids.append(req_id)
+                tokens.append((last + 1) % self.vocab_size)
+                counts.append(1)
+                if self.self_append:
+                    table.append_tokens(np.asarray([slot]), np.asarray([1]),
+                                        np.asarray(tokens[-1:], np.int32))
+            self._refresh_special(req_id, state)
+        return req_ids, tokens, counts
 
     def _verify(self, last: int, drafts: list[int]) -> list[int]:
         """The null model's greedy verification: each token is the previous one + 1."""

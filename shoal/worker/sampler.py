@@ -104,6 +104,15 @@ class SamplingState:
                 self.grammar.accept(token)
 
     @property
+    def tracks_output(self) -> bool:
+        """True when sampling reads the output so far (seeded draws count it, penalties,
+        bad words, min_tokens and grammars read it). The runner appends tokens only to
+        such states: the others' ``output_token_ids`` is never read, and not kept."""
+        o = self.options
+        return (o.seed is not None or self.has_penalties or bool(o.bad_words_ids)
+                or o.min_tokens > 0 or self.grammar is not None)
+
+    @property
     def is_greedy(self) -> bool:
         return self.options.temperature < SAMPLING_EPS
 
@@ -118,7 +127,8 @@ class SamplingState:
     def min_tokens_active(self) -> bool:
         """True while the stop token ids must be masked (too few outputs yet)."""
         o = self.options
-        return len(self.output_token_ids) < o.min_tokens and bool(o.stop_token_ids)
+        return (o.min_tokens > 0 and bool(o.stop_token_ids)
+                and len(self.output_token_ids) < o.min_tokens)
 
     @property
     def has_logits_processors(self) -> bool:

@@ -139,7 +139,10 @@ class Worker:
         self.heartbeat_timeout_s = info.heartbeat_timeout_s
         self.channel = WorkerChannel(info.broadcast_address, info.return_address,
                                      ring_path=info.broadcast_ring, reader=args.rank,
-                                     keys=args.keys)
+                                     keys=args.keys, return_ring_path=info.return_ring)
+        if self.channel.return_ring is not None:  # a full ring and a dead driver: give up
+            self.channel.return_ring.alive = self._check_parent
+            self.channel.return_ring.timeout_s = max(30.0, 2 * self.heartbeat_timeout_s)
         self.device = pick_device(args.local_rank)
         if self.device.type == "cpu":
             cores = pin_to_cores(args.local_rank, args.local_world_size)
@@ -274,7 +277,7 @@ class Worker:
             self.channel.send(WorkerFailure(self.rank, plan.step_id, traceback.format_exc()))
             return
         if result is not None:
-            self.channel.send(result)
+            self.channel.send(result, via_ring=True)
 
     def _on_dp_step(self, plan: DPStepPlan) -> None:
         """Data-parallel lock-step: run this rank's group's plan (possibly an empty one)."""
@@ -292,6 +295,10 @@ class Worker:
         self._running = False
 
     # -- loops -------------------------------------------------------------------------------
+
+    def _check_parent(self) -> None:
+        if not self._parent_alive():
+            raise ConnectionError(f"rank {self.rank}: the driver process is gone")
 
     def _parent_alive(self) -> bool:
         parent = self.args.parent_pid

@@ -9,7 +9,11 @@ import time
 import pytest
 
 from shoal.config import ParallelConfig
-from shoal.engine.control import CollectiveCheck, Command, Echo
+import numpy as np
+
+from shoal.engine.control import CollectiveCheck, Command, Echo, InitKVCache, LoadModel, RunnerKind
+from shoal.engine.plan import (CachedRequestData, CachedRequests, NewRequestData, SamplingOptions,
+                               StepPlan)
 from shoal.errors import WorkerDiedError
 from shoal.executor.mp_executor import MpExecutor
 from tests.distributed.processes import pids_gone
@@ -86,11 +90,29 @@ def test_workers_exit_when_the_driver_is_killed(tmp_path):
 
 
 def test_plans_and_calls_through_the_shared_memory_ring(monkeypatch):
-    monkeypatch.setenv("SHOAL_SHM_RING", "1")
+    monkeypatch.delenv("SHOAL_SHM_RING", raising=False)  # the default for local workers
     with MpExecutor(ParallelConfig(tp_size=2), threads_per_worker=1) as ex:
         ex.start()
-        assert ex.channel.ring is not None and not os.path.exists(ex.channel.ring.path)
+        ring = ex.channel.ring
+        assert ring is not None and not os.path.exists(ring.path)
+        assert not [f for f in os.listdir("/dev/shm") if os.path.basename(ring.path) in f]
+        assert -1 not in ring._bells  # every reader's doorbell is open
         assert [r.tp_sum for r in ex.call(CollectiveCheck(numel=3))] == [[3.0] * 3] * 2
         big = "y" * (3 << 20)  # spans many slots of the ring
         assert ex.call(Echo(big)) == [Echo(big)] * 2
+        # step results come back through the output rank's own ring, in order
+        ex.call(LoadModel(runner=RunnerKind.NULL))
+        ex.call(InitKVCache(num_pages=64, page_size=16))
+        back = ex.channel.return_rings[0]
+        assert set(ex.channel.return_rings) == {0}
+        prompt = np.arange(5, dtype=np.int32)
+        new = NewRequestData(1, prompt, [], [0], 0, SamplingOptions())
+        plans = [StepPlan(0, [new], CachedRequests.from_rows([]), [1], [5], [])]
+        for step in range(1, 4):
+            plans.append(StepPlan(step, [], CachedRequests.from_rows(
+                [CachedRequestData(1, [4 + step], [], 4 + step)]), [1], [1], []))
+        for plan in plans:
+            ex.submit(plan)
+            assert ex.get_result(timeout_s=30).sampled_token_ids.tolist() == [5 + plan.step_id]
+        assert back._seq == 1 + len(plans)  # read from the ring, not from ZeroMQ
     assert pids_gone(ex.pids)

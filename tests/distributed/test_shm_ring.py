@@ -125,3 +125,49 @@ def test_a_silent_writer_times_out_for_the_reader_and_frames_are_checked():
         ShmRing.create(num_readers=0)
     reader.close()
     ring.close()
+
+
+def sleepy_reader_main(path, count, out):
+    """Reads with the doorbell's safety-net timeout at 30 s: only the bell can wake it."""
+    from shoal.comm import shm_ring
+
+    shm_ring.BELL_WAIT_S = 30.0
+    ring = ShmRing.attach(path, 0)
+    lags = []
+    ring.read(timeout_s=60)  # the first message: the writer holds every bell now
+    cpu = time.process_time()
+    for _ in range(count):
+        data = ring.read(timeout_s=60)
+        lags.append(time.time() - float(data.decode()))
+    out.put((lags, time.process_time() - cpu))
+    ring.close()
+
+
+def test_a_sleeping_reader_is_woken_by_the_doorbell():
+    """Messages written while the reader sleeps (past its spin) reach it at once, and
+    waiting costs the reader next to no CPU (it sleeps on its bell, it does not spin)."""
+    ring = ShmRing.create(num_readers=1)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=sleepy_reader_main, args=(ring.path, 10, out))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 60
+        while -1 in ring._bells and time.monotonic() < deadline:  # the reader's end is open
+            ring._open_bells()
+            time.sleep(0.05)
+        ring.unlink()
+        ring.write(b"0")
+        for _ in range(10):
+            time.sleep(0.2)  # the reader is asleep on its bell by now
+            ring.write(repr(time.time()).encode())
+        lags, cpu_s = out.get(timeout=60)
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+        assert max(lags) < 5.0, lags  # a lost wake-up would wait the 30 s safety net
+        assert cpu_s < 0.5, f"the reader used {cpu_s:.2f} s of CPU waiting 2 s"
+    finally:
+        proc.kill()
+        ring.unlink()
+        ring.close()
+    assert not [f for f in os.listdir("/dev/shm") if os.path.basename(ring.path) in f]

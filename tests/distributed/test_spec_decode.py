@@ -1,4 +1,4 @@
-"""Speculative decoding with n-gram drafts changes no greedy output: real workers, tp1 / tp2.
+"""Speculative decoding (n-gram and draft-model drafts) changes no greedy output: real workers.
 
 Prompts repeat a pattern of token ids, so prompt lookup proposes drafts, and the
 tiny random model's greedy continuations fall into loops that later drafts hit.
@@ -6,6 +6,8 @@ Greedy output with speculation must equal output without it and transformers'
 greedy, with max_tokens cuts, stop token ids, n > 1 and logprobs; seeded sampling
 with speculation must be deterministic; the engine must report accepted drafts.
 """
+import dataclasses
+
 import pytest
 
 from factories import hf_greedy, tiny_checkpoint
@@ -97,7 +99,68 @@ def test_greedy_ngram_equals_plain_and_transformers(checkpoint, layout):
     assert stats.num_accepted_tokens <= stats.num_draft_tokens
 
 
-def test_greedy_ngram_cuts_stops_n_logprobs(checkpoint):
+SELF_DRAFT = SpeculativeConfig(method="draft_model", num_speculative_tokens=3, draft_layers=1)
+TWIN_DRAFT = SpeculativeConfig(method="draft_model", num_speculative_tokens=3)  # the target
+
+
+@pytest.fixture(scope="module")
+def stranger(tmp_path_factory):
+    """Another tiny random llama with the same vocabulary: its drafts are mostly wrong."""
+    return tiny_checkpoint("llama", tmp_path_factory.mktemp("draft"), num_hidden_layers=1,
+                           seed=1234)
+
+
+@pytest.mark.parametrize("layout", [dict(tp=1), dict(tp=2), dict(pp=2)],
+                         ids=["tp1", "tp2", "pp2"])
+def test_greedy_draft_model_equals_transformers(checkpoint, stranger, layout):
+    """A draft equal to the target is always right (acceptance 1); a random one is nearly
+    always wrong; either way the output is transformers' greedy, token for token."""
+    num = 16
+    expected = hf_greedy(checkpoint, prompts(), num)
+    params = [SamplingParams(temperature=0.0, max_tokens=num, ignore_eos=True)] * 4
+    twin, stats = run(checkpoint, params, TWIN_DRAFT, **layout)
+    assert [twin[i][0][0] for i in range(4)] == expected
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
+    other, stats = run(checkpoint, params, dataclasses.replace(TWIN_DRAFT, model=stranger),
+                       **layout)
+    assert [other[i][0][0] for i in range(4)] == expected
+    assert stats.num_accepted_tokens < stats.num_draft_tokens / 2
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe",
+                                    "qwen3_moe", "deepseek_v3"])
+def test_greedy_self_draft_every_family(tmp_path, family):
+    """The target's first layer with its head as the draft (draft_layers=1), per family."""
+    target = tiny_checkpoint(family, tmp_path)
+    expected = hf_greedy(target, prompts(), 12)
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)] * 4
+    out, stats = run(target, params, SELF_DRAFT)
+    assert [out[i][0][0] for i in range(4)] == expected
+    assert stats.num_draft_tokens > 0
+
+
+def test_greedy_layer_skip_draft(checkpoint):
+    """draft_layers as indices: the target's last layer alone (layer 0 skipped) drafts."""
+    expected = hf_greedy(checkpoint, prompts(), 12)
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)] * 4
+    out, stats = run(checkpoint, params, dataclasses.replace(SELF_DRAFT, draft_layers=(1,)))
+    assert [out[i][0][0] for i in range(4)] == expected
+    assert stats.num_draft_tokens > 0
+
+
+def test_draft_model_config_errors(checkpoint, tmp_path):
+    other_vocab = tiny_checkpoint("llama", tmp_path, vocab_size=97)
+    for spec, match in [(dataclasses.replace(TWIN_DRAFT, model=other_vocab), "vocab"),
+                        (dataclasses.replace(SELF_DRAFT, draft_layers=9), "draft_layers=9"),
+                        (dataclasses.replace(SELF_DRAFT, draft_layers=(0, 5)), "layer 5"),
+                        (dataclasses.replace(TWIN_DRAFT, model=str(tmp_path / "nope")),
+                         "not a local directory")]:
+        with pytest.raises(Exception, match=match):
+            run(checkpoint, [SamplingParams(max_tokens=2)] * 4, spec)
+
+
+@pytest.mark.parametrize("speculative", [NGRAM, SELF_DRAFT], ids=["ngram", "draft_model"])
+def test_greedy_speculation_cuts_stops_n_logprobs(checkpoint, speculative):
     expected = hf_greedy(checkpoint, prompts(), 30)
     # a stop id inside each continuation's loop: it lands inside an accepted run
     stop = [expected[i][len(expected[i]) // 2] for i in range(4)]
@@ -109,31 +172,33 @@ def test_greedy_ngram_cuts_stops_n_logprobs(checkpoint):
                        logit_bias={int(stop[3]): 0.0}),
     ]
     plain, _ = run(checkpoint, params)
-    spec, stats = run(checkpoint, params, NGRAM)
+    spec, stats = run(checkpoint, params, speculative)
     assert spec == plain
     assert len(spec[0][0][0]) == 11 and spec[0][0][1] == "length"
     assert spec[1][0][1] == "stop" and spec[1][0][0][-1] == stop[1]
     assert len(spec[2]) == 2 and spec[2][0][2]  # n=2 with logprobs
-    assert stats.num_accepted_tokens > 0
+    assert stats.num_draft_tokens > 0
 
 
-def test_ngram_under_kv_pressure(checkpoint):
+@pytest.mark.parametrize("speculative", [NGRAM, TWIN_DRAFT], ids=["ngram", "draft_model"])
+def test_speculation_under_kv_pressure(checkpoint, speculative):
     # few pages: preemption and recompute while drafts come and go; pages of rejected
     # drafts are freed (check_invariants after every step: pages match computed tokens)
     params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)] * 4
     plain, _ = run(checkpoint, params, num_pages=22)
-    spec, stats = run(checkpoint, params, NGRAM, num_pages=22)
+    spec, stats = run(checkpoint, params, speculative, num_pages=22)
     assert spec == plain
-    assert stats.num_accepted_tokens > 0
+    assert stats.num_accepted_tokens > 0 and stats.num_preemptions > 0
 
 
-def test_seeded_sampling_with_ngram_is_deterministic(checkpoint):
+@pytest.mark.parametrize("speculative", [NGRAM, SELF_DRAFT], ids=["ngram", "draft_model"])
+def test_seeded_sampling_with_speculation_is_deterministic(checkpoint, speculative):
     params = [SamplingParams(temperature=0.8, top_p=0.9, seed=10 + i, max_tokens=24,
                              ignore_eos=True, logprobs=1) for i in range(3)]
     params.append(SamplingParams(temperature=0.5, top_k=5, seed=3, max_tokens=24,
                                  ignore_eos=True))
-    first, stats = run(checkpoint, params, NGRAM)
-    second, _ = run(checkpoint, params, NGRAM)
+    first, stats = run(checkpoint, params, speculative)
+    second, _ = run(checkpoint, params, speculative)
     assert first == second
     assert stats.num_draft_tokens > 0
     assert all(len(first[i][0][0]) == 24 for i in range(4))

@@ -129,7 +129,7 @@ def test_torch_tensors_roundtrip(dtype, numel):
 def valid_frames():
     plan = StepPlan(1, [], CachedRequests.from_rows([CachedRequestData(1, [2], [3], 4)]),
                     [1], [1], [])
-    return codec.encode(StepResult(1, [1], np.arange(600, dtype=np.int32))), plan
+    return codec.encode(StepResult(1, [1], np.arange(10_000, dtype=np.int32))), plan
 
 
 def test_wrong_version_unknown_type_and_garbage():

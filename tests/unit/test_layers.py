@@ -1,7 +1,7 @@
 """The layer contract, by process and boundary.
 
     comm <- parallel <- moe <- models <- checkpoint <- engine <- {executor, worker}
-         <- frontend <- serve <- bench <- cli
+         <- frontend <- serve <- {bench, gateway} <- cli
 
 A module may import its own layer and the layers its layer is allowed (below),
 plus the base modules shoal.errors and shoal.config, never anything else, not
@@ -33,9 +33,10 @@ ALLOWED: dict[str, set[str]] = {
     "worker": BELOW_ENGINE | {"engine"},
     "frontend": BELOW_ENGINE | {"engine", "executor", "worker", "engine_args"},
     "serve": BELOW_ENGINE | {"engine", "executor", "worker", "engine_args", "frontend"},
+    "gateway": {"serve"},  # the front process: shoal.serve's HTTP helpers, no engine internals
     "bench": BELOW_ENGINE | {"engine", "executor", "worker", "engine_args", "frontend", "serve"},
     "cli": BELOW_ENGINE | {"engine", "executor", "worker", "engine_args", "frontend", "serve",
-                          "bench"},
+                          "bench", "gateway"},
 }
 # what the worker process may take from the driver side
 WORKER_FROM_ENGINE = {"shoal.engine.plan", "shoal.engine.control"}

@@ -41,11 +41,24 @@ def test_speculative_config_option():
                      ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
                      ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5,
                        "prompt_lookup_max": 2}, "prompt_lookup_min"),
-                     ({"method": "draft_model", "model": "x", "num_speculative_tokens": 2},
-                      "not supported yet"),
+                     ({"method": "ngram", "model": "x", "num_speculative_tokens": 2},
+                      "draft_model"),
+                     ({"method": "draft_model", "draft_layers": 0, "num_speculative_tokens": 2},
+                      "draft_layers"),
+                     ({"method": "draft_model", "model": 3, "num_speculative_tokens": 2},
+                      "model must be a path"),
+                     ({"method": "draft_model", "draft_layers": [3, 1],
+                       "num_speculative_tokens": 2}, "increasing list"),
                      ("{not json", "not valid JSON")]:
         with pytest.raises(ValueError, match=key):
             engine_config({"speculative_config": bad})
+    draft = engine_config({"speculative_config": {"method": "draft_model", "draft_layers": 2,
+                                                  "num_speculative_tokens": 4}}).speculative
+    assert (draft.method, draft.model, draft.draft_layers) == ("draft_model", None, 2)
+    assert draft.draft_layer_ids == [0, 1]
+    skip = engine_config({"speculative_config": '{"method": "draft_model", "draft_layers": '
+                          '[0, 1, 5], "num_speculative_tokens": 4}'}).speculative
+    assert skip.draft_layer_ids == [0, 1, 5]
     with pytest.raises(ValueError, match="async_scheduling"):
         engine_config({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2},
                        "async_scheduling": True})
