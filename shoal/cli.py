@@ -1,4 +1,4 @@
-"""The ``shoal`` command: serve, gateway, generate, chat, download, worker.
+"""The ``shoal`` command: serve, gateway, proxy, generate, chat, download, worker.
 
 Flags follow vLLM's names so users can switch without relearning them.
 """
@@ -17,6 +17,7 @@ from shoal.errors import ShoalError
 from shoal.frontend.llm_engine import LLMEngine
 from shoal.gateway.app import add_gateway_args, run_gateway
 from shoal.serve.api_server import run_server
+from shoal.serve.disagg_proxy import add_proxy_args, run_proxy
 from shoal.serve.limits import add_limit_args
 from shoal.serve.tool_parsers import TOOL_PARSERS
 from shoal.worker.main import run_headless_worker
@@ -158,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "limits, model router, replica routing, semantic cache, guardrails, cost")
     add_gateway_args(p)
     p.set_defaults(func=run_gateway)
+
+    p = sub.add_parser("proxy", help="OpenAI-compatible front for disaggregated prefill "
+                       "and decode engines")
+    add_proxy_args(p)
+    p.set_defaults(func=run_proxy)
 
     p = sub.add_parser("generate", help="generate text for prompts, streamed to the terminal")
     add_engine_args(p)

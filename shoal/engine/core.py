@@ -16,6 +16,7 @@ interface (``Executor``), never its implementations.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import time
 from typing import Any, Protocol
@@ -128,6 +129,19 @@ class ExpertCounter:
         self.version += 1
 
 
+def kv_transfer_params_of(msg: AddRequest) -> dict | None:
+    """The request's kv_transfer_params (a JSON object on the wire), or None."""
+    if not msg.kv_transfer_params:
+        return None
+    try:
+        params = json.loads(msg.kv_transfer_params)
+    except ValueError:
+        params = None
+    if not isinstance(params, dict):
+        raise ValueError("kv_transfer_params must be a JSON object")
+    return params
+
+
 def requests_of(msg: AddRequest) -> list[Request]:
     """The core's child requests of one AddRequest (they share its prompt)."""
     if not msg.req_ids or len(msg.sampling) != len(msg.req_ids):
@@ -143,6 +157,7 @@ def requests_of(msg: AddRequest) -> list[Request]:
             max_tokens=msg.max_tokens, eos_token_ids=set(msg.eos_token_ids),
             stop_token_ids=set(msg.stop_token_ids), min_tokens=msg.min_tokens,
             arrival_time=msg.arrival_time,
+            kv_transfer_params=kv_transfer_params_of(msg),
         )
         # resumed after a core restart: the tokens count as generated output (max_tokens,
         # min_tokens, stop checks, penalties and seeded sampling all see them), exactly as
@@ -193,8 +208,9 @@ class EngineCore:
         self._closed = False
         kv_transfer = config.kv_transfer
         self.async_scheduling = resolve_async_scheduling(config)
+        connector = None
         try:
-            connector = create_scheduler_connector(kv_transfer)
+            connector = self.kv_connector = create_scheduler_connector(kv_transfer, config)
             self.executor.start()
             self._load_model = LoadModel(
                 model=model_path,
@@ -204,7 +220,7 @@ class EngineCore:
                 runner=int(runner),
                 enforce_eager=config.model.enforce_eager,
                 kv_connector=kv_transfer.kv_connector or "",
-                kv_connector_config=kv_transfer.kv_connector_extra_config,
+                kv_connector_config=connector.worker_config(),
                 async_scheduling=self.async_scheduling,
                 null_step_ms=null_step_ms,
                 draft_model=draft_model_path(config, model_path),
@@ -220,6 +236,8 @@ class EngineCore:
             self.executor.call(InitKVCache(num_pages=self.num_pages, page_size=page_size))
         except BaseException:
             self.executor.shutdown()
+            if connector is not None:
+                connector.close()
             raise
         pp, dp = config.parallel.pp_size, config.parallel.dp_size
         # pipeline: one plan per stage; async: the next plan while the workers run one
@@ -236,6 +254,8 @@ class EngineCore:
                                                if config.speculative.method == "draft_model"
                                                else 0)) for kv in self.kvs]
         self.kv = self.kvs[0]  # dp = 1: the cache; dp > 1: rank 0's (see self.kvs)
+        if dp == 1:
+            connector.bind_kv_manager(self.kv)
         self.dp_results: DPResultGatherer | None = None
         if dp == 1:
             self.scheduler: Scheduler | DPScheduler = schedulers[0]
@@ -423,6 +443,8 @@ class EngineCore:
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens,
             embedding=request.embedding,
+            kv_transfer_params=(json.dumps(request.kv_transfer_output)
+                                if request.kv_transfer_output is not None else ""),
         )
 
     @staticmethod
@@ -466,6 +488,7 @@ class EngineCore:
         if self.eplb is not None:  # the new workers start from the initial placement
             self.eplb.reset()
         requeued, lost_tokens = self.scheduler.requeue_after_worker_loss()
+        self.kv_connector.reset()  # what the lost workers held (a host tier) is gone too
         restart = getattr(self.executor, "restart", None)
         while True:
             if restart is None or not self.restarts.allow():
@@ -529,6 +552,7 @@ class EngineCore:
             num_accepted_tokens=s.num_accepted_tokens,
             num_accepted_tokens_per_pos=list(s.num_accepted_tokens_per_pos or []),
             **self._eplb_stats(),
+            **self.kv_connector.counters(),
         )
 
     def _eplb_stats(self) -> dict[str, Any]:
@@ -547,6 +571,7 @@ class EngineCore:
         if not self._closed:
             self._closed = True
             self.executor.shutdown()
+            self.kv_connector.close()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -55,6 +55,7 @@ class AddRequest:
     # one list per child: tokens it generated in an engine core that died (the API server
     # re-submits the request to a new core, which continues after them); empty when new
     output_token_ids: list[list[int]] = field(default_factory=list)
+    kv_transfer_params: str = ""  # a JSON object for the KV connector ("" = none)
 
 
 @wire_message(22)
@@ -89,6 +90,7 @@ class TokenDelta:
     # with the first token: one entry per prompt position (None for the first token)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     embedding: np.ndarray | None = None  # float32 [hidden]: an embedding request's result
+    kv_transfer_params: str = ""  # with the last delta: the KV connector's answer (JSON)
 
     @property
     def finished(self) -> bool:
@@ -164,6 +166,23 @@ class CoreStats:
     eplb_num_layer_moves: int = 0
     eplb_num_slot_moves: int = 0
     eplb_policy_ms: float = 0.0
+
+    # KV connector transfers (totals since start): pages stored by a producer, transfers
+    # received and used, failed or timed out (their prefix recomputed), bytes and seconds
+    # of the ones used, tokens recomputed for failed ones
+    kv_transfers_saved: int = 0
+    kv_transfers_loaded: int = 0
+    kv_transfers_failed: int = 0
+    kv_transfer_bytes: int = 0
+    kv_transfer_seconds: float = 0.0
+    kv_transfer_recomputed_tokens: int = 0
+    # the host-memory KV tier (OffloadingConnector): tokens and pages loaded from it
+    # instead of recomputed, pages spilled into it (totals); pages it holds, and can hold
+    kv_offload_hit_tokens: int = 0
+    kv_offload_hit_pages: int = 0
+    kv_offload_spilled_pages: int = 0
+    kv_offload_resident_pages: int = 0
+    kv_offload_capacity_pages: int = 0
 
     @property
     def eplb_balancedness(self) -> np.ndarray | None:

@@ -23,6 +23,7 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 from shoal.engine.request import Request
 
@@ -76,6 +77,10 @@ class KVCacheManager:
         # requests holding pages, and how many of their leading pages are registered
         self._holders: dict[int, Request] = {}
         self._num_registered: dict[int, int] = {}
+        # called with (page id, hash) when a cached page is evicted to be reused (its
+        # contents are still intact until the plan that reuses it runs): a KV connector
+        # spills it to a host tier
+        self.on_evict: Callable[[int, bytes], None] | None = None
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -255,9 +260,15 @@ class KVCacheManager:
         if key is not None:  # evicted from the prefix cache now that it is reused
             if self._cached_pages.get(key[0]) == page_id:
                 del self._cached_pages[key[0]]
+                if self.on_evict is not None:
+                    self.on_evict(page_id, key[0])
             self._page_keys[page_id] = None
         self._ref_counts[page_id] = 1
         return page_id
+
+    def page_hashes(self, request: Request, num_pages: int) -> list[bytes]:
+        """The chained hashes of the request's first ``num_pages`` full pages."""
+        return self._page_hashes(request, num_pages)[:num_pages]
 
     def _page_hashes(self, request: Request, num_pages: int) -> list[bytes]:
         """The request's chained page hashes, extended to at least ``num_pages`` pages."""

@@ -60,6 +60,10 @@ class Request:
         stop_token_ids: extra token ids that stop the request (kept in the output).
         min_tokens: neither EOS nor stop tokens end the request before this many outputs.
         arrival_time: when the request arrived (``time.monotonic`` clock).
+        kv_transfer_params: what the client asked of the KV connector (vLLM's
+            ``kv_transfer_params``: ``do_remote_decode`` on a prefill engine, the
+            transfer handle on a decode engine); the connector's answer goes to
+            ``kv_transfer_output``.
 
     An embedding request (``sampling.pooling`` set) has ``max_tokens`` 0: it ends when
     its prefill does, with the pooled hidden state in ``embedding``.
@@ -73,6 +77,7 @@ class Request:
     stop_token_ids: set[int] = field(default_factory=set)
     min_tokens: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    kv_transfer_params: dict | None = None
 
     # -- state, owned by the scheduler and the KV cache manager --
     output_token_ids: list[int] = field(default_factory=list, init=False)
@@ -86,6 +91,7 @@ class Request:
     num_preemptions: int = field(default=0, init=False)
     num_new_output_tokens: int = field(default=0, init=False)  # outputs kept from the last result
     embedding: np.ndarray | None = field(default=None, init=False)  # float32 [hidden], pooled
+    kv_transfer_output: dict | None = field(default=None, init=False)  # set by the connector
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = [int(t) for t in self.prompt_token_ids]

@@ -117,6 +117,8 @@ class SamplingParams:
         allowed_token_ids: only these tokens may be sampled.
         bad_words: words never generated (each tokenized with and without a leading space).
         structured_outputs: a grammar the output follows (JSON schema, regex, choice, EBNF).
+        extra_args: for plug-ins, as vLLM's: ``{"kv_transfer_params": {...}}`` reaches the
+            KV connector (disaggregated prefill, see ``shoal.engine.kv_transfer``).
     """
 
     n: int = 1
@@ -141,6 +143,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    extra_args: dict | None = None
 
     def __post_init__(self) -> None:
         # stop becomes list[str], stop_token_ids list[int], top_k 0 -> -1, seed -1 -> None
@@ -179,6 +182,12 @@ class SamplingParams:
             self._set("min_p", 0.0)
 
     def _validate(self) -> None:
+        if self.extra_args is not None:
+            if not isinstance(self.extra_args, dict):
+                raise ValueError(f"extra_args must be a dict or None, got {self.extra_args!r}")
+            params = self.extra_args.get("kv_transfer_params")
+            if params is not None and not isinstance(params, dict):
+                raise ValueError(f"kv_transfer_params must be an object, got {params!r}")
         if not _is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if not _is_number(self.temperature) or self.temperature < 0:

@@ -290,6 +290,8 @@ class Scheduler:
             # tokens a KV connector provides beyond the local hit (never the last one:
             # it must be computed to sample)
             num_external = self.connector.get_num_new_matched_tokens(request, num_hit_tokens)
+            if num_external is None:  # its KV is on the way: ask again next step
+                break
             num_external = max(0, min(num_external, request.num_tokens - 1 - num_hit_tokens))
             num_new = min(request.num_tokens - num_hit_tokens - num_external, budget)
             if self.kv.allocate_slots(request, num_new + num_external, hit_pages) is None:

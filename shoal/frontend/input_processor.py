@@ -9,6 +9,7 @@ whether its KV cache and its queue have room.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -27,6 +28,18 @@ class ProcessedInput:
     prompt: str | None  # the text, when the prompt came as text
     prompt_token_ids: list[int]
     core_request: AddRequest
+
+
+def kv_transfer_json(params: SamplingParams) -> str:
+    """``extra_args["kv_transfer_params"]`` as the JSON the core reads ("" when none)."""
+    kv_params = (params.extra_args or {}).get("kv_transfer_params")
+    if kv_params is None:
+        return ""
+    try:
+        return json.dumps(kv_params)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(f"kv_transfer_params is not JSON: {exc}",
+                           param="kv_transfer_params") from None
 
 
 class InputProcessor:
@@ -123,6 +136,7 @@ class InputProcessor:
             stop_token_ids=sorted(set(params.stop_token_ids or ())),
             min_tokens=params.min_tokens,
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            kv_transfer_params=kv_transfer_json(params),
         )
         return ProcessedInput(text, token_ids, core_request)
 

@@ -8,6 +8,7 @@ the core to finish the requests listed in ``ProcessedOutputs.stopped``.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ class _Parent:
     metrics: RequestMetrics
     num_cached_tokens: int = 0
     prompt_logprobs: list | None = None
+    kv_transfer_params: dict | None = None  # the KV connector's answer (the first child's)
 
 
 @dataclass
@@ -111,6 +113,8 @@ class OutputProcessor:
             parent.num_cached_tokens = max(parent.num_cached_tokens, delta.num_cached_tokens)
             if delta.prompt_logprobs is not None and parent.prompt_logprobs is None:
                 parent.prompt_logprobs = delta.prompt_logprobs
+            if delta.kv_transfer_params and parent.kv_transfer_params is None:
+                parent.kv_transfer_params = json.loads(delta.kv_transfer_params)
             if delta.new_token_ids:
                 if parent.metrics.first_token_time is None:
                     parent.metrics.first_token_time = now
@@ -195,6 +199,7 @@ class OutputProcessor:
             metrics=parent.metrics,
             num_cached_tokens=parent.num_cached_tokens,
             prompt_logprobs=parent.prompt_logprobs,
+            kv_transfer_params=parent.kv_transfer_params if finished else None,
             delta_text=deltas_text,
             delta_token_ids=deltas_ids,
         )

@@ -65,6 +65,8 @@ class RequestOutput:
     metrics: RequestMetrics
     num_cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # the KV connector's answer when finished: a prefill engine's transfer handle
+    kv_transfer_params: dict | None = None
     delta_text: list[str] = field(default_factory=list)
     delta_token_ids: list[list[int]] = field(default_factory=list)
     # set when the engine could not finish the request (its unfinished completions then

@@ -179,10 +179,13 @@ class ChatServing(OpenAIServing):
             choices.append({"index": c.index, "message": message,
                             "logprobs": logprobs, "finish_reason": finish_reason,
                             "stop_reason": c.stop_reason})
-        return JSONResponse({
+        response = {
             "id": request_id, "object": "chat.completion", "created": self.now(),
             "model": model, "choices": choices, "usage": self._usage(output),
-        })
+        }
+        if output.kv_transfer_params is not None:  # a prefill engine's handle
+            response["kv_transfer_params"] = output.kv_transfer_params
+        return JSONResponse(response)
 
     def _usage(self, output: RequestOutput) -> dict:
         return self.usage(len(output.prompt_token_ids),

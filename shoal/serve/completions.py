@@ -98,10 +98,13 @@ class CompletionServing(OpenAIServing):
                 choices.append({"index": p * params.n + c.index, "text": prefix + c.text,
                                 "logprobs": logprobs, "finish_reason": c.finish_reason,
                                 "stop_reason": c.stop_reason})
-        return JSONResponse({
+        response = {
             "id": base_id, "object": "text_completion", "created": self.now(), "model": model,
             "choices": choices, "usage": self._usage(prompts, outputs),
-        })
+        }
+        if outputs and outputs[0].kv_transfer_params is not None:  # a prefill engine's handle
+            response["kv_transfer_params"] = outputs[0].kv_transfer_params
+        return JSONResponse(response)
 
     def _usage(self, prompts, outputs: list[RequestOutput]) -> dict:
         prompt_tokens = sum(len(ids) for _, ids in prompts)

@@ -37,14 +37,14 @@ class ServerProcess:
         args: flags for ``shoal <command>`` (not ``--port``).
         env: extra environment variables.
         startup_timeout_s: how long to wait for ``/health`` to answer 200.
-        command: the subcommand (``serve``, or ``gateway``).
+        command: the subcommand (``serve``, ``gateway`` or ``proxy``).
     """
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None,
                  startup_timeout_s: float = 600.0, host: str = "127.0.0.1",
                  command: str = "serve"):
         self.args = list(args)
-        self.command = command  # the shoal subcommand: serve, or gateway
+        self.command = command  # the shoal subcommand: serve, gateway or proxy
         self.env = {**os.environ, **(env or {})}
         self.startup_timeout_s = startup_timeout_s
         self.host = host

@@ -119,6 +119,28 @@ class ServerMetrics:
                                        "EPLB: placements computed from the load window.")
         self.eplb_slot_moves = counter("shoal:eplb_moved_experts",
                                        "EPLB: expert slots given another expert's weights.")
+        # KV connector transfers (disaggregated prefill / decode)
+        kv = (("kv_transfers_saved", "kv_transfer_saved", "Requests whose KV pages a "
+               "prefill engine stored for a decode engine."),
+              ("kv_transfers_loaded", "kv_transfer_loaded", "KV transfers received and used."),
+              ("kv_transfers_failed", "kv_transfer_failed", "KV transfers that failed, timed "
+               "out or failed their checksum: their prefix was recomputed."),
+              ("kv_transfer_bytes", "kv_transfer_bytes", "Bytes of KV received."),
+              ("kv_transfer_seconds", "kv_transfer_seconds", "Seconds from fetch order to "
+               "the last rank's pages, summed over transfers used."),
+              ("kv_transfer_recomputed_tokens", "kv_transfer_recomputed_tokens",
+               "Tokens recomputed because their KV transfer failed."))
+        kv += (("kv_offload_hit_tokens", "kv_offload_hit_tokens", "Tokens loaded from the "
+                "host KV tier instead of recomputed."),
+               ("kv_offload_hit_pages", "kv_offload_hit_pages", "Pages loaded from the host "
+                "KV tier."),
+               ("kv_offload_spilled_pages", "kv_offload_spilled_pages", "Pages evicted from "
+                "the prefix cache and copied into the host KV tier."))
+        kv_totals = tuple((key, counter(f"shoal:{name}", doc)) for key, name, doc in kv)
+        self.offload_resident = gauge("shoal:kv_offload_resident_pages",
+                                      "Pages the host KV tier holds.")
+        self.offload_capacity = gauge("shoal:kv_offload_capacity_pages",
+                                      "Pages the host KV tier can hold.")
         # the core's running totals (CoreStats fields) that counters follow by increments
         self._totals = (("prefix_cache_queries", self.prefix_queries),
                         ("prefix_cache_hits", self.prefix_hits),
@@ -131,7 +153,7 @@ class ServerMetrics:
                         ("num_draft_tokens", self.spec_draft_tokens),
                         ("num_accepted_tokens", self.spec_accepted),
                         ("eplb_num_rebalances", self.eplb_rebalances),
-                        ("eplb_num_slot_moves", self.eplb_slot_moves))
+                        ("eplb_num_slot_moves", self.eplb_slot_moves)) + kv_totals
         self._last = dict.fromkeys((name for name, _ in self._totals), 0)
         self._expert_totals: np.ndarray | None = None
 
@@ -190,6 +212,8 @@ class ServerMetrics:
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_usage)
         self.num_pages.set(stats.num_pages)
+        self.offload_resident.set(stats.kv_offload_resident_pages)
+        self.offload_capacity.set(stats.kv_offload_capacity_pages)
         for key, metric in self._totals:
             total = getattr(stats, key)
             if total > self._last[key]:

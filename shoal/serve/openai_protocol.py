@@ -90,6 +90,9 @@ class _SamplingBody(_Body):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # vLLM's disaggregated prefill: {"do_remote_decode": true} to a prefill engine, the
+    # handle it answered with to a decode engine (see shoal.engine.kv_transfer)
+    kv_transfer_params: dict[str, Any] | None = None
 
     def check_unsupported(self) -> None:
         if self.n > MAX_N:
@@ -141,6 +144,8 @@ class _SamplingBody(_Body):
                 logprobs=logprobs,
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                extra_args=({"kv_transfer_params": self.kv_transfer_params}
+                            if self.kv_transfer_params is not None else None),
             )
         except ValueError as exc:
             message = str(exc)

@@ -21,6 +21,9 @@ from typing import Protocol
 
 import torch
 
+from shoal.worker.kv_offload import OffloadingWorker
+from shoal.worker.kv_transfer import FaultInjectingWorker, ShoalTransferWorker
+
 
 class KVConnectorWorker(Protocol):
     def bind_metadata(self, metadata: bytes) -> None: ...
@@ -74,17 +77,30 @@ class LoggingConnectorWorker:
 
 
 WORKER_CONNECTORS = {
-    "LoggingConnector": LoggingConnectorWorker,
+    "LoggingConnector": lambda ctx, hf_config, dtype, extra: LoggingConnectorWorker(
+        ctx.rank, extra),
+    "ShoalTransferConnector": ShoalTransferWorker,
+    "FaultInjectingConnector": FaultInjectingWorker,
+    "OffloadingConnector": OffloadingWorker,
 }
 
 
-def create_worker_connector(name: str, rank: int, extra_json: str) -> KVConnectorWorker | None:
-    """The worker half of connector ``name``; None when no connector is configured."""
+def create_worker_connector(name: str, ctx, extra_json: str, hf_config,
+                            dtype: torch.dtype) -> KVConnectorWorker | None:
+    """The worker half of connector ``name``; None when no connector is configured.
+
+    Args:
+        name: the connector (``kv_transfer_config.kv_connector``).
+        ctx: this rank's ParallelContext.
+        extra_json: the worker config its scheduler half made (a JSON object).
+        hf_config: the model's Hugging Face config (heads, layers).
+        dtype: the model's (and so the KV cache's) dtype.
+    """
     if not name:
         return None
     try:
-        cls = WORKER_CONNECTORS[name]
+        make = WORKER_CONNECTORS[name]
     except KeyError:
         raise ValueError(f"unknown kv_connector {name!r}; known: "
                          f"{', '.join(sorted(WORKER_CONNECTORS))}") from None
-    return cls(rank, json.loads(extra_json or "{}"))
+    return make(ctx, hf_config, dtype, json.loads(extra_json or "{}"))

@@ -148,7 +148,7 @@ class ModelRunner:
         self.drafter = (DraftProposer(args, self.device, self.dtype)
                         if args.draft_model and self.is_output_rank else None)
         self.kv_connector: KVConnectorWorker | None = create_worker_connector(
-            args.kv_connector, ctx.rank, args.kv_connector_config)
+            args.kv_connector, ctx, args.kv_connector_config, self.hf_config, self.dtype)
         self.reset_stats()
 
     # -- set-up ------------------------------------------------------------------------------

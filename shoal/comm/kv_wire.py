@@ -1,0 +1,229 @@
+"""Messages and pure helpers of the KV transfer connector (``ShoalTransferConnector``).
+
+Three kinds of socket carry them:
+
+- a producer rank's **store** (ZeroMQ ROUTER): a consumer rank sends :class:`KVFetch`
+  and gets one :class:`KVPayload` back, its pages as one zero-copy frame;
+- the consumer driver's **orders** (PUB -> every worker rank): :class:`KVFetchOrder`
+  (pull these pages now) and :class:`KVDrop` (forget what was staged for them);
+- the driver's **reports** (worker ranks PUSH -> driver PULL): :class:`KVWorkerHello`
+  once at start (where this rank's store listens, which KV heads it holds) and
+  :class:`KVFetchReport` after each order.
+
+KV of a request travels token-major, ``[num_layers, 2, num_tokens, kv_heads, head_dim]``,
+so the two engines may use different page sizes and page ids. Heads are contiguous
+blocks per tp rank (``shoal.parallel.partition``): :func:`plan_fetches` says which
+producer ranks' blocks make up a consumer rank's block (heads regrouped when the two
+tp sizes differ). Every payload carries a :func:`checksum` of its bytes.
+
+On one host (same ``host_id``) the pages do not go through the socket at all: the
+producer keeps them in a shared-memory segment, the payload names it, the consumer
+maps it, checks it, writes its heads straight from it into its cache, and sends
+:class:`KVRelease` so the producer unlinks it.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shoal.comm.protocol import wire_message
+
+
+@dataclass
+class KVSource:
+    """One producer rank: where its store listens and which KV heads it holds."""
+
+    endpoint: str
+    kv_start: int
+    kv_end: int
+    host_id: str = ""  # same as the consumer's: the pages can come through shared memory
+
+
+@wire_message(40)
+@dataclass
+class KVFetch:
+    """Consumer rank -> producer store: heads ``[kv_start, kv_end)`` of one transfer.
+
+    The store forgets the transfer after ``fetches_expected`` fetches (or its TTL).
+    """
+
+    transfer_id: str
+    kv_start: int
+    kv_end: int
+    fetches_expected: int = 1
+    via_shm: bool = False  # same host: name the shared-memory segment, send no pages
+
+
+@wire_message(41)
+@dataclass
+class KVPayload:
+    """Producer store -> consumer rank: the pages asked for, or why not (``error``)."""
+
+    transfer_id: str
+    error: str  # "" when ``data`` holds the pages
+    checksum: int  # of data's bytes (or of the whole segment's)
+    dtype: str
+    data: np.ndarray | None  # [num_layers, 2, num_tokens, kv_end - kv_start, head_dim]
+    # via_shm: the segment holding all of the producer rank's heads, and its shape
+    shm_name: str = ""
+    shape: list[int] = field(default_factory=list)
+    kv_start: int = 0  # the first head the segment holds
+
+
+@wire_message(46)
+@dataclass
+class KVRelease:
+    """Consumer rank -> producer store: it has mapped the segment; unlink it when all have."""
+
+    transfer_id: str
+
+
+@wire_message(42)
+@dataclass
+class KVWorkerHello:
+    """A worker rank's connector half has started (sent once on the reports socket)."""
+
+    rank: int
+    tp_rank: int
+    endpoint: str  # its store ("" on a consumer-only engine)
+    kv_start: int
+    kv_end: int
+    total_num_kv_heads: int
+    num_layers: int
+    head_dim: int
+    dtype: str
+    host_id: str = ""
+    shm_prefix: str = ""  # its segments' names start so (the driver removes leftovers)
+
+
+@wire_message(43)
+@dataclass
+class KVFetchOrder:
+    """Driver -> worker ranks: pull ``num_tokens`` tokens of a transfer from ``sources``."""
+
+    transfer_id: str
+    num_tokens: int
+    sources: list[KVSource]
+    fetch_counts: list[int]  # per source: how many consumer ranks fetch from it
+    deadline_s: float  # give up after this long
+
+
+@wire_message(44)
+@dataclass
+class KVDrop:
+    """Driver -> worker ranks: forget what was staged for these transfers."""
+
+    transfer_ids: list[str]
+
+
+@wire_message(45)
+@dataclass
+class KVFetchReport:
+    """Worker rank -> driver: the outcome of one :class:`KVFetchOrder`."""
+
+    transfer_id: str
+    rank: int
+    ok: bool
+    error: str = ""
+    num_bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class KVLayout:
+    """What both engines must agree on for pages to be usable (checked before a fetch)."""
+
+    num_layers: int
+    total_num_kv_heads: int
+    head_dim: int
+    dtype: str
+    sources: list[KVSource] = field(default_factory=list)
+
+
+SHM_DIR = "/dev/shm"
+_BLOCK = 4096  # 64-bit words per block of the position-sensitive sum
+
+
+def checksum(data: np.ndarray) -> int:
+    """A 63-bit checksum of an array's bytes, at memory speed (CRC-32 runs at ~1 GB/s).
+
+    Sums of 64-bit words per block of 32 KiB, mod 2^64, folded with their positions
+    and the length through BLAKE2b: any changed word changes its block's sum, and
+    swapped blocks change the fold. It guards against corruption, not against forgery.
+    """
+    raw = memoryview(np.ascontiguousarray(data)).cast("B")
+    n_words = len(raw) // 8
+    words = np.frombuffer(raw[: n_words * 8], dtype=np.uint64)
+    full = n_words // _BLOCK * _BLOCK
+    sums = words[:full].reshape(-1, _BLOCK).sum(axis=1, dtype=np.uint64)
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(len(raw).to_bytes(8, "little"))
+    digest.update(sums.tobytes())
+    digest.update(words[full:].tobytes())
+    digest.update(bytes(raw[n_words * 8:]))
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+def host_id() -> str:
+    """This machine (host name and boot): equal ids share /dev/shm."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}" if boot and os.path.isdir("/dev/shm") else ""
+
+
+def plan_fetches(sources: list[KVSource], kv_start: int, kv_end: int) -> list[tuple[int, int, int]]:
+    """Which producer ranks cover KV heads ``[kv_start, kv_end)``, in head order.
+
+    Returns ``(source index, first head, end head)`` pieces that tile the range; where
+    several producer ranks hold a head (tp > KV heads: replicas) the first one serves.
+    Raises ValueError when some head is held by no source.
+    """
+    pieces = []
+    head = kv_start
+    while head < kv_end:
+        for index, src in enumerate(sources):
+            if src.kv_start <= head < src.kv_end:
+                end = min(src.kv_end, kv_end)
+                pieces.append((index, head, end))
+                head = end
+                break
+        else:
+            raise ValueError(f"no producer rank holds KV head {head}")
+    return pieces
+
+
+def remove_segments(prefix: str) -> int:
+    """Unlink the segments whose names start with ``prefix``; how many there were."""
+    if not prefix.startswith("shoal-kv-") or "/" in prefix:
+        raise ValueError(f"not a KV segment prefix: {prefix!r}")
+    removed = 0
+    for path in glob.glob(os.path.join(SHM_DIR, glob.escape(prefix) + "*")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed += 1
+    return removed
+
+
+def remove_stale_segments() -> None:
+    """Unlink segments left by processes that died (``kill -9``) before removing theirs."""
+    for path in glob.glob(os.path.join(SHM_DIR, "shoal-kv-*")):
+        match = re.match(r"shoal-kv-(\d+)-", os.path.basename(path))
+        if match is None:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        except PermissionError:
+            pass
