@@ -141,6 +141,20 @@ def test_greedy_speculation_every_family(tmp_path, family):
         assert stats.num_draft_tokens > 0, speculative.method
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe",
+                                    "qwen3_moe", "deepseek_v3"])
+def test_greedy_speculation_every_family_tp2_pp2(tmp_path, family):
+    """Per family, the multi-rank layouts: a self-draft at tp2, n-gram drafts at pp2
+    (llama runs both methods at both layouts above; verification is the same code)."""
+    target = tiny_checkpoint(family, tmp_path)
+    expected = hf_greedy(target, prompts(), 10)
+    params = [SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)] * 4
+    for speculative, layout in ((SELF_DRAFT, dict(tp=2)), (NGRAM, dict(pp=2))):
+        out, stats = run(target, params, speculative, **layout)
+        assert [out[i][0][0] for i in range(4)] == expected, (speculative.method, layout)
+        assert stats.num_draft_tokens > 0, (speculative.method, layout)
+
+
 def test_greedy_layer_skip_draft(checkpoint):
     """draft_layers as indices: the target's last layer alone (layer 0 skipped) drafts."""
     expected = hf_greedy(checkpoint, prompts(), 12)
