@@ -185,9 +185,17 @@ def test_streams_survive_kill_9_of_the_engine_core(model_dir):
             for t in threads:
                 t.join(timeout=120)
             assert not any(t.is_alive() for t in threads)
+            # a stream that was ahead may have finished before the kill landed (the first
+            # of them can be done by the time the last has its first token); every other
+            # one ends with the error
+            failed = 0
             for got in events:
-                assert "error" in got[-1], got[-1]
-                assert "--max-core-restarts" in got[-1]["error"]["message"]
+                if "error" in got[-1]:
+                    assert "--max-core-restarts" in got[-1]["error"]["message"]
+                    failed += 1
+                else:
+                    assert len(tokens_of(got)) == MAX_TOKENS, got[-1]
+            assert failed >= 1
             health = wait_health(url, 503)
             assert health.status_code == 503
             assert health.json()["error"]["code"] == "engine_dead"
