@@ -16,6 +16,7 @@ from shoal.engine_args import add_engine_args, engine_config_from_args
 from shoal.errors import ShoalError
 from shoal.frontend.llm_engine import LLMEngine
 from shoal.gateway.app import add_gateway_args, run_gateway
+from shoal.gateway.keys import hash_key
 from shoal.serve.api_server import run_server
 from shoal.serve.disagg_proxy import add_proxy_args, run_proxy
 from shoal.serve.limits import add_limit_args
@@ -115,6 +116,13 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    if args.hash_key is not None:  # what to put in the config for a key: print and stop
+        print(hash_key(args.hash_key))
+        return 0
+    return run_gateway(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     run_server(engine_config_from_args(args), args)
     return 0
@@ -158,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gateway", help="OpenAI-compatible gateway in front of engines: keys and "
                        "limits, model router, replica routing, semantic cache, guardrails, cost")
     add_gateway_args(p)
-    p.set_defaults(func=run_gateway)
+    p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("proxy", help="OpenAI-compatible front for disaggregated prefill "
                        "and decode engines")

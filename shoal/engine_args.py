@@ -56,15 +56,21 @@ def _partition(value: Any) -> tuple[int, ...] | None:
             f"pp_layer_partition must be comma-separated integers, got {value!r}") from None
 
 
-def _kv_transfer(value: Any) -> dict[str, Any]:
-    """A JSON object (string) or a dict -> KVTransferConfig fields."""
+def _json_object(value: Any, name: str) -> Mapping:
+    """``value`` as a mapping: a dict as it is, a string parsed as a JSON object."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except ValueError as exc:
-            raise ValueError(f"kv_transfer_config is not valid JSON: {exc}") from None
+            raise ValueError(f"{name} is not valid JSON: {exc}") from None
     if not isinstance(value, Mapping):
-        raise ValueError(f"kv_transfer_config must be a JSON object, got {value!r}")
+        raise ValueError(f"{name} must be a JSON object, got {value!r}")
+    return value
+
+
+def _kv_transfer(value: Any) -> dict[str, Any]:
+    """A JSON object (string) or a dict -> KVTransferConfig fields."""
+    value = _json_object(value, "kv_transfer_config")
     known = {"kv_connector", "kv_role", "kv_connector_extra_config"}
     unknown = sorted(set(value) - known)
     if unknown:
@@ -77,13 +83,7 @@ def _kv_transfer(value: Any) -> dict[str, Any]:
 
 def _speculative(value: Any) -> dict[str, Any]:
     """A JSON object (string) or a dict of vLLM's keys -> SpeculativeConfig fields."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
-    if not isinstance(value, Mapping):
-        raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
+    value = _json_object(value, "speculative_config")
     fields = dict(value)
     unknown = sorted(set(fields) - set(SPECULATIVE_KEYS))
     if unknown:
@@ -111,13 +111,7 @@ def _speculative(value: Any) -> dict[str, Any]:
 
 def _eplb(value: Any) -> dict[str, Any]:
     """A JSON object (string) or a dict of vLLM's ``eplb_config`` keys -> EPLBConfig fields."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise ValueError(f"eplb_config is not valid JSON: {exc}") from None
-    if not isinstance(value, Mapping):
-        raise ValueError(f"eplb_config must be a JSON object, got {value!r}")
+    value = _json_object(value, "eplb_config")
     fields = dict(value)
     fields.pop("log_balancedness", None)  # vLLM's logging switch: /metrics always has it
     unknown = sorted(set(fields) - set(EPLB_KEYS))

@@ -351,7 +351,7 @@ class Scheduler:
         pending_samples = self._pending_samples
         for row, (rid, num_scheduled) in enumerate(zip(plan.scheduled_req_ids,
                                                        plan.num_scheduled_tokens)):
-            left = in_flight_plans.get(rid, 0) - 1  # (_release_in_flight, inlined)
+            left = in_flight_plans.get(rid, 0) - 1  # the plan is no longer in flight
             if left > 0:
                 in_flight_plans[rid] = left
                 in_flight_tokens[rid] -= num_scheduled
@@ -434,20 +434,6 @@ class Scheduler:
         if request.num_output_tokens + 1 >= request.max_tokens:
             return False  # the token in flight ends it
         return self.kv.allocate_slots(request, in_flight + 1) is not None
-
-    def _release_in_flight(self, rid: int, num_tokens: int) -> None:
-        left = self._in_flight_plans.get(rid, 0) - 1
-        if left > 0:
-            self._in_flight_plans[rid] = left
-            self._in_flight[rid] -= num_tokens
-        else:
-            self._in_flight_plans.pop(rid, None)
-            self._in_flight.pop(rid, None)
-        pending = self._pending_samples.get(rid, 0)
-        if pending > 1:
-            self._pending_samples[rid] = pending - 1
-        else:
-            self._pending_samples.pop(rid, None)
 
     def _pick_victim(self, request: Request) -> Request | None:
         """The newest running request that can give its pages back now.

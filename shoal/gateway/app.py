@@ -17,27 +17,24 @@ from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 import shoal
 from shoal.gateway.config import GatewayConfig, load_config
 from shoal.gateway.gateway import Gateway
-from shoal.gateway.keys import hash_key
 from shoal.serve.http_guard import (
     ConcurrencyGuard,
     GracefulServer,
     ServerLifecycle,
     guarded_protocol,
 )
+from shoal.serve.api_server import install_error_handlers
 from shoal.serve.openai_protocol import APIError
 
 logger = logging.getLogger(__name__)
 
 
-def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def build_gateway_app(config: GatewayConfig) -> FastAPI:
@@ -63,20 +60,7 @@ def build_gateway_app(config: GatewayConfig) -> FastAPI:
     app.add_middleware(ConcurrencyGuard, limit=config.max_concurrent_requests,
                        lifecycle=app.state.lifecycle)  # 503 past it, and while draining
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(APIError(exc.status_code, str(exc.detail), code=code))
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s", request.url.path)
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}",
-                                       code="internal_error"))
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> Response:
@@ -128,9 +112,6 @@ def add_gateway_args(parser: argparse.ArgumentParser) -> None:
 
 def run_gateway(args: argparse.Namespace) -> int:
     """The ``shoal gateway`` command."""
-    if args.hash_key is not None:
-        print(hash_key(args.hash_key))
-        return 0
     if not args.config:
         raise ValueError("shoal gateway needs --config FILE (YAML or JSON)")
     app = build_gateway_app(load_config(args.config))

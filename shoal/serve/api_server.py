@@ -127,6 +127,24 @@ def bounded_queue(config: EngineConfig) -> EngineConfig:
     return config.replace(scheduler=scheduler)
 
 
+def install_error_handlers(app: FastAPI) -> None:
+    """OpenAI error bodies for API errors, unknown routes and anything unhandled."""
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(APIError(exc.status_code, str(exc.detail), code=code))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}",
+                                       code="internal_error"))
+
+
 def build_app(settings: ServerSettings) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the engine-core process.
 
@@ -179,20 +197,7 @@ def build_app(settings: ServerSettings) -> FastAPI:
                        lifecycle=lifecycle)
     app.state.lifecycle = lifecycle
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(APIError(exc.status_code, str(exc.detail), code=code))
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s", request.url.path)
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}",
-                                       code="internal_error"))
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> Response:
