@@ -248,7 +248,10 @@ def test_proxy_routes_stream_and_errors(gateway, engines, bob):
     pieces = [c.choices[0].text for c in bob.completions.create(
         model="small", prompt="The capital of France is", max_tokens=8, stream=True,
         extra_body=GREEDY) if c.choices]
-    assert len([p for p in pieces if p]) > 1 and "".join(pieces) == direct
+    # (how many chunks carry text depends on how the engine batched its deltas: a fast
+    # tiny model may send all 8 tokens in one; the slow backend's test checks that a
+    # stream is relayed as it comes)
+    assert pieces and "".join(pieces) == direct
 
     messages = [{"role": "user", "content": "Say something."}]
     reply = bob.chat.completions.create(model="small", messages=messages, max_tokens=6,
