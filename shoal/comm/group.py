@@ -8,6 +8,8 @@ On CPU, ranks of one host can attach a shared-memory all-reduce (see
 """
 from __future__ import annotations
 
+import itertools
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,12 +41,16 @@ class RankGroup:
     rank: int
     pg: Any = None
     fast_all_reducer: AllReducer | None = field(default=None, repr=False)
+    key: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.rank not in self.ranks:
             raise ValueError(f"rank {self.rank} is not in group {self.ranks}")
         if len(self.ranks) > 1 and self.pg is None:
             raise ValueError(f"group {self.ranks} of size {len(self.ranks)} needs a process group")
+        self.key = next(_GROUP_KEYS)
+        if len(self.ranks) > 1:
+            _GROUPS_BY_KEY[self.key] = self
 
     @classmethod
     def single(cls, rank: int = 0) -> "RankGroup":
@@ -72,6 +78,12 @@ class RankGroup:
         """Sum ``tensor`` over the group in place and return it."""
         if self.size == 1:
             return tensor
+        if torch.compiler.is_compiling():  # one opaque op in the graph, not traced Python
+            torch.ops.shoal.all_reduce_(tensor, self.key)
+            return tensor
+        return self._all_reduce_now(tensor)
+
+    def _all_reduce_now(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.fast_all_reducer is not None and self.fast_all_reducer.supports(tensor):
             return self.fast_all_reducer.all_reduce_(tensor)
         dist.all_reduce(tensor, group=self.pg)
@@ -152,3 +164,22 @@ class RankGroup:
         if self.fast_all_reducer is not None:
             self.fast_all_reducer.close()  # idempotent: groups may share one reducer
             self.fast_all_reducer = None
+
+
+# A compiled graph cannot hold a RankGroup, so its all-reduce names the group by key.
+# Dynamo tracing into the shared-memory reducer (a dict of views keyed by shape, numpy
+# flags) recorded wrongly shaped views; as a custom op the reduction stays opaque, in the
+# graph, with no graph break.
+_GROUP_KEYS = itertools.count()
+_GROUPS_BY_KEY: weakref.WeakValueDictionary[int, RankGroup] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("shoal::all_reduce_", mutates_args=("tensor",))
+def _all_reduce_op(tensor: torch.Tensor, group_key: int) -> None:
+    """Sum ``tensor`` in place over the group registered under ``group_key``."""
+    _GROUPS_BY_KEY[group_key]._all_reduce_now(tensor)
+
+
+@_all_reduce_op.register_fake
+def _(tensor: torch.Tensor, group_key: int) -> None:
+    return None

@@ -7,8 +7,6 @@ Compiling costs tens of seconds per process cold (the inductor cache in
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -77,21 +75,16 @@ def _on_ranks(ctx: ParallelContext, ckpt: str, config) -> dict:
     return {"generated": generated, "logits": logits}
 
 
-# The compiled step is opt-in (SHOAL_COMPILE=1). At tp2 dynamo fails while tracing a
-# frame resumed after the all-reduce's graph break (a fake-tensor shape mismatch in
-# RMSNorm, not yet diagnosed): kept out of CI until fixed.
-TP2_UNDER_REPAIR = pytest.mark.skipif(
-    os.environ.get("SHOAL_TEST_COMPILED_MULTIRANK") != "1",
-    reason="compiled tp2 is opt-in and under repair; SHOAL_TEST_COMPILED_MULTIRANK=1 runs it")
-
-
-@pytest.mark.parametrize("sizes", [pytest.param({"tp": 2}, marks=TP2_UNDER_REPAIR), {"pp": 2}])
-def test_compiled_tp2_and_pp2_match_transformers(tmp_path, sizes):
-    ckpt = tiny_checkpoint("llama", tmp_path, num_hidden_layers=3, **SMOL_SHAPE)
+@pytest.mark.parametrize("arch,sizes", [("llama", {"tp": 2}), ("llama", {"pp": 2}),
+                                        ("qwen2_moe", {"tp": 2})])
+def test_compiled_tp2_and_pp2_match_transformers(tmp_path, arch, sizes):
+    shape = SMOL_SHAPE if arch == "llama" else {}
+    ckpt = tiny_checkpoint(arch, tmp_path, num_hidden_layers=3, **shape)
     results = run_distributed(_on_ranks, 2, ckpt, plain_config(ckpt), timeout_s=600,
                               **sizes)
     if results[0].get("skipped"):
         pytest.skip("compiled path unavailable")
-    ref = hf_reference(ckpt, random_prompts(PROMPT_LENGTHS, 211, seed=3), NEW_TOKENS)
+    ref = hf_reference(ckpt, random_prompts(PROMPT_LENGTHS, plain_config(ckpt).vocab_size, seed=3),
+                       NEW_TOKENS)
     last = 1 if "pp" in sizes else 0
     assert_matches(results[last]["generated"], results[last]["logits"], ref)
