@@ -1,10 +1,11 @@
 """ModelRunner: executes StepPlans on one rank.
 
-It keeps each request's state between steps (token ids, page table, how many
-tokens are cached) so that plans carry only deltas, builds the flat batch and
-its AttentionMetadata, runs this rank's model shard (receiving/sending hidden
-states between pipeline stages), and on the output rank samples the next token
-of every request whose scheduled tokens complete it. An embedding request
+Each request's state between steps (token ids, page table, how many tokens are
+cached) lives in ``shoal.worker.request_states``, which applies the plans' deltas
+and builds the flat batch; the runner builds its AttentionMetadata, runs this
+rank's model shard (receiving/sending hidden states between pipeline stages),
+and on the output rank samples the next token of every request whose scheduled
+tokens complete it. An embedding request
 samples nothing: the output rank pools its prompt's final hidden states chunk
 by chunk (``shoal.worker.pooler``) and returns the embedding when its prefill ends.
 """
@@ -14,7 +15,6 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from shoal.engine.control import (
     ModelInfo,
     WorkerStats,
 )
-from shoal.engine.plan import NewRequestData, StepPlan, StepResult, speculation_allowed
+from shoal.engine.plan import StepPlan, StepResult, speculation_allowed
 from shoal.models.attention import AttentionMetadata
 from shoal.models.compiled import compile_model
 from shoal.models.ops.build import kernels_enabled
@@ -43,49 +43,14 @@ from shoal.parallel.pipeline import IntermediateTensors
 from shoal.worker.device import resolve_dtype
 from shoal.worker.draft_runner import DraftProposer
 from shoal.worker.kv_connector import KVConnectorWorker, create_worker_connector
-from shoal.worker.pooler import PromptPooler
 from shoal.worker.rejection_sampler import verify_greedy, verify_sampled
-from shoal.worker.request_table import RequestTable, ragged_index
+from shoal.worker.request_states import RequestStates, StepBatch
 from shoal.worker.sampler import Sampler, SamplingState, gather_logprobs
 from shoal.worker.structured_output import GrammarCache
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
-
-
-@dataclass
-class _RequestState:
-    """What a worker remembers of one request beyond its row of the RequestTable."""
-
-    slot: int  # its row of the table: token ids, pages, computed count
-    num_prompt_tokens: int
-    prompt_logprobs: int | None  # top-N prompt logprobs asked for (every rank needs to know)
-    sampling: SamplingState | None  # only where this rank samples
-    pooling: str = ""  # an embedding request: how its prompt is pooled (every rank knows)
-    pooler: PromptPooler | None = None  # only on the output rank
-    drafts: list[int] = field(default_factory=list)  # draft tokens of this step's plan
-    # drafts run last step: ``num_computed`` counted them all until the next plan says
-    # how many were accepted (only the output rank verified them)
-    num_unverified: int = 0
-
-
-@dataclass
-class _Batch:
-    """One step's flat batch, built from the plan and the request table (numpy columns)."""
-
-    input_ids: np.ndarray  # int64 [T]
-    query_lens: np.ndarray  # int64 [B]
-    computed: np.ndarray  # int64 [B] tokens already cached, per request
-    tables: np.ndarray  # int32 [B, max_pages] page ids, per request (padded)
-    sample_rows: list[int] = field(default_factory=list)  # rows whose logits are sampled
-    sample_ids: list[int] = field(default_factory=list)  # their request ids
-    # per sampling request: its draft tokens (rows 1 + len(drafts) of sample_rows)
-    sample_drafts: list[list[int]] = field(default_factory=list)
-    # (req_id, first row, first position, count) of rows that need prompt logprobs
-    prompt_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
-    # (req_id, first row, first position, count) of embedding requests' prompt rows
-    pool_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -123,11 +88,6 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - started
         self.page_size = 0
         self.num_pages = 0
-        self.requests: dict[int, _RequestState] = {}
-        self.table = RequestTable()
-        self._special: set[int] = set()  # requests with drafts, prompt logprobs or pooling
-        # requests whose sampling state reads its output (SamplingState.tracks_output)
-        self._tracked_ids: set[int] = set()
         self.is_output_rank = ctx.is_output_rank
         # async scheduling: every last-stage rank samples (same logits, same seeded
         # generators: the same tokens) and appends its own tokens, so the next plan
@@ -147,6 +107,10 @@ class ModelRunner:
         # draft-model speculation: the draft lives on the output rank only (draft_runner.py)
         self.drafter = (DraftProposer(args, self.device, self.dtype)
                         if args.draft_model and self.is_output_rank else None)
+        self.states = RequestStates(self.samples, self.is_output_rank, self._grammars,
+                                    self.drafter.reset if self.drafter is not None else None)
+        self.requests = self.states.requests  # the same dict and table, for short names
+        self.table = self.states.table
         self.kv_connector: KVConnectorWorker | None = create_worker_connector(
             args.kv_connector, ctx, args.kv_connector_config, self.hf_config, self.dtype)
         self.reset_stats()
@@ -194,6 +158,7 @@ class ModelRunner:
         caches = self.model.kv_cache_spec.allocate(num_pages, page_size, self.device)
         self.model.bind_kv_cache(caches)
         self.page_size, self.num_pages = page_size, num_pages
+        self.states.page_size = page_size
         self.kv_caches = caches
         if self.drafter is not None:
             self.drafter.init_kv_cache(num_pages, page_size)
@@ -229,125 +194,6 @@ class ModelRunner:
 
     # -- steps -------------------------------------------------------------------------------
 
-    def _apply_plan(self, plan: StepPlan) -> None:
-        """Drop finished requests, add new ones, apply the known ones' deltas (as columns)."""
-        table = self.table
-        for req_id in plan.finished_req_ids:
-            if self.requests.pop(req_id, None) is not None:
-                table.remove(req_id)
-                self._special.discard(req_id)
-                self._tracked_ids.discard(req_id)
-        for new in plan.new_requests:
-            self._add_request(new)
-        deltas = plan.cached_requests
-        if not len(deltas):
-            return
-        ids = deltas.req_ids.tolist()
-        slots = table.slots(ids)
-        if self._special or deltas.draft_counts.any():  # drafts settle first (counts assume it)
-            self._settle_and_stage_drafts(ids, deltas)
-        counts = deltas.new_token_counts
-        table.append_tokens(slots, counts, deltas.new_token_ids)
-        table.append_pages(slots, deltas.new_page_counts, deltas.new_page_ids)
-        if self.samples and len(deltas.new_token_ids):
-            self._track_outputs(ids, counts, deltas.new_token_ids)
-        wrong = np.flatnonzero(table.num_computed[slots] != deltas.num_computed_tokens)
-        if len(wrong):
-            i = int(wrong[0])
-            raise RuntimeError(
-                f"request {ids[i]}: worker has {int(table.num_computed[slots[i]])} computed "
-                f"tokens, driver believes {int(deltas.num_computed_tokens[i])}")
-
-    def _settle_and_stage_drafts(self, ids: list[int], deltas) -> None:
-        """Rows of requests that verified drafts last step or bring drafts this step."""
-        drafts = deltas.draft_token_ids.tolist()
-        offsets = np.cumsum(deltas.draft_counts) - deltas.draft_counts
-        rows = set(np.flatnonzero(deltas.draft_counts).tolist())
-        rows.update(i for i, rid in enumerate(ids)
-                    if rid in self._special and self.requests[rid].num_unverified)
-        for i in sorted(rows):
-            state = self.requests[ids[i]]
-            if state.num_unverified:
-                self._settle_drafts(ids[i], state, int(deltas.num_computed_tokens[i]))
-            count = int(deltas.draft_counts[i])
-            if count:
-                state.drafts = drafts[offsets[i] : offsets[i] + count]
-                self._special.add(ids[i])
-
-    def _track_outputs(self, ids: list[int], counts: np.ndarray, tokens: np.ndarray) -> None:
-        """New output tokens reach the sampling states that read their output."""
-        tracked = self._tracked_ids
-        if not tracked:
-            return
-        starts = np.cumsum(counts) - counts
-        token_list = None
-        for i, rid in enumerate(ids):
-            if rid in tracked and counts[i]:
-                if token_list is None:
-                    token_list = tokens.tolist()
-                first = int(starts[i])
-                self.requests[rid].sampling.append_output(token_list[first : first + counts[i]])
-
-    def _settle_drafts(self, req_id: int, state: _RequestState, computed: int) -> None:
-        """Last step's drafts are verified: the driver's count of cached tokens is the truth.
-
-        The KV of rejected drafts is overwritten later; pages that held only rejected
-        drafts were freed by the driver, so this rank drops them too (same rule).
-        """
-        table, slot = self.table, state.slot
-        ran = int(table.num_computed[slot])
-        if not ran - state.num_unverified <= computed <= ran:
-            raise RuntimeError(
-                f"request {req_id}: worker ran {state.num_unverified} drafts up to "
-                f"{ran} tokens, driver believes {computed} are cached")
-        table.num_computed[slot] = computed
-        table.num_pages[slot] = min(int(table.num_pages[slot]), -(-computed // self.page_size))
-        state.num_unverified = 0
-        self._refresh_special(req_id, state)
-
-    def _refresh_special(self, req_id: int, state: _RequestState) -> None:
-        if state.drafts or state.num_unverified or state.pooling or state.prompt_logprobs is not None:
-            self._special.add(req_id)
-        else:
-            self._special.discard(req_id)
-
-    def _add_request(self, new: NewRequestData) -> None:
-        if new.req_id in self.requests:  # sent again after a preemption
-            self.table.remove(new.req_id)
-        prompt = new.prompt_token_ids
-        tokens = np.concatenate([np.asarray(prompt, np.int32),
-                                 np.asarray(new.output_token_ids, np.int32)])
-        slot = self.table.add(new.req_id, tokens, new.page_ids, new.num_computed_tokens)
-        if self.drafter is not None:
-            self.drafter.reset(slot)
-        state = self._new_state(new, slot)
-        self.requests[new.req_id] = state
-        self._refresh_special(new.req_id, state)
-        if state.sampling is not None and state.sampling.tracks_output:
-            self._tracked_ids.add(new.req_id)
-        else:
-            self._tracked_ids.discard(new.req_id)
-
-    def _new_state(self, new: NewRequestData, slot: int) -> _RequestState:
-        num_prompt = len(new.prompt_token_ids)
-        if new.sampling.pooling:
-            pooler = None
-            if self.is_output_rank:
-                pooler = PromptPooler(new.sampling.pooling, new.sampling.pooling_normalize,
-                                      num_prompt)
-            return _RequestState(slot=slot, num_prompt_tokens=num_prompt, prompt_logprobs=None,
-                                 sampling=None, pooling=new.sampling.pooling, pooler=pooler)
-        sampling = None
-        if self.samples:
-            grammar = None
-            if new.sampling.structured_kind:
-                grammar = self._grammars().matcher(new.sampling.structured_kind,
-                                                   new.sampling.structured_spec)
-            sampling = SamplingState(new.sampling, new.prompt_token_ids,
-                                     list(new.output_token_ids), grammar=grammar)
-        return _RequestState(slot=slot, num_prompt_tokens=num_prompt,
-                             prompt_logprobs=new.sampling.prompt_logprobs, sampling=sampling)
-
     def _grammars(self) -> GrammarCache:
         """The structured-output compiler over the model's tokenizer, built on first use."""
         if self._grammar_cache is None:
@@ -365,10 +211,10 @@ class ModelRunner:
         began = time.perf_counter()
         if self._last_step_end is not None:
             self._stats.idle_s += began - self._last_step_end
-        self._apply_plan(plan)
+        self.states.apply_plan(plan)
         if plan.expert_move is not None:  # EPLB: this layer's new placement, before the step
             self._need_eplb().apply(plan.expert_move.layer, plan.expert_move.phy2log.tolist())
-        batch = self._prepare(plan)
+        batch = self.states.prepare(plan)
         connector = self.kv_connector
         if connector is not None:
             connector.bind_metadata(plan.kv_connector_metadata)
@@ -438,79 +284,14 @@ class ModelRunner:
         self._stats.dummy_steps += 1
         self._stats.dummy_s += time.perf_counter() - began
 
-    def _prepare(self, plan: StepPlan) -> _Batch:
-        """The flat batch of this step: tokens, lengths, page tables, rows that sample.
-
-        Column-wise over the request table; only requests with drafts, prompt logprobs
-        or pooling (``_special``) take a per-request pass.
-        """
-        table, ids = self.table, plan.scheduled_req_ids
-        slots = table.slots(ids)
-        n = np.asarray(plan.num_scheduled_tokens, dtype=np.int64)
-        special = [i for i, rid in enumerate(ids) if rid in self._special] if self._special else []
-        for i in special:  # drafts go just past the tokens, where the gather below finds them
-            state = self.requests[ids[i]]
-            if state.drafts:
-                table.put_drafts(int(slots[i]), state.drafts)
-        start = table.num_computed[slots]  # (a copy: fancy indexing)
-        end = start + n
-        rows, offsets = ragged_index(n)
-        input_ids = table.tokens[slots[rows], start[rows] + offsets].astype(np.int64)
-        short = np.flatnonzero(table.num_pages[slots] * self.page_size < end)
-        if len(short):
-            i = int(short[0])
-            raise RuntimeError(
-                f"request {ids[i]} runs up to token {int(end[i])} but holds only "
-                f"{int(table.num_pages[slots[i]])} pages of {self.page_size}")
-        max_pages = -(-int(end.max(initial=0)) // self.page_size)
-        tables = table.pages[slots, :max_pages]
-        # past its own pages a row holds what an earlier request left: pad with page 0
-        tables[np.arange(max_pages) >= table.num_pages[slots][:, None]] = 0
-        batch = _Batch(input_ids=input_ids, query_lens=n, computed=start, tables=tables)
-        table.num_computed[slots] = end
-        last_rows = np.cumsum(n) - 1
-        if not special:
-            done = np.flatnonzero(end == table.num_tokens[slots])
-            batch.sample_rows = last_rows[done].tolist()
-            batch.sample_ids = [ids[i] for i in done.tolist()]
-            batch.sample_drafts = [[] for _ in batch.sample_ids]
-            return batch
-        num_tokens = table.num_tokens[slots].tolist()
-        for i, (req_id, first, stop) in enumerate(zip(ids, (last_rows - n + 1).tolist(),
-                                                      end.tolist())):
-            begin, count = stop - int(n[i]), int(n[i])
-            state = self.requests[req_id] if req_id in self._special else None
-            if state is not None and state.pooling:  # pooled rows, nothing sampled
-                batch.pool_rows.append((req_id, first, begin, count))
-                continue
-            if state is not None and state.prompt_logprobs is not None:
-                # position p predicts prompt token p + 1
-                wanted = min(stop, state.num_prompt_tokens - 1) - begin
-                if wanted > 0:
-                    batch.prompt_rows.append((req_id, first, begin, wanted))
-            drafts = state.drafts if state is not None else []
-            if drafts:  # the last real token and every draft: 1 + d rows to verify
-                assert stop == num_tokens[i] + len(drafts), req_id
-                state.drafts, state.num_unverified = [], len(drafts)
-                batch.sample_rows.extend(range(first, first + count))
-                batch.sample_ids.append(req_id)
-                batch.sample_drafts.append(drafts)
-            elif stop == num_tokens[i]:
-                batch.sample_rows.append(first + count - 1)
-                batch.sample_ids.append(req_id)
-                batch.sample_drafts.append([])
-            if state is not None:
-                self._refresh_special(req_id, state)
-        return batch
-
-    def _run(self, batch: _Batch) -> torch.Tensor | None:
+    def _run(self, batch: StepBatch) -> torch.Tensor | None:
         """This rank's forward pass over the batch; hidden states [T, hidden] on the last stage."""
         meta = AttentionMetadata.from_arrays(batch.query_lens, batch.computed, batch.tables,
                                              self.page_size, self.device)
         ids = torch.from_numpy(batch.input_ids).to(self.device)
         return self._forward(ids, meta.positions, meta)
 
-    def _sample(self, step_id: int, batch: _Batch, hidden: torch.Tensor) -> StepResult | None:
+    def _sample(self, step_id: int, batch: StepBatch, hidden: torch.Tensor) -> StepResult | None:
         """Logits of the rows that sample, sampled on the output rank; prompt logprobs."""
         result = None
         if batch.sample_ids:
@@ -534,7 +315,7 @@ class ModelRunner:
                 result.prompt_logprobs = prompt_lps
         return result
 
-    def _pool(self, step_id: int, batch: _Batch, hidden: torch.Tensor,
+    def _pool(self, step_id: int, batch: StepBatch, hidden: torch.Tensor,
               result: StepResult | None) -> StepResult:
         """Add this chunk's rows to each embedding request; finished ones join the result."""
         embeddings = {}
@@ -557,7 +338,7 @@ class ModelRunner:
                   else np.ones(len(result.req_ids), np.int64))
         self.table.append_tokens(self.table.slots(result.req_ids), counts,
                                  result.sampled_token_ids)
-        self._track_outputs(result.req_ids, counts, result.sampled_token_ids)
+        self.states.track_outputs(result.req_ids, counts, result.sampled_token_ids)
 
     def _forward(self, ids, positions, meta, profile: bool = False) -> torch.Tensor | None:
         """This stage's part of the forward pass; the hidden states on the last stage."""
@@ -617,7 +398,7 @@ class ModelRunner:
             top_logprobs=to_np(out.top_logprobs, torch.float32),
         )
 
-    def _verify_tokens(self, step_id: int, batch: _Batch, logits: torch.Tensor,
+    def _verify_tokens(self, step_id: int, batch: StepBatch, logits: torch.Tensor,
                        states: list[SamplingState]) -> StepResult:
         """A step with drafts: 1 + d logits rows per request, 1 .. d + 1 tokens back.
 

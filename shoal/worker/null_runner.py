@@ -1,6 +1,6 @@
 """NullRunner: the step protocol without a model, for measuring the control plane.
 
-It keeps request state exactly as ModelRunner does (the same delta handling)
+It keeps request state exactly as ModelRunner does (the same RequestStates)
 and returns a deterministic "sampled" token per completed request, so the
 driver's scheduler, the codec and the ZeroMQ channels are exercised for real
 while the forward pass costs nothing. Used by benchmarks/control_plane.py and
@@ -22,7 +22,7 @@ from shoal.engine.control import KVCacheInfo, KVCapacity, LoadModel, MeasureKVCa
 from shoal.engine.plan import StepPlan, StepResult
 from shoal.parallel.context import ParallelContext
 from shoal.worker.model_runner import ModelRunner
-from shoal.worker.request_table import RequestTable
+from shoal.worker.request_states import RequestStates
 
 
 TIMER_SLACK_S = 300e-6  # time.sleep overshoots by about 0.16 ms (p50) on this machine
@@ -43,12 +43,12 @@ class NullRunner(ModelRunner):
     def __init__(self, ctx: ParallelContext, args: LoadModel):  # no model: skip ModelRunner's
         self.ctx = ctx
         self.load_args = args
-        self.requests = {}
-        self.table = RequestTable()
         self.drafter = None
-        self._special = set()
-        self._tracked_ids = set()
         self.is_output_rank = ctx.is_output_rank
+        self.states = RequestStates(samples=False, is_output_rank=self.is_output_rank,
+                                    grammars=self._grammars)
+        self.requests = self.states.requests
+        self.table = self.states.table
         self.vocab_size = args.vocab_size
         self.self_append = args.async_scheduling
         self.samples = False  # no sampling state: the "token" is a function of the last one
@@ -74,14 +74,15 @@ class NullRunner(ModelRunner):
 
     def init_kv_cache(self, num_pages: int, page_size: int) -> KVCacheInfo:
         self.page_size, self.num_pages = page_size, num_pages
+        self.states.page_size = page_size
         return KVCacheInfo(bytes=0)
 
     def execute(self, plan: StepPlan) -> StepResult | None:
-        self._apply_plan(plan)
+        self.states.apply_plan(plan)
         ids = plan.scheduled_req_ids
-        if self._special:  # drafts: a pass per request
+        if self.states.special:  # drafts: a pass per request
             req_ids, tokens, counts = self._execute_rows(plan)
-        else:  # column-wise, as ModelRunner._prepare
+        else:  # column-wise, as RequestStates.prepare
             table = self.table
             slots = table.slots(ids)
             end = table.num_computed[slots] + np.asarray(plan.num_scheduled_tokens, np.int64)
@@ -130,7 +131,7 @@ class NullRunner(ModelRunner):
                 if self.self_append:
                     table.append_tokens(np.asarray([slot]), np.asarray([1]),
                                         np.asarray(tokens[-1:], np.int32))
-            self._refresh_special(req_id, state)
+            self.states.refresh_special(req_id, state)
         return req_ids, tokens, counts
 
     def _verify(self, last: int, drafts: list[int]) -> list[int]:

@@ -30,6 +30,7 @@ import zmq
 from shoal.comm.bootstrap import default_backend, destroy_distributed, init_distributed
 from shoal.comm.channel import WorkerChannel, request_bootstrap
 from shoal.comm.codec import encode, pack_value, unpack_value
+from shoal.comm.security import WorkerKeys
 from shoal.engine.control import (
     COMMANDS,
     BootstrapInfo,
