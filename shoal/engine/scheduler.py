@@ -13,7 +13,7 @@ outputs kept); no new request is admitted in a step that preempted.
 
 Plans travel as deltas: a request is sent in full once (``NewRequestData``, again
 after a preemption), then as a row of ``CachedRequests`` carrying only tokens sampled
-since the workers last saw it and its new pages. Several plans may be in flight
+since the workers last saw it and its new pages (``worker_mirror``). Several plans may be in flight
 (pipeline parallelism): a request in an in-flight plan is left out of new plans
 until that plan's result is applied, and results are applied in plan order.
 In-flight requests are never preempted; a request that needs pages while only
@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
 from typing import Iterable
 
-import numpy as np
 
-from shoal.engine.plan import CachedRequests, NewRequestData, StepPlan, StepResult
+from shoal.engine.plan import StepPlan, StepResult
 from shoal.config import SchedulerConfig
 from shoal.errors import OverloadedError, RequestError
 from shoal.engine.core_io import SchedulerStats
@@ -47,16 +45,9 @@ from shoal.engine.kv_manager import KVCacheManager
 from shoal.engine.ngram_proposer import NgramProposer
 from shoal.engine.spec_decode import Speculation
 from shoal.engine.request import FINISH_REASON_OF, FINISH_REASONS, Request, RequestStatus
+from shoal.engine.worker_mirror import WorkerMirror
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _WorkerView:
-    """What the workers know of a request: how many of its tokens and pages."""
-
-    num_tokens: int
-    num_pages: int
 
 
 class Scheduler:
@@ -91,8 +82,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order; the last one is the newest
         self._requests: dict[int, Request] = {}  # every unfinished request
-        self._worker_views: dict[int, _WorkerView] = {}  # requests the workers hold
-        self._pending_finished_ids: list[int] = []  # workers must drop these next plan
+        self.workers = WorkerMirror()  # what the workers hold; the plans' deltas
         self._in_flight: dict[int, int] = {}  # req_id -> tokens scheduled in in-flight plans
         self._in_flight_plans: dict[int, int] = {}  # req_id -> in-flight plans holding it
         # req_id -> in-flight plans that sample it (async: tokens the workers hold already,
@@ -375,7 +365,7 @@ class Scheduler:
             request.num_computed_tokens += num_scheduled
             if drafts:  # pages that held only rejected drafts
                 self.kv.free_tail(request, request.num_computed_tokens)
-                view = self._worker_views[rid]
+                view = self.workers.views[rid]
                 view.num_pages = min(view.num_pages, len(request.page_ids))
             if cache_pages:
                 self.kv.cache_full_pages(request)
@@ -402,7 +392,7 @@ class Scheduler:
             if rid not in spans or spans[rid][1] < 1:
                 raise ValueError(f"step {plan.step_id}: no sampled token for request {rid}")
             first, count = spans[rid]
-            view = self._worker_views.get(rid)
+            view = self.workers.views.get(rid)
             if self.async_scheduling and view is not None and count > 1:
                 view.num_tokens += count - 1  # the workers appended every token they sampled
             request.num_new_output_tokens = 0
@@ -456,7 +446,7 @@ class Scheduler:
         self.running.remove(request)
         self.spec.forget(request.req_id)
         self.kv.free(request)
-        self._forget_on_workers(request)
+        self.workers.forget(request.req_id)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -475,91 +465,22 @@ class Scheduler:
         # a connector that keeps pages for an async save is not supported yet: free them
         self.connector.request_finished(request)
         self.kv.free(request)
-        self._forget_on_workers(request)
+        self.workers.forget(request.req_id)
         del self._requests[request.req_id]
 
-    def _forget_on_workers(self, request: Request) -> None:
-        if self._worker_views.pop(request.req_id, None) is not None:
-            self._pending_finished_ids.append(request.req_id)
-
     def _make_plan(self, scheduled: list[tuple[Request, int]]) -> StepPlan:
-        new_requests = []
-        # known requests' deltas go straight into CachedRequests' columns
-        c_ids, c_computed, c_ntok, c_tokens, c_npage, c_pages = [], [], [], [], [], []
-        c_ndraft, c_drafts = [], []
-        views, in_flight_tokens, in_flight_plans = (
-            self._worker_views, self._in_flight, self._in_flight_plans)
-        pending_samples, spec_drafts = self._pending_samples, self.spec.in_flight
-        self_append = self.async_scheduling
-        for request, num_new in scheduled:
-            rid = request.req_id
-            view = views.get(rid)
-            in_flight = in_flight_tokens.get(rid, 0)
-            placed = request.num_computed_tokens + in_flight  # what the workers will have cached
-            pending = pending_samples.get(rid, 0) if self_append else 0
-            all_tokens = request._all_token_ids
-            held = len(all_tokens) + pending  # tokens the workers hold when this plan runs
-            drafts = spec_drafts.get(rid, ()) if spec_drafts else ()
-            samples = placed + num_new - len(drafts) == held
-            pages = request.page_ids
-            if view is None:
-                assert not in_flight, f"request {rid} is sent in full while in flight"
-                assert not drafts, f"request {rid} has drafts in its first plan"
-                new_requests.append(
-                    NewRequestData(
-                        req_id=rid,
-                        prompt_token_ids=np.asarray(request.prompt_token_ids, dtype=np.int32),
-                        output_token_ids=list(request.output_token_ids),
-                        page_ids=list(pages),
-                        num_computed_tokens=request.num_computed_tokens,
-                        sampling=request.sampling,
-                    )
-                )
-                view = views[rid] = _WorkerView(held, len(pages))
-            else:
-                known_tokens, known_pages = view.num_tokens, view.num_pages
-                c_ids.append(rid)
-                c_computed.append(placed)
-                if known_tokens < len(all_tokens):
-                    c_ntok.append(len(all_tokens) - known_tokens)
-                    c_tokens += all_tokens[known_tokens:]
-                else:
-                    c_ntok.append(0)
-                if known_pages < len(pages):
-                    c_npage.append(len(pages) - known_pages)
-                    c_pages += pages[known_pages:]
-                else:
-                    c_npage.append(0)
-                c_ndraft.append(len(drafts))
-                if drafts:
-                    c_drafts += drafts
-                if held > known_tokens:
-                    view.num_tokens = held
-                view.num_pages = len(pages)
-            if samples and self_append and not request.sampling.pooling:
-                view.num_tokens += 1  # the workers append the token they sample
-                pending_samples[rid] = pending + 1
-            in_flight_tokens[rid] = in_flight + num_new
-            in_flight_plans[rid] = in_flight_plans.get(rid, 0) + 1
+        new_requests, cached = self.workers.deltas(
+            scheduled, self._in_flight, self._in_flight_plans, self._pending_samples,
+            self.spec.in_flight, self.async_scheduling)
         plan = StepPlan(
             step_id=self._next_step_id,
             new_requests=new_requests,
-            cached_requests=CachedRequests(
-                req_ids=np.asarray(c_ids, dtype=np.int64),
-                num_computed_tokens=np.asarray(c_computed, dtype=np.int64),
-                new_token_counts=np.asarray(c_ntok, dtype=np.int32),
-                new_token_ids=np.asarray(c_tokens, dtype=np.int32),
-                new_page_counts=np.asarray(c_npage, dtype=np.int32),
-                new_page_ids=np.asarray(c_pages, dtype=np.int32),
-                draft_counts=np.asarray(c_ndraft, dtype=np.int32),
-                draft_token_ids=np.asarray(c_drafts, dtype=np.int32),
-            ),
+            cached_requests=cached,
             scheduled_req_ids=[r.req_id for r, _ in scheduled],
             num_scheduled_tokens=[n for _, n in scheduled],
-            finished_req_ids=self._pending_finished_ids,
+            finished_req_ids=self.workers.take_finished_ids(),
         )
         plan.kv_connector_metadata = self.connector.build_connector_meta(plan)
-        self._pending_finished_ids = []
         self._in_flight_step_ids.append(plan.step_id)
         self._next_step_id += 1
         self.num_steps += 1
@@ -587,8 +508,7 @@ class Scheduler:
             request.num_computed_tokens = 0
         self.waiting.extendleft(reversed(running))
         self.kv.reset_prefix_cache()
-        self._worker_views.clear()
-        self._pending_finished_ids = []
+        self.workers.clear()
         self._in_flight.clear()
         self._in_flight_plans.clear()
         self._pending_samples.clear()
@@ -611,7 +531,7 @@ class Scheduler:
         )
         _check(len(self.running) <= self.config.max_num_seqs, "more running than max_num_seqs")
         _check(set(self.kv.holder_ids()) == set(running_ids), "page holders are not the running")
-        _check(set(self._worker_views) <= set(running_ids), "workers hold a non-running request")
+        _check(set(self.workers.views) <= set(running_ids), "workers hold a non-running request")
         for request in self.running:
             _check(request.status == RequestStatus.RUNNING, f"{request.req_id} status")
             in_flight = self._in_flight.get(request.req_id, 0)
@@ -636,7 +556,7 @@ class Scheduler:
             _check(not request.page_ids, f"waiting request {request.req_id} holds pages")
             _check(request.num_computed_tokens == 0, f"waiting {request.req_id} has computed KV")
         _check(
-            set(self._pending_finished_ids).isdisjoint(self._worker_views),
+            set(self.workers.pending_finished_ids).isdisjoint(self.workers.views),
             "a request to drop is still held by workers",
         )
 
