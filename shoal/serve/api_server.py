@@ -3,7 +3,8 @@
 Routes as vLLM's: ``POST /v1/completions``, ``POST /v1/chat/completions``
 (server-sent events with ``"stream": true``), ``POST /v1/embeddings``,
 ``GET /v1/models``, ``GET /health``
-(200 while the engine core runs, 503 after it died), ``GET /metrics``
+(200 while the engine core runs, 503 while it is replaced or after it died or
+stalled), ``GET /metrics``
 (Prometheus), ``GET /version``.
 
 This process tokenizes, detokenizes and streams; the engine core runs in a
@@ -202,12 +203,13 @@ def build_app(settings: ServerSettings) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         engine: AsyncEngineClient = state["engine"]
-        if engine.healthy:
+        fatal = engine.fatal_reason  # dead, or silent beyond its own recovery (stalled)
+        if fatal is None and engine.healthy:
             return Response(status_code=200)
-        if engine.restart_reason is not None and engine.dead_reason is None:
+        if fatal is None and engine.restart_reason is not None:
             raise APIError(503, engine.unhealthy_reason, code="engine_restarting",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
-        raise APIError(503, f"the engine is not running: {engine.unhealthy_reason}",
+        raise APIError(503, f"the engine is not running: {fatal or engine.unhealthy_reason}",
                        code="engine_dead")
 
     @app.get("/metrics")
