@@ -57,6 +57,8 @@ from shoal.engine.core_io import (
     CoreOutputs,
     EngineFailure,
     EngineReady,
+    PrefixCacheReset,
+    ResetPrefixCache,
 )
 from shoal.engine.recovery import RestartPolicy
 from shoal.engine.sampling_params import PoolingParams, SamplingParams
@@ -128,6 +130,8 @@ class AsyncEngineClient:
         self._child_parent: dict[int, str] = {}
         self._tasks: list[asyncio.Task] = []
         self._ready: asyncio.Future | None = None
+        self._resets: list[asyncio.Future] = []  # prefix-cache resets awaiting the core
+        self.last_stats = None  # the core's latest CoreStats
         self._tmpdir: str | None = None
         self._sync_ctx: zmq.Context | None = None
         self._async_ctx: zmq.asyncio.Context | None = None
@@ -251,13 +255,8 @@ class AsyncEngineClient:
 
     @property
     def fatal_reason(self) -> str | None:
-        """Why this engine will not serve again without outside help; None while it can.
-
-        Dead (restart budget spent, first start failed, stopped) or stalled: requests
-        in flight and no message from its live core for ``stall_timeout_s``, or a core
-        replacement not ready within it. A core being replaced within budget is not
-        fatal: it re-submits the requests in flight, which a new replica would lose.
-        """
+        """Why this engine will not serve again without outside help (module docstring);
+        None while it can, including while its core is replaced within budget."""
         if self.dead_reason is not None:
             return self.dead_reason
         now = time.monotonic()
@@ -291,10 +290,11 @@ class AsyncEngineClient:
         error = EngineDeadError(reason)
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(error)
-        for future in self._admissions.values():
+        for future in [*self._admissions.values(), *self._resets]:
             if not future.done():
                 future.set_exception(error)
         self._admissions.clear()
+        self._resets.clear()
         for request_id, stream in list(self._streams.items()):
             stream.fail(error)
             self.processor.abort(request_id)
@@ -330,6 +330,11 @@ class AsyncEngineClient:
                      reason, len(self._tracked))
         self.restart_reason = reason
         self._restart_started = time.monotonic()
+        for future in self._resets:  # the core that would have answered is gone
+            if not future.done():
+                future.set_exception(EngineRestartingError(
+                    f"the engine core is restarting ({reason}); nothing to reset"))
+        self._resets.clear()
         self._serving.clear()
         self.metrics.set_healthy(False)
         self._restart_task = asyncio.get_running_loop().create_task(self._restart(reason))
@@ -479,6 +484,23 @@ class AsyncEngineClient:
         except zmq.Again:  # no core connected: it died; the watcher restarts or fails it
             logger.warning("dropped a %s: the engine core is not connected", type(msg).__name__)
 
+    async def reset_prefix_cache(self, timeout_s: float = 30.0) -> PrefixCacheReset:
+        """Ask the core to forget its cached prefixes; its answer (``ok`` False: not now).
+        EngineDeadError when there is no core to ask (dead, or being replaced)."""
+        if self.dead_reason is not None or self._restart_task is not None or self._push is None:
+            raise EngineDeadError(self.unhealthy_reason or "the engine core is not running")
+        future = asyncio.get_running_loop().create_future()
+        self._resets.append(future)
+        self._send(ResetPrefixCache())
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except asyncio.TimeoutError:
+            raise EngineDeadError(f"the engine core did not answer a prefix-cache reset "
+                                  f"within {timeout_s:.0f} s") from None
+        finally:
+            if future in self._resets:
+                self._resets.remove(future)
+
     @property
     def num_requests(self) -> int:
         return len(self._streams)
@@ -498,6 +520,11 @@ class AsyncEngineClient:
             try:
                 if isinstance(msg, CoreOutputs):
                     self._handle(msg)
+                elif isinstance(msg, PrefixCacheReset):
+                    if self._resets:  # answers come in the order the resets were sent
+                        future = self._resets.pop(0)
+                        if not future.done():
+                            future.set_result(msg)
                 elif isinstance(msg, EngineReady):
                     if not ready.done():
                         ready.set_result(msg)
@@ -532,6 +559,7 @@ class AsyncEngineClient:
                 self.metrics.queue_time(msg.scheduled_time - tracked.arrival)
         if msg.deltas:
             self._apply(msg)
+        self.last_stats = msg.stats
         self.metrics.engine_stats(msg.stats)
 
     def _apply(self, msg: CoreOutputs) -> None:

@@ -26,9 +26,10 @@ per worker (``{GPU: 1}`` with an accelerator, else ``{CPU: num_cpus_per_worker}`
 the workers are Ray actors in it, as with :mod:`shoal.serve.ray_serve`.
 
 ``check_health`` raises once the engine is dead or stalled (Serve then replaces
-the replica); ``reset_prefix_cache`` is not offered (shoal's core has no command for
-it) and answers NotImplementedError. Ray's protocol models come from vLLM or
-SGLang: ``ray.serve.llm`` imports only beside one of them (``make ray-llm-env``).
+the replica); ``reset_prefix_cache`` forgets the engine's cached prefixes (only
+while no request holds pages); ``record_routing_stats`` gives the engine's load and
+prefix-cache totals. Ray's protocol models come from vLLM or SGLang:
+``ray.serve.llm`` imports only beside one of them (``make ray-llm-env``).
 """
 from __future__ import annotations
 
@@ -236,13 +237,28 @@ class ShoalServer:
             raise EngineDeadError(f"replica engine is not running: {reason}")
 
     async def record_routing_stats(self) -> dict[str, Any]:
-        """Serve's request-router hook: this replica's load."""
+        """Serve's request-router hook: this replica's load and its engine's latest stats."""
         engine = self._state.get("engine")
-        return {} if engine is None else {"num_requests": engine.num_requests}
+        if engine is None:
+            return {}
+        stats: dict[str, Any] = {"num_requests": engine.num_requests}
+        core = engine.last_stats
+        if core is not None:
+            stats.update(num_running=core.num_running, num_waiting=core.num_waiting,
+                         kv_usage=core.kv_usage, prefix_cache_queries=core.prefix_cache_queries,
+                         prefix_cache_hits=core.prefix_cache_hits)
+        return stats
 
     async def reset_prefix_cache(self) -> None:
-        """Not offered: shoal's engine core takes no prefix-cache command yet."""
-        raise NotImplementedError("shoal's engine has no prefix-cache reset command yet")
+        """Forget the engine's cached prefixes (Ray's ``/reset_prefix_cache`` broadcast).
+
+        Raises RuntimeError while requests hold KV pages (nothing is changed then), and
+        EngineDeadError without a running core.
+        """
+        answer = await self._state["engine"].reset_prefix_cache()
+        if not answer.ok:
+            raise RuntimeError(f"the prefix cache was not reset: {answer.reason}; "
+                               "reset it when no request is running")
 
     async def llm_config(self) -> Any:
         """The LLMConfig this replica serves (Ray's ingress and routers ask for it)."""

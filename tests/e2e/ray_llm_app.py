@@ -6,7 +6,9 @@ Started by tests/e2e/test_ray_llm.py under a Python where ``ray.serve.llm``
 imports (``make ray-llm-env``: Ray's protocol models are vLLM's). It starts a local
 2-CPU Ray instance, deploys one ``LLMConfig`` per model (one replica, one worker,
 fractional CPUs so two models fit), prints ``READY`` once the application runs
-(or ``FAILED <reason>``), and on end of stdin shuts Serve and Ray down.
+(or ``FAILED <reason>``), then answers each stdin line ``{"call": hook, "model": id}``
+with ``RESULT <json>`` or ``ERROR ...`` (the hook called through the replica's
+Serve handle), and on end of stdin shuts Serve and Ray down.
 """
 from __future__ import annotations
 
@@ -39,6 +41,15 @@ def llm_config(model: dict) -> LLMConfig:
     )
 
 
+def call(command: dict) -> str:
+    """One hook of a model's replica through its Serve handle, as Ray's ingress calls it."""
+    handle = serve.get_deployment_handle(f"ShoalServer:{command['model']}", app_name="llm")
+    try:
+        return "RESULT " + json.dumps(getattr(handle, command["call"]).remote().result())
+    except Exception as exc:  # noqa: BLE001 - the test reads the error
+        return f"ERROR {type(exc).__name__}: {exc}".replace("\n", " ")
+
+
 def main() -> int:
     spec = json.loads(sys.argv[1])
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
@@ -52,7 +63,8 @@ def main() -> int:
         })
         serve.run(app, name="llm", route_prefix="/")
         print("READY", flush=True)
-        sys.stdin.read()  # until the test closes it
+        for line in sys.stdin:  # until the test closes it
+            print(call(json.loads(line)), flush=True)
         return 0
     except Exception:  # noqa: BLE001 - any failure goes to the test as FAILED
         print("FAILED " + traceback.format_exc().replace("\n", "\\n"), flush=True)

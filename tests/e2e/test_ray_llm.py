@@ -95,9 +95,23 @@ def checkpoints(tmp_path_factory, smollm2_dir) -> dict[str, str]:
             for seed, name in enumerate(MODELS)}
 
 
+class RayLLMApp:
+    """The running application: its URL, and its replicas' hooks through Serve handles."""
+
+    def __init__(self, url: str, proc: subprocess.Popen, lines: queue.Queue):
+        self.url, self._proc, self._lines = url, proc, lines
+
+    def call(self, hook: str, model: str) -> object:
+        self._proc.stdin.write(json.dumps({"call": hook, "model": model}) + "\n")
+        self._proc.stdin.flush()
+        line = self._lines.get(timeout=120)
+        assert line.startswith("RESULT "), line
+        return json.loads(line[len("RESULT "):])
+
+
 @pytest.fixture(scope="module")
-def ray_llm_url(checkpoints, tmp_path_factory):
-    """The application's URL; afterwards nothing of it is left (processes, Ray, cores)."""
+def ray_llm_app(checkpoints, tmp_path_factory):
+    """The running application; afterwards nothing of it is left (processes, Ray, cores)."""
     python = peer_python()
     if python is None:
         pytest.skip(SKIP_REASON)
@@ -126,7 +140,7 @@ def ray_llm_url(checkpoints, tmp_path_factory):
             assert not line.startswith("FAILED"), line.replace("\\n", "\n")
             if line.startswith("READY"):
                 break
-        yield f"http://127.0.0.1:{port}"
+        yield RayLLMApp(f"http://127.0.0.1:{port}", proc, lines)
     finally:
         proc.stdin.close()  # the app shuts Serve and Ray down
         try:
@@ -145,8 +159,8 @@ def ray_llm_url(checkpoints, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(ray_llm_url) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{ray_llm_url}/v1", api_key="unused", max_retries=0,
+def client(ray_llm_app) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{ray_llm_app.url}/v1", api_key="unused", max_retries=0,
                          timeout=300)
 
 
@@ -254,6 +268,25 @@ def test_errors_are_openai_errors(client):
         client.completions.create(model="tiny-a", prompt=PROMPT, max_tokens=100_000)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="tiny-c", prompt=PROMPT, max_tokens=1)
+
+
+def test_prefix_cache_reset_and_routing_stats_through_the_replica_hooks(client, ray_llm_app):
+    """Ray's /reset_prefix_cache broadcast calls reset_prefix_cache on each replica: a
+    repeated prompt hits the cache before it, not after; record_routing_stats shows it."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * 8  # several 16-token pages
+
+    def hits_after_one_request() -> int:
+        client.completions.create(model="tiny-a", prompt=prompt, max_tokens=2, **GREEDY)
+        stats = ray_llm_app.call("record_routing_stats", "tiny-a")
+        assert stats["num_requests"] == 0 and 0.0 <= stats["kv_usage"] <= 1.0, stats
+        return stats["prefix_cache_hits"]
+
+    first = hits_after_one_request()
+    cached = hits_after_one_request()
+    assert cached - first >= 16  # the repeat found its prefix
+    assert ray_llm_app.call("reset_prefix_cache", "tiny-a") is None
+    assert hits_after_one_request() == cached  # forgotten: computed again
+    assert hits_after_one_request() > cached  # and cached anew
 
 
 def _complete_when_back(client: openai.OpenAI, model: str) -> str:
