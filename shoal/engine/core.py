@@ -526,6 +526,12 @@ class EngineCore:
             logger.debug("shutdown after a fatal worker failure failed", exc_info=True)
         raise EngineDeadError(self.dead_reason) from cause
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix of the device KV cache (a host KV tier keeps its
+        copies); False while a request holds pages, since its pages stay in use."""
+        self._check_not_dead()
+        return self.scheduler.reset_prefix_cache()
+
     # -- info -----------------------------------------------------------------------------
 
     def stats(self) -> CoreStats:

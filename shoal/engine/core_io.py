@@ -8,7 +8,8 @@ and on the wire (the API server talking to the engine-core process):
 - :class:`AbortRequests`: end children now ("abort": client gone, "stop": a
   stop string matched in the text);
 - :class:`CoreOutputs`: token deltas of one step, admissions and rejections,
-  and the core's :class:`CoreStats`.
+  and the core's :class:`CoreStats`;
+- :class:`ResetPrefixCache` and its answer :class:`PrefixCacheReset`.
 
 The core speaks token ids only; text lives in the frontend.
 """
@@ -221,3 +222,18 @@ class EngineFailure:
     # EngineDeadError): a new core would only reset that budget, so the API server
     # does not start one
     restartable: bool = True
+
+
+@wire_message(47)
+@dataclass
+class ResetPrefixCache:
+    """Forget every cached prefix (benchmark rounds, Ray Serve LLM's hook)."""
+
+
+@wire_message(48)
+@dataclass
+class PrefixCacheReset:
+    """The core's answer to :class:`ResetPrefixCache`: done, or why not."""
+
+    ok: bool
+    reason: str = ""

@@ -6,6 +6,8 @@ and talks to it over two ZeroMQ ipc:// sockets that the API server binds: PULL h
 AddRequest / AbortRequests / Shutdown, PUSH here for CoreOutputs. Messages are
 typed and msgpack-encoded (``shoal.comm.codec``); nothing is pickled.
 
+A ResetPrefixCache input is answered at once with PrefixCacheReset.
+
 The loop: read every pending input (blocking up to a second when idle, not at
 all while requests run), answer admissions (accepted, or a typed rejection: a
 RequestError never ends this process), run one ``EngineCore.step()`` and send
@@ -39,7 +41,9 @@ from shoal.engine.core_io import (
     CoreStats,
     EngineFailure,
     EngineReady,
+    PrefixCacheReset,
     RequestRejection,
+    ResetPrefixCache,
     TokenDelta,
 )
 from shoal.engine.request import RequestStatus
@@ -127,6 +131,9 @@ class CoreServer:
             else:
                 self.core.finish(msg.req_ids, msg.reason)
             self._unscheduled.difference_update(msg.req_ids)
+        elif isinstance(msg, ResetPrefixCache):
+            ok = self.core.reset_prefix_cache()
+            self.send(PrefixCacheReset(ok, "" if ok else "requests hold KV pages"))
         elif isinstance(msg, Shutdown):
             logger.info("shutdown asked: %s", msg.reason)
             self._stopping = True

@@ -240,6 +240,10 @@ class DPScheduler:
     def rank_stats(self) -> list[SchedulerStats]:
         return [s.stats for s in self.schedulers]
 
+    def reset_prefix_cache(self) -> bool:
+        """Every dp rank's prefix cache; True only if none held pages (each tried)."""
+        return all([s.reset_prefix_cache() for s in self.schedulers])
+
     def requeue_after_worker_loss(self) -> tuple[int, int]:
         """Every dp rank's scheduler requeues its running requests (the group is replaced)."""
         counts = [s.requeue_after_worker_loss() for s in self.schedulers]

@@ -192,6 +192,10 @@ class Scheduler:
         """An unfinished request by id."""
         return self._requests.get(req_id)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix; False (nothing changed) while a request holds pages."""
+        return self.kv.reset_prefix_cache()
+
     @property
     def stats(self) -> SchedulerStats:
         return SchedulerStats(

@@ -3,7 +3,8 @@
 Routes as vLLM's: ``POST /v1/completions``, ``POST /v1/chat/completions``
 (server-sent events with ``"stream": true``), ``POST /v1/embeddings``,
 ``GET /v1/models``, ``GET /health``
-(200 while the engine core runs, 503 after it died), ``GET /metrics``
+(200 while the engine core runs, 503 while it is replaced or after it died or
+stalled), ``GET /metrics``
 (Prometheus), ``GET /version``.
 
 This process tokenizes, detokenizes and streams; the engine core runs in a
@@ -145,6 +146,36 @@ def install_error_handlers(app: FastAPI) -> None:
                                        code="internal_error"))
 
 
+async def start_serving(settings: ServerSettings, config: EngineConfig,
+                        metrics: ServerMetrics, state: dict) -> None:
+    """Start the engine core and fill ``state``: ``engine`` and one handler per route kind.
+
+    ``engine`` is set first (so a shutdown during start-up finds it); if the core does
+    not become ready it is stopped and the error raised. The HTTP app's lifespan and
+    Ray Serve LLM's server class (``shoal.serve.ray_llm``) both start their engine here.
+    """
+    engine = AsyncEngineClient(config, settings.model.root, settings.model.max_model_len,
+                               metrics, settings.model.vocab_size)
+    state["engine"] = engine
+    await engine.start()
+    try:
+        # the tokenizer loads here while the core process loads the model
+        tokenizer = await asyncio.to_thread(load_tokenizer, settings.model.root)
+        engine.set_tokenizer(tokenizer, eos_token_ids(settings.model.root, tokenizer))
+        await engine.wait_ready()
+    except BaseException:
+        await engine.stop()
+        raise
+    defaults = load_generation_defaults(settings.model.root, config.model.generation_config)
+    for name, cls in (("completions", CompletionServing), ("chat", ChatServing),
+                      ("embeddings", EmbeddingServing), ("tokenize", TokenizeServing)):
+        serving = state[name] = cls(engine, settings.model, tokenizer)
+        serving.generation_defaults = defaults
+        serving.log_requests = not settings.disable_log_requests
+    state["chat"].tool_parser = settings.tool_call_parser
+    state["chat"].enable_auto_tool_choice = settings.enable_auto_tool_choice
+
+
 def build_app(settings: ServerSettings) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the engine-core process.
 
@@ -157,33 +188,15 @@ def build_app(settings: ServerSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine = AsyncEngineClient(config, settings.model.root, settings.model.max_model_len,
-                                   metrics, settings.model.vocab_size)
-        state["engine"] = engine
-        await engine.start()
-        try:
-            # the tokenizer loads here while the core process loads the model
-            tokenizer = await asyncio.to_thread(load_tokenizer, settings.model.root)
-            engine.set_tokenizer(tokenizer, eos_token_ids(settings.model.root, tokenizer))
-            await engine.wait_ready()
-        except BaseException:
-            await engine.stop()
-            raise
-        defaults = load_generation_defaults(settings.model.root, config.model.generation_config)
-        for name, cls in (("completions", CompletionServing), ("chat", ChatServing),
-                          ("embeddings", EmbeddingServing), ("tokenize", TokenizeServing)):
-            serving = state[name] = cls(engine, settings.model, tokenizer)
-            serving.generation_defaults = defaults
-            serving.log_requests = not settings.disable_log_requests
-        state["chat"].tool_parser = settings.tool_call_parser
-        state["chat"].enable_auto_tool_choice = settings.enable_auto_tool_choice
+        await start_serving(settings, config, metrics, state)
         port = "?" if settings.port is None else settings.port
-        log_banner(banner_lines(config, settings.model.name, settings.model.root, engine.info,
-                                f"http://{settings.host}:{port}", route_list(app)))
+        log_banner(banner_lines(config, settings.model.name, settings.model.root,
+                                state["engine"].info, f"http://{settings.host}:{port}",
+                                route_list(app)))
         try:
             yield
         finally:
-            await engine.stop()
+            await state["engine"].stop()
 
     app = FastAPI(title="shoal", version=shoal.__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
@@ -202,12 +215,13 @@ def build_app(settings: ServerSettings) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         engine: AsyncEngineClient = state["engine"]
-        if engine.healthy:
+        fatal = engine.fatal_reason  # dead, or silent beyond its own recovery (stalled)
+        if fatal is None and engine.healthy:
             return Response(status_code=200)
-        if engine.restart_reason is not None and engine.dead_reason is None:
+        if fatal is None and engine.restart_reason is not None:
             raise APIError(503, engine.unhealthy_reason, code="engine_restarting",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
-        raise APIError(503, f"the engine is not running: {engine.unhealthy_reason}",
+        raise APIError(503, f"the engine is not running: {fatal or engine.unhealthy_reason}",
                        code="engine_dead")
 
     @app.get("/metrics")
@@ -332,4 +346,5 @@ def run_server(engine_config: EngineConfig, args: argparse.Namespace) -> None:
     GracefulServer(config, app.state.lifecycle, end_all, shutdown_timeout).run()
 
 
-__all__ = ["EngineDeadError", "ServerSettings", "build_app", "run_server", "served_model"]
+__all__ = ["EngineDeadError", "ServerSettings", "bounded_queue", "build_app", "run_server",
+           "served_model", "start_serving"]

@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response
 
 from shoal.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from shoal.errors import RequestError
@@ -27,9 +27,11 @@ from shoal.serve.openai_protocol import APIError, ChatCompletionRequest, bad_req
 from shoal.serve.request_stream import RequestStream
 from shoal.serve.serving import (
     OpenAIServing,
+    Reply,
     choice_deltas,
     random_id,
     stream_events,
+    to_response,
     unless_disconnected,
 )
 from shoal.serve.tool_parsers import ToolCall, ToolParser, get_tool_parser
@@ -146,6 +148,10 @@ class ChatServing(OpenAIServing):
         return params, max_param
 
     async def create(self, body: ChatCompletionRequest, raw: Request) -> Response:
+        return to_response(await self.respond(body, raw))
+
+    async def respond(self, body: ChatCompletionRequest, raw: Request | None = None) -> Reply:
+        """The response body, or its events when streaming; raises APIError."""
         body.check_unsupported()
         model = self.check_model(body.model)
         tools, reply = self.tools_of(body)
@@ -160,14 +166,12 @@ class ChatServing(OpenAIServing):
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = self._chunks(request_id, model, params, stream, notify, include_usage,
                                   reply)
-            return StreamingResponse(stream_events(chunks, [request_id], [stream], self.engine),
-                                     media_type="text/event-stream")
-        result = await unless_disconnected(
+            return stream_events(chunks, [request_id], [stream], self.engine)
+        return await unless_disconnected(
             self._full(request_id, model, params, text, token_ids, notify, reply), raw)
-        return result if result is not None else Response(status_code=499)
 
     async def _full(self, request_id: str, model: str, params: SamplingParams, text: str,
-                    token_ids: list[int], notify: asyncio.Event, reply: ToolReply) -> Response:
+                    token_ids: list[int], notify: asyncio.Event, reply: ToolReply) -> dict:
         stream = await self.submit(request_id, text, token_ids, params, notify)
         (output,) = await self.collect([request_id], [stream])
         choices = []
@@ -185,7 +189,7 @@ class ChatServing(OpenAIServing):
         }
         if output.kv_transfer_params is not None:  # a prefill engine's handle
             response["kv_transfer_params"] = output.kv_transfer_params
-        return JSONResponse(response)
+        return response
 
     def _usage(self, output: RequestOutput) -> dict:
         return self.usage(len(output.prompt_token_ids),

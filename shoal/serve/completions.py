@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response
 
 from shoal.engine.sampling_params import SamplingParams
 from shoal.frontend.outputs import RequestOutput
@@ -19,9 +19,11 @@ from shoal.serve.openai_protocol import CompletionRequest, bad_request
 from shoal.serve.request_stream import RequestStream
 from shoal.serve.serving import (
     OpenAIServing,
+    Reply,
     choice_deltas,
     random_id,
     stream_events,
+    to_response,
     unless_disconnected,
 )
 
@@ -42,6 +44,10 @@ class CompletionServing(OpenAIServing):
         return [(None, list(p)) for p in prompt]
 
     async def create(self, body: CompletionRequest, raw: Request) -> Response:
+        return to_response(await self.respond(body, raw))
+
+    async def respond(self, body: CompletionRequest, raw: Request | None = None) -> Reply:
+        """The response body, or its events when streaming; raises APIError."""
         body.check_unsupported()
         model = self.check_model(body.model)
         params = body.sampling_params(body.max_tokens, body.logprobs, self.generation_defaults)
@@ -58,11 +64,9 @@ class CompletionServing(OpenAIServing):
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = self._chunks(base_id, model, body, params, prompts, streams, notify,
                                   include_usage)
-            return StreamingResponse(stream_events(chunks, request_ids, streams, self.engine),
-                                     media_type="text/event-stream")
-        result = await unless_disconnected(
+            return stream_events(chunks, request_ids, streams, self.engine)
+        return await unless_disconnected(
             self._full(base_id, model, body, params, prompts, request_ids, notify), raw)
-        return result if result is not None else Response(status_code=499)
 
     async def _submit_all(self, request_ids: list[str], prompts, params: SamplingParams,
                           notify: asyncio.Event) -> list[RequestStream]:
@@ -85,7 +89,7 @@ class CompletionServing(OpenAIServing):
 
     async def _full(self, base_id: str, model: str, body: CompletionRequest,
                     params: SamplingParams, prompts, request_ids: list[str],
-                    notify: asyncio.Event) -> Response:
+                    notify: asyncio.Event) -> dict:
         streams = await self._submit_all(request_ids, prompts, params, notify)
         outputs = await self.collect(request_ids, streams)
         choices = []
@@ -104,7 +108,7 @@ class CompletionServing(OpenAIServing):
         }
         if outputs and outputs[0].kv_transfer_params is not None:  # a prefill engine's handle
             response["kv_transfer_params"] = outputs[0].kv_transfer_params
-        return JSONResponse(response)
+        return response
 
     def _usage(self, prompts, outputs: list[RequestOutput]) -> dict:
         prompt_tokens = sum(len(ids) for _, ids in prompts)

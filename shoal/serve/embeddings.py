@@ -17,11 +17,11 @@ from typing import Literal
 
 import numpy as np
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from shoal.engine.sampling_params import PoolingParams
 from shoal.serve.openai_protocol import APIError, Int64, _Body, bad_request
-from shoal.serve.serving import OpenAIServing, random_id, unless_disconnected
+from shoal.serve.serving import OpenAIServing, random_id, to_response, unless_disconnected
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
 
@@ -58,6 +58,10 @@ class EmbeddingServing(OpenAIServing):
         return prompts
 
     async def create(self, body: EmbeddingRequest, raw: Request) -> Response:
+        return to_response(await self.respond(body, raw))
+
+    async def respond(self, body: EmbeddingRequest, raw: Request | None = None) -> dict | None:
+        """The response body (None: the client went away); raises APIError."""
         model = self.check_model(body.model)
         if body.dimensions is not None and body.dimensions != self.model.hidden_size:
             raise bad_request(f"dimensions {body.dimensions} is not supported: this model "
@@ -68,13 +72,13 @@ class EmbeddingServing(OpenAIServing):
         result = await unless_disconnected(
             self._embed(request_id, prompts, PoolingParams(normalize=body.normalize)), raw)
         if result is None:
-            return Response(status_code=499)
+            return None
         data = [{"object": "embedding", "index": i, "embedding": _encoded(e, body.encoding_format)}
                 for i, e in enumerate(result)]
         tokens = sum(len(p) for p in prompts)
-        return JSONResponse({"id": request_id, "object": "list", "created": self.now(),
-                             "model": model, "data": data,
-                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return {"id": request_id, "object": "list", "created": self.now(),
+                "model": model, "data": data,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     async def _embed(self, request_id: str, prompts: list[list[int]],
                      params: PoolingParams) -> list[list[float]]:

@@ -25,6 +25,13 @@ requests wait for the new core up to ``RESTART_ADMISSION_WAIT_S``, then get
 (``--max-core-restarts`` within ``--core-restart-window``); beyond the budget, or
 when the first core never became ready, every request fails with
 ``EngineDeadError`` and ``healthy`` stays False.
+
+``fatal_reason`` is the verdict a supervisor outside the process needs (Ray
+Serve's ``check_health``): None while the engine serves or replaces its core
+within budget, a reason once it is dead, or once it has gone silent for longer
+than its own recovery could take (``stall_timeout_s``: a step timeout plus a
+worker group's start timeout, plus a margin): requests in flight and no message
+from a live core, or a core replacement that never became ready.
 """
 from __future__ import annotations
 
@@ -50,6 +57,8 @@ from shoal.engine.core_io import (
     CoreOutputs,
     EngineFailure,
     EngineReady,
+    PrefixCacheReset,
+    ResetPrefixCache,
 )
 from shoal.engine.recovery import RestartPolicy
 from shoal.engine.sampling_params import PoolingParams, SamplingParams
@@ -72,6 +81,7 @@ WATCH_INTERVAL_S = 0.2
 SEND_TIMEOUT_MS = 2000  # a send blocks only with no core connected (dead): then it is dropped
 EXIT_GRACE_S = 5.0  # a core that reported EngineFailure gets this long to exit by itself
 RESTART_ADMISSION_WAIT_S = 30.0  # new requests wait this long for a restarting core, then 503
+STALL_MARGIN_S = 30.0  # beyond the core's own step timeout + worker start timeout
 
 
 class AsyncEngineClient:
@@ -106,6 +116,11 @@ class AsyncEngineClient:
                                        what="engine-core restarts",
                                        flags="--max-core-restarts, --core-restart-window")
         self._restart_task: asyncio.Task | None = None
+        self._restart_started = 0.0
+        self._last_core_message = time.monotonic()  # or the first request after a quiet spell
+        # silence beyond this, with work to do, means the core's own recovery failed too
+        self.stall_timeout_s = (config.fault.step_timeout_s + config.executor.start_timeout_s
+                                + STALL_MARGIN_S)
         self._serving = asyncio.Event()  # clear only while a core restarts
         self._serving.set()
         self._ids = itertools.count()
@@ -115,6 +130,8 @@ class AsyncEngineClient:
         self._child_parent: dict[int, str] = {}
         self._tasks: list[asyncio.Task] = []
         self._ready: asyncio.Future | None = None
+        self._resets: list[asyncio.Future] = []  # prefix-cache resets awaiting the core
+        self.last_stats = None  # the core's latest CoreStats
         self._tmpdir: str | None = None
         self._sync_ctx: zmq.Context | None = None
         self._async_ctx: zmq.asyncio.Context | None = None
@@ -236,6 +253,26 @@ class AsyncEngineClient:
             return f"the engine core is restarting: {self.restart_reason}"
         return None
 
+    @property
+    def fatal_reason(self) -> str | None:
+        """Why this engine will not serve again without outside help (module docstring);
+        None while it can, including while its core is replaced within budget."""
+        if self.dead_reason is not None:
+            return self.dead_reason
+        now = time.monotonic()
+        if self._restart_task is not None:
+            waited = now - self._restart_started
+            if waited > self.stall_timeout_s:
+                return (f"the engine core has been restarting for {waited:.0f} s "
+                        f"(> {self.stall_timeout_s:.0f} s): {self.restart_reason}")
+            return None
+        silent = now - self._last_core_message
+        if self.info is not None and self._tracked and silent > self.stall_timeout_s:
+            return (f"the engine core is stalled: {len(self._tracked)} requests in flight and "
+                    f"no output for {silent:.0f} s (> {self.stall_timeout_s:.0f} s: step "
+                    "timeout + worker start timeout + margin)")
+        return None
+
     def _mark_dead(self, reason: str, log: bool = True, kind: str = "engine_dead") -> None:
         if self.dead_reason is not None:
             return
@@ -253,10 +290,11 @@ class AsyncEngineClient:
         error = EngineDeadError(reason)
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(error)
-        for future in self._admissions.values():
+        for future in [*self._admissions.values(), *self._resets]:
             if not future.done():
                 future.set_exception(error)
         self._admissions.clear()
+        self._resets.clear()
         for request_id, stream in list(self._streams.items()):
             stream.fail(error)
             self.processor.abort(request_id)
@@ -291,6 +329,12 @@ class AsyncEngineClient:
         logger.error("%s; starting a new engine core for %d requests in flight",
                      reason, len(self._tracked))
         self.restart_reason = reason
+        self._restart_started = time.monotonic()
+        for future in self._resets:  # the core that would have answered is gone
+            if not future.done():
+                future.set_exception(EngineRestartingError(
+                    f"the engine core is restarting ({reason}); nothing to reset"))
+        self._resets.clear()
         self._serving.clear()
         self.metrics.set_healthy(False)
         self._restart_task = asyncio.get_running_loop().create_task(self._restart(reason))
@@ -322,6 +366,7 @@ class AsyncEngineClient:
         self.info = info
         self._restart_task = None
         self.restart_reason = None
+        self._last_core_message = time.monotonic()
         resubmitted = self._resubmit()  # no await since the ready check: nothing interleaves
         self._serving.set()
         self.num_core_restarts += 1
@@ -388,6 +433,8 @@ class AsyncEngineClient:
                      params: SamplingParams, notify: asyncio.Event | None) -> RequestStream:
         """Track a checked request, send it to the core, and wait until it is admitted."""
         request_id, child_ids, arrival = msg.request_id, msg.req_ids, msg.arrival_time
+        if not self._tracked:  # the core had nothing to say while idle: silence counts from now
+            self._last_core_message = time.monotonic()
         self.processor.add_request(request_id, prompt, prompt_token_ids, params, child_ids, arrival)
         stream = RequestStream(request_id, len(child_ids), notify or asyncio.Event())
         self._streams[request_id] = stream
@@ -437,6 +484,23 @@ class AsyncEngineClient:
         except zmq.Again:  # no core connected: it died; the watcher restarts or fails it
             logger.warning("dropped a %s: the engine core is not connected", type(msg).__name__)
 
+    async def reset_prefix_cache(self, timeout_s: float = 30.0) -> PrefixCacheReset:
+        """Ask the core to forget its cached prefixes; its answer (``ok`` False: not now).
+        EngineDeadError when there is no core to ask (dead, or being replaced)."""
+        if self.dead_reason is not None or self._restart_task is not None or self._push is None:
+            raise EngineDeadError(self.unhealthy_reason or "the engine core is not running")
+        future = asyncio.get_running_loop().create_future()
+        self._resets.append(future)
+        self._send(ResetPrefixCache())
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except asyncio.TimeoutError:
+            raise EngineDeadError(f"the engine core did not answer a prefix-cache reset "
+                                  f"within {timeout_s:.0f} s") from None
+        finally:
+            if future in self._resets:
+                self._resets.remove(future)
+
     @property
     def num_requests(self) -> int:
         return len(self._streams)
@@ -447,6 +511,7 @@ class AsyncEngineClient:
                            ready: asyncio.Future) -> None:
         while True:
             frames = await pull.recv_multipart(copy=False)
+            self._last_core_message = time.monotonic()
             try:
                 msg = decode(frames, MAX_OUTPUT_BYTES)
             except ProtocolError as exc:
@@ -455,6 +520,11 @@ class AsyncEngineClient:
             try:
                 if isinstance(msg, CoreOutputs):
                     self._handle(msg)
+                elif isinstance(msg, PrefixCacheReset):
+                    if self._resets:  # answers come in the order the resets were sent
+                        future = self._resets.pop(0)
+                        if not future.done():
+                            future.set_result(msg)
                 elif isinstance(msg, EngineReady):
                     if not ready.done():
                         ready.set_result(msg)
@@ -489,6 +559,7 @@ class AsyncEngineClient:
                 self.metrics.queue_time(msg.scheduled_time - tracked.arrival)
         if msg.deltas:
             self._apply(msg)
+        self.last_stats = msg.stats
         self.metrics.engine_stats(msg.stats)
 
     def _apply(self, msg: CoreOutputs) -> None:

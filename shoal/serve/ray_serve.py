@@ -20,7 +20,13 @@ flag of ``shoal serve`` by its vLLM name (``model``, ``tensor-parallel-size``,
 ``ray-actor-options`` (the replica's, default one CPU; fractions such as 0.5 fit
 small machines), ``placement-group-strategy``
 (default PACK), ``accelerator`` (``GPU`` or ``CPU``; default: GPU when the cluster
-has one).
+has one), ``health-check-period-s`` and ``health-check-timeout-s`` (Serve's).
+
+Replica health: Serve calls ``check_health`` every health-check period and
+replaces a replica whose call raises. It raises once the replica's engine is dead
+(its core-restart budget spent, ``--max-core-restarts``) or stalled (see
+``AsyncEngineClient.fatal_reason``); an engine replacing its core within budget
+is healthy, since it re-submits the requests in flight that a new replica would lose.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from typing import Any
 from shoal.checkpoint.default_model import with_resolved_draft
 from shoal.config import EngineConfig, ParallelConfig
 from shoal.engine_args import ENGINE_ARGS, engine_config, is_engine_option
+from shoal.errors import EngineDeadError
 from shoal.executor.ray_executor import PLACEMENT_GROUP_ENV, import_ray
 from shoal.executor.ray_placement import check_placement
 from shoal.serve.api_server import ServerSettings, check_tool_options, served_model
@@ -42,9 +49,13 @@ DEPLOYMENT_NAME = "ShoalDeployment"
 ENGINE_OPTION_NAMES = tuple(a.name for a in ENGINE_ARGS)
 # options of the replica's API server (``shoal serve``'s flags of the same names)
 SERVER_OPTIONS = ("api_key", "enable_auto_tool_choice", "tool_call_parser")
-DEPLOYMENT_OPTIONS = ("num_replicas", "autoscaling_config", "max_ongoing_requests",
-                      "ray_actor_options", "placement_group_strategy", "accelerator",
+# passed to serve.deployment as they are
+SERVE_OPTIONS = ("num_replicas", "autoscaling_config", "max_ongoing_requests",
+                 "health_check_period_s", "health_check_timeout_s")
+DEPLOYMENT_OPTIONS = (*SERVE_OPTIONS, "ray_actor_options", "placement_group_strategy", "accelerator",
                       *SERVER_OPTIONS)
+
+
 def split_options(options: dict[str, Any]) -> tuple[EngineConfig, dict[str, Any]]:
     """Serve ``args`` -> (EngineConfig with the ray backend by default, deployment options).
 
@@ -79,24 +90,42 @@ def placement_bundles(config: EngineConfig, accelerator: str,
     return [replica] + [dict(device) for _ in range(config.parallel.world_size)]
 
 
+def join_replica_group() -> None:
+    """In a Serve replica: the engine-core child joins this cluster, its workers our group.
+
+    The core process is not a Ray actor; it reads the cluster address and the
+    replica's placement group from the environment it inherits.
+    """
+    ray = import_ray()
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    group = ray.util.get_current_placement_group()
+    if group is not None:
+        os.environ[PLACEMENT_GROUP_ENV] = group.id.hex()
+
+
 class ShoalDeployment:
     """One replica: the API server's FastAPI app, its engine's workers in this replica's group."""
 
     def __init__(self, config: EngineConfig, served_model_name: str | None,
                  server: dict[str, Any]):
-        ray = import_ray()
-        # the engine-core child process joins this cluster and places its workers in our group
-        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-        group = ray.util.get_current_placement_group()
-        if group is not None:
-            os.environ[PLACEMENT_GROUP_ENV] = group.id.hex()
+        join_replica_group()
         model = served_model(config, served_model_name)
         self.settings = ServerSettings(engine_config=with_resolved_draft(config, model.root),
                                        model=model, **server_settings(server))
+        self._shoal_app = None  # not `app`: serve.ingress defines that
 
     def __serve_build_asgi_app__(self):
         """Called by Ray Serve after ``__init__`` in the replica: the app to serve."""
-        return build_fastapi_app(self.settings)
+        self._shoal_app = build_fastapi_app(self.settings)
+        return self._shoal_app
+
+    def check_health(self) -> None:
+        """Serve's periodic probe: raises EngineDeadError once the engine is dead or stalled."""
+        app = self._shoal_app
+        engine = None if app is None else app.state.shoal.get("engine")
+        reason = None if engine is None else engine.fatal_reason
+        if reason is not None:
+            raise EngineDeadError(f"replica engine is not running: {reason}")
 
 
 def server_settings(server: dict[str, Any]) -> dict[str, Any]:
@@ -128,7 +157,7 @@ def plan_deployment(args: dict[str, Any], cluster_has_gpu: bool = False
     server = {name: options.pop(name) for name in SERVER_OPTIONS if name in options}
     settings = server_settings(server)
     check_tool_options(settings["enable_auto_tool_choice"], settings["tool_call_parser"])
-    for key in ("num_replicas", "autoscaling_config", "max_ongoing_requests"):
+    for key in SERVE_OPTIONS:
         if options.get(key) is not None:
             deployment_options[key] = options.pop(key)
     return config, deployment_options, server
@@ -179,5 +208,5 @@ def build_app(args: dict[str, Any]) -> Any:
     return deployment.bind(config, config.model.served_model_name, server)
 
 
-__all__ = ["ShoalDeployment", "build_app", "check_replica_placement", "placement_bundles",
-           "plan_deployment", "split_options"]
+__all__ = ["ShoalDeployment", "build_app", "check_replica_placement", "join_replica_group",
+           "placement_bundles", "plan_deployment", "split_options"]

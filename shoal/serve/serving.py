@@ -4,7 +4,9 @@
 exceptions into HTTP errors (rejected as invalid: 400; queue full: 503 with
 Retry-After; engine gone: 503 before a request starts, 500 while it runs),
 runs non-streaming handlers so that a client hanging up cancels them, and
-writes server-sent events.
+writes server-sent events. Each handler's ``respond(body, raw)`` gives the reply
+without HTTP (a dict, or an iterator of events), so the HTTP routes and Ray Serve
+LLM (``shoal.serve.ray_llm``) serve a request model by the same code.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from shoal.engine.sampling_params import SamplingParams
 from shoal.errors import RequestError
@@ -79,8 +82,13 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def unless_disconnected(work: Awaitable[Any], request: Request) -> Any:
-    """Run ``work``; if the client hangs up first, cancel it (its ``finally`` aborts)."""
+async def unless_disconnected(work: Awaitable[Any], request: Request | None) -> Any:
+    """Run ``work``; if the client hangs up first, cancel it (its ``finally`` aborts).
+
+    Without an HTTP request (Ray Serve LLM calls) the caller's cancellation does that.
+    """
+    if request is None:
+        return await work
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
@@ -94,6 +102,20 @@ async def unless_disconnected(work: Awaitable[Any], request: Request) -> Any:
         watcher.cancel()
         if not task.done():
             task.cancel()
+
+
+# What a handler's ``respond`` gives: a response body, server-sent events, or None when
+# the client hung up first. ``to_response`` makes the HTTP response of it.
+Reply = dict | AsyncIterator[str] | None
+
+
+def to_response(reply: Reply) -> Response:
+    """The HTTP response of a handler's reply (499: the client went away)."""
+    if reply is None:
+        return Response(status_code=499)
+    if isinstance(reply, dict):
+        return JSONResponse(reply)
+    return StreamingResponse(reply, media_type="text/event-stream")
 
 
 class OpenAIServing:

@@ -12,6 +12,7 @@ import copy
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -310,3 +311,66 @@ def test_a_replica_engine_core_killed_mid_stream_is_replaced(client, serve_url):
     again = client.completions.create(model=NAME, prompt=prompts[0], max_tokens=max_tokens,
                                       temperature=0.0, extra_body={"ignore_eos": True})
     assert again.choices[0].text == expected[0]
+
+
+def test_serve_replaces_a_replica_whose_engine_is_dead(serve_cluster, serve_url, tmp_path,
+                                                        smollm2_dir):
+    """With --max-core-restarts 0 a killed engine core is final for its replica: check_health
+    raises, Serve replaces the replica (a new replica process, a new core) and the app
+    answers the same greedy text again."""
+    import ray
+    from ray import serve
+    from transformers import AutoTokenizer
+
+    from shoal.serve.ray_serve import build_app
+
+    ckpt = tiny_checkpoint("llama", tmp_path, vocab_size=49152)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, ckpt)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    body = {"model": "fragile", "prompt": PROMPT, "max_tokens": 8, "temperature": 0.0,
+            "ignore_eos": True}
+    app = build_app({"model": ckpt, "dtype": "float32", "max-model-len": 64,
+                     "kv-cache-memory": 1 << 22, "served-model-name": "fragile",
+                     "max-core-restarts": 0, "num-cpus-per-worker": 0.25,
+                     "ray-actor-options": {"num_cpus": 0.25}, "num-replicas": 1,
+                     "health-check-period-s": 1, "health-check-timeout-s": 30})
+
+    def fragile_cores() -> list[psutil.Process]:
+        return [p for p in _core_processes() if ckpt in " ".join(p.info["cmdline"])]
+
+    serve.run(app, name="fragile", route_prefix="/fragile")
+    try:
+        url = f"{serve_url}/fragile/v1/completions"
+        expected = httpx.post(url, json=body, timeout=120).json()["choices"][0]["text"]
+        assert expected == tokenizer.decode(hf_greedy(ckpt, [tokenizer.encode(PROMPT)], 8)[0])
+        (core,) = fragile_cores()
+        replica_pid = core.ppid()
+        core.send_signal(signal.SIGKILL)
+        statuses = set()
+        deadline = time.monotonic() + 240
+        while True:  # 503 engine_dead until Serve's replacement answers
+            assert time.monotonic() < deadline, statuses
+            try:
+                r = httpx.post(url, json=body, timeout=60)
+                statuses.add(r.status_code)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError as exc:
+                statuses.add(type(exc).__name__)
+            time.sleep(0.5)
+        assert r.json()["choices"][0]["text"] == expected
+        (new_core,) = fragile_cores()
+        assert new_core.ppid() != replica_pid  # a new replica, not a core restart inside it
+        assert not psutil.pid_exists(replica_pid) or \
+            psutil.Process(replica_pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        serve.delete("fragile")
+        deadline = time.monotonic() + 60
+        while fragile_cores() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not fragile_cores()
+        pending = [g for g in ray.util.placement_group_table().values()
+                   if g["state"] not in ("REMOVED", "CREATED")]
+        assert pending == [], pending
+

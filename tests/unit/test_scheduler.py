@@ -202,6 +202,26 @@ def test_prefix_hit_computes_only_the_suffix():
     assert_reference_outputs([a, b])
 
 
+def test_prefix_cache_reset_forgets_prefixes_only_when_no_request_holds_pages():
+    scheduler, mirror = make_scheduler(page_size=4)
+    prefix = list(range(40, 52))  # 3 pages
+    a = make_request(0, prefix + [1], max_tokens=3)
+    scheduler.add_request(a)
+    step(scheduler, mirror)
+    assert scheduler.reset_prefix_cache() is False  # a holds its pages: nothing changes
+    drive(scheduler, mirror)
+    b = make_request(1, prefix + [2], max_tokens=3)
+    scheduler.add_request(b)
+    drive(scheduler, mirror)
+    assert b.num_cached_tokens == 12  # the cache survived the refused reset
+    assert scheduler.reset_prefix_cache() is True
+    c = make_request(2, prefix + [3], max_tokens=3)
+    scheduler.add_request(c)
+    drive(scheduler, mirror)
+    assert c.num_cached_tokens == 0  # forgotten: computed again
+    assert_reference_outputs([a, b, c])
+
+
 def test_requests_sharing_a_prefix_share_pages():
     scheduler, mirror = make_scheduler(page_size=4, max_num_batched_tokens=8)
     prefix = list(range(8))
