@@ -387,7 +387,7 @@ class EngineConfig:
                              "a plan with drafts is never planned ahead (leave "
                              "async_scheduling unset or false)")
 
-    def replace(self, **changes) -> "EngineConfig":
+    def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
@@ -395,7 +395,7 @@ class EngineConfig:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "EngineConfig":
+    def from_json(cls, text: str) -> EngineConfig:
         raw = json.loads(text)
         if not isinstance(raw, dict):
             raise ValueError("an EngineConfig in JSON is an object of sections")

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from shoal.config import (
     DTYPES,
-    EXECUTOR_BACKENDS,
     EPLB_KEYS,
+    EXECUTOR_BACKENDS,
+    SPECULATIVE_KEYS,
     CacheConfig,
     EngineConfig,
     EPLBConfig,
@@ -27,7 +28,6 @@ from shoal.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
-    SPECULATIVE_KEYS,
     SpeculativeConfig,
 )
 

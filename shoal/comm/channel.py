@@ -28,8 +28,8 @@ import zmq
 
 from shoal.comm.codec import DEFAULT_MAX_MESSAGE_BYTES, decode, encode
 from shoal.comm.security import ControlAuthenticator, ControlKeys, WorkerKeys, peer_rank
-from shoal.comm.socket_dirs import make_socket_dir
 from shoal.comm.shm_ring import ShmRing, pack_frames, unpack_frames
+from shoal.comm.socket_dirs import make_socket_dir
 from shoal.errors import ProtocolError
 
 logger = logging.getLogger(__name__)

@@ -20,14 +20,14 @@ import math
 import sys
 import types
 import typing
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
 
 from shoal.comm.protocol import MESSAGE_TYPES, PROTOCOL_VERSION
 from shoal.errors import ProtocolError
-
 
 
 def _torch() -> Any:
@@ -130,7 +130,7 @@ _PLAIN = (int, float, str, bool, bytes, type(None))
 _PLAIN_SET = frozenset(_PLAIN)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_names(cls: type) -> tuple[str, ...] | None:
     """Field names of a dataclass type in order; None for anything else."""
     if dataclasses.is_dataclass(cls):
@@ -138,7 +138,7 @@ def _field_names(cls: type) -> tuple[str, ...] | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(cls: type) -> tuple[tuple[str, Any], ...]:
     hints = typing.get_type_hints(cls)
     return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
@@ -240,7 +240,7 @@ def _scalar(kind: type) -> Any:
     return check
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _decoder(hint: Any) -> Any:
     """A function checking and rebuilding one wire value of type ``hint`` (built once per type)."""
     optional, hint = _is_optional(hint)

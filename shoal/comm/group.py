@@ -53,7 +53,7 @@ class RankGroup:
             _GROUPS_BY_KEY[self.key] = self
 
     @classmethod
-    def single(cls, rank: int = 0) -> "RankGroup":
+    def single(cls, rank: int = 0) -> RankGroup:
         return cls(ranks=(rank,), rank=rank)
 
     @property

@@ -13,7 +13,8 @@ the whole protocol; registering a second class under a taken tag is an error.
 """
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 PROTOCOL_VERSION = 2
 

@@ -121,7 +121,7 @@ class ShmRing:
 
     @classmethod
     def create(cls, num_readers: int, num_slots: int = DEFAULT_SLOTS,
-               slot_bytes: int = DEFAULT_SLOT_BYTES, reader: int | None = None) -> "ShmRing":
+               slot_bytes: int = DEFAULT_SLOT_BYTES, reader: int | None = None) -> ShmRing:
         """A new ring in /dev/shm for ``num_readers`` readers.
 
         This process is the writer, or reader ``reader`` when given (a return ring:
@@ -146,7 +146,7 @@ class ShmRing:
         return cls(path, buf, reader)
 
     @classmethod
-    def attach(cls, path: str, reader: int | None) -> "ShmRing":
+    def attach(cls, path: str, reader: int | None) -> ShmRing:
         """Map an existing ring as reader ``reader`` (0-based), or as its writer (None)."""
         fd = os.open(path, os.O_RDWR)
         try:

@@ -33,9 +33,9 @@ from shoal.engine.control import (
     RunnerKind,
     WorkerReady,
 )
+from shoal.engine.core_io import AddRequest, CoreStats, TokenDelta, TokenLogprob
 from shoal.engine.dp_coordinator import DPResultGatherer, DPRouter, DPScheduler
 from shoal.engine.eplb import EPLBManager
-from shoal.engine.core_io import AddRequest, CoreStats, TokenDelta, TokenLogprob
 from shoal.engine.kv_connector import create_scheduler_connector
 from shoal.engine.kv_manager import KVCacheManager
 from shoal.engine.ngram_proposer import NgramProposer

@@ -25,16 +25,16 @@ spreads with a per-rank spread of at most one request.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 
 from shoal.config import SchedulerConfig
+from shoal.engine.core_io import SchedulerStats
 from shoal.engine.kv_manager import hash_page
 from shoal.engine.plan import DPStepPlan, StepResult
 from shoal.engine.request import Request
-from shoal.engine.core_io import SchedulerStats
 from shoal.engine.scheduler import Scheduler
 from shoal.errors import OverloadedError
 

@@ -118,7 +118,7 @@ class CachedRequests:
             self.draft_counts = np.zeros(len(self.req_ids), _I32)
 
     @classmethod
-    def from_rows(cls, rows: list[CachedRequestData]) -> "CachedRequests":
+    def from_rows(cls, rows: list[CachedRequestData]) -> CachedRequests:
         tokens = [t for r in rows for t in r.new_token_ids]
         pages = [p for r in rows for p in r.new_page_ids]
         return cls(

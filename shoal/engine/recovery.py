@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 
 
-
 @dataclass
 class RecoveryStats:
     """Totals since start (counters on ``/metrics``)."""

@@ -33,19 +33,18 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Iterable
+from collections.abc import Iterable
 
-
-from shoal.engine.plan import StepPlan, StepResult
 from shoal.config import SchedulerConfig
-from shoal.errors import OverloadedError, RequestError
 from shoal.engine.core_io import SchedulerStats
 from shoal.engine.kv_connector import KVConnectorScheduler, NoKVConnector
 from shoal.engine.kv_manager import KVCacheManager
 from shoal.engine.ngram_proposer import NgramProposer
-from shoal.engine.spec_decode import Speculation
+from shoal.engine.plan import StepPlan, StepResult
 from shoal.engine.request import FINISH_REASON_OF, FINISH_REASONS, Request, RequestStatus
+from shoal.engine.spec_decode import Speculation
 from shoal.engine.worker_mirror import WorkerMirror
+from shoal.errors import OverloadedError, RequestError
 
 logger = logging.getLogger(__name__)
 

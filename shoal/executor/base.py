@@ -19,6 +19,7 @@ from shoal.comm.bootstrap import create_store_server
 from shoal.comm.channel import DriverChannel
 from shoal.comm.codec import pack_value, unpack_value
 from shoal.comm.security import ControlKeys, sender_problem
+from shoal.config import ParallelConfig
 from shoal.engine.control import (
     COMMAND_OF,
     COMMANDS,
@@ -34,7 +35,6 @@ from shoal.engine.control import (
     WorkerReady,
 )
 from shoal.engine.plan import StepPlan, StepResult
-from shoal.config import ParallelConfig
 from shoal.errors import ProtocolError, WorkerDiedError, WorkerError
 from shoal.parallel.mesh import build_mesh
 
@@ -332,7 +332,7 @@ class ZmqExecutor:
             self.channel.close()
             self.store = None
 
-    def __enter__(self) -> "ZmqExecutor":
+    def __enter__(self) -> ZmqExecutor:
         return self
 
     def __exit__(self, *exc) -> None:

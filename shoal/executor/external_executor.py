@@ -29,8 +29,13 @@ from pathlib import Path
 
 import zmq
 
-from shoal.comm.security import (KEY_FILE_ENV, ControlKeys, key_file_path, read_key_file,
-                                 write_key_file)
+from shoal.comm.security import (
+    KEY_FILE_ENV,
+    ControlKeys,
+    key_file_path,
+    read_key_file,
+    write_key_file,
+)
 from shoal.config import ParallelConfig
 from shoal.engine.control import BootstrapInfo, BootstrapRefusal, BootstrapRequest
 from shoal.errors import ProtocolError

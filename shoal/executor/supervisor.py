@@ -16,7 +16,8 @@ subscription or store key) can reach the new one.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from shoal.config import EngineConfig
 from shoal.executor.base import ZmqExecutor
@@ -83,7 +84,7 @@ class SupervisedExecutor:
             raise AttributeError(name)
         return getattr(self.inner, name)
 
-    def __enter__(self) -> "SupervisedExecutor":
+    def __enter__(self) -> SupervisedExecutor:
         return self
 
     def __exit__(self, *exc) -> None:

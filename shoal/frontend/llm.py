@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
@@ -170,7 +170,7 @@ class LLM:
         """Stop every worker; no process is left behind."""
         self.engine.shutdown()
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -95,7 +95,7 @@ class EmbeddingRequestOutput:
     finished: bool = True
 
     @classmethod
-    def from_output(cls, output: RequestOutput) -> "EmbeddingRequestOutput":
+    def from_output(cls, output: RequestOutput) -> EmbeddingRequestOutput:
         embedding = output.outputs[0].embedding
         if embedding is None:
             raise ValueError(f"request {output.request_id} ended without an embedding: "

@@ -23,13 +23,13 @@ from starlette.responses import JSONResponse, Response
 import shoal
 from shoal.gateway.config import GatewayConfig, load_config
 from shoal.gateway.gateway import Gateway
+from shoal.serve.api_server import install_error_handlers
 from shoal.serve.http_guard import (
     ConcurrencyGuard,
     GracefulServer,
     ServerLifecycle,
     guarded_protocol,
 )
-from shoal.serve.api_server import install_error_handlers
 from shoal.serve.openai_protocol import APIError
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ class ParallelContext:
     enable_expert_parallel: bool = False
 
     @classmethod
-    def single(cls, device: torch.device | str = "cpu") -> "ParallelContext":
+    def single(cls, device: torch.device | str = "cpu") -> ParallelContext:
         """A one-process context: every group has size 1, no torch.distributed needed."""
         mesh = build_mesh(1, 1, 1)
         one = RankGroup.single(0)
@@ -43,7 +43,7 @@ class ParallelContext:
         device: torch.device | str,
         enable_expert_parallel: bool = False,
         shm_all_reduce: bool = True,
-    ) -> "ParallelContext":
+    ) -> ParallelContext:
         """Create every group of ``mesh``; all ranks must call this together.
 
         torch.distributed.new_group must be called by every rank for every group,

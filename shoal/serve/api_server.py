@@ -36,8 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from transformers import AutoConfig
 
 import shoal
-from shoal.checkpoint.default_model import (DEFAULT_MODEL_ALIASES, resolve_model,
-                                           with_resolved_draft)
+from shoal.checkpoint.default_model import DEFAULT_MODEL_ALIASES, resolve_model, with_resolved_draft
 from shoal.checkpoint.hf import check_eplb, eos_token_ids, load_tokenizer, model_max_len
 from shoal.config import EngineConfig
 from shoal.frontend.generation_defaults import load_generation_defaults
@@ -56,8 +55,8 @@ from shoal.serve.limits import RequestLimits, limits_from_args, parse_request
 from shoal.serve.metrics import ServerMetrics
 from shoal.serve.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest
 from shoal.serve.serving import RETRY_AFTER_S, ServedModel
-from shoal.serve.tool_parsers import TOOL_PARSERS
 from shoal.serve.tokenize import DetokenizeRequest, TokenizeRequest, TokenizeServing
+from shoal.serve.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ class ToolCall:
     id: str = ""
 
     @classmethod
-    def of(cls, name: str, arguments: Any) -> "ToolCall":
+    def of(cls, name: str, arguments: Any) -> ToolCall:
         """A call with a fresh ``call_...`` id; dict arguments are serialised."""
         text = arguments if isinstance(arguments, str) else json.dumps(arguments,
                                                                        ensure_ascii=False)

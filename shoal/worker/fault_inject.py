@@ -37,7 +37,7 @@ class FaultInjector:
     steps_seen: int = 0
 
     @classmethod
-    def from_environ(cls, rank: int) -> "FaultInjector | None":
+    def from_environ(cls, rank: int) -> FaultInjector | None:
         """The injector for this rank, or None when none is asked for (the normal case)."""
         spec = os.environ.get("SHOAL_FAULT_INJECT", "")
         if not spec:

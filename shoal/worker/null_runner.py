@@ -24,7 +24,6 @@ from shoal.parallel.context import ParallelContext
 from shoal.worker.model_runner import ModelRunner
 from shoal.worker.request_states import RequestStates
 
-
 TIMER_SLACK_S = 300e-6  # time.sleep overshoots by about 0.16 ms (p50) on this machine
 
 

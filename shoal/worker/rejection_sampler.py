@@ -26,8 +26,14 @@ import math
 import torch
 
 from shoal.engine.plan import SamplingOptions
-from shoal.worker.sampler import (_CUTOFF_CEIL, _CUTOFF_FLOOR, SamplingState, seeded_uniform,
-                                  sample_from_weights, weights_)
+from shoal.worker.sampler import (
+    _CUTOFF_CEIL,
+    _CUTOFF_FLOOR,
+    SamplingState,
+    sample_from_weights,
+    seeded_uniform,
+    weights_,
+)
 
 _ACCEPT_SALT = 0x5BD1E9955BD1E995  # a second hash stream for the acceptance tests
 
