@@ -1,5 +1,6 @@
 """OffloadingConnector's scheduler half, without workers: which pages spill to which tier
-slot, which come back, and that a slot a pending load reads is never overwritten."""
+slot, which come back, and that a slot a pending load reads is never overwritten; what
+goes on to the directory tier, from where, and its bound."""
 from __future__ import annotations
 
 import json
