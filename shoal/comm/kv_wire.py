@@ -10,6 +10,10 @@ Three kinds of socket carry them:
   once at start (where this rank's store listens, which KV heads it holds) and
   :class:`KVFetchReport` after each order.
 
+With ``torch_backend`` the pages themselves travel over a torch.distributed pair
+(``shoal.worker.kv_link``): :class:`KVLinkPair` asks the store to pair, a fetch names the
+pair and a tag, and the answer is the header only (``link_tag``), its pages following.
+
 KV of a request travels token-major, ``[num_layers, 2, num_tokens, kv_heads, head_dim]``,
 so the two engines may use different page sizes and page ids. Heads are contiguous
 blocks per tp rank (``shoal.parallel.partition``): :func:`plan_fetches` says which
@@ -44,6 +48,7 @@ class KVSource:
     kv_start: int
     kv_end: int
     host_id: str = ""  # same as the consumer's: the pages can come through shared memory
+    link: str = ""  # "host:port" of its torch.distributed rendezvous (torch_backend set)
 
 
 @wire_message(40)
@@ -59,6 +64,9 @@ class KVFetch:
     kv_end: int
     fetches_expected: int = 1
     via_shm: bool = False  # same host: name the shared-memory segment, send no pages
+    link_pair: str = ""  # send the pages over this torch.distributed pair instead
+    link_tag: int = -1
+    deadline_s: float = 1.0  # a link send waits at most this long
 
 
 @wire_message(41)
@@ -75,6 +83,18 @@ class KVPayload:
     shm_name: str = ""
     shape: list[int] = field(default_factory=list)
     kv_start: int = 0  # the first head the segment holds
+    # >= 0: ``data`` follows on the fetch's torch.distributed pair; NO_LINK: that pair is
+    # not (or no longer) on the producer: the consumer pairs again
+    link_tag: int = -1
+
+
+@wire_message(51)
+@dataclass
+class KVLinkPair:
+    """Consumer rank -> producer store: build your side of pair ``pair_id`` (kv_link)."""
+
+    pair_id: str
+    deadline_s: float
 
 
 @wire_message(46)
@@ -101,6 +121,7 @@ class KVWorkerHello:
     dtype: str
     host_id: str = ""
     shm_prefix: str = ""  # its segments' names start so (the driver removes leftovers)
+    link: str = ""  # its torch.distributed rendezvous, "host:port" (torch_backend set)
 
 
 @wire_message(43)
@@ -147,6 +168,7 @@ class KVLayout:
     sources: list[KVSource] = field(default_factory=list)
 
 
+NO_LINK = -2  # KVPayload.link_tag: the fetch named a pair the producer does not have
 SHM_DIR = "/dev/shm"
 _BLOCK = 4096  # 64-bit words per block of the position-sensitive sum
 

@@ -97,6 +97,8 @@ class ShoalTransferScheduler:
         transfer_timeout_s: a transfer not complete after this long is recomputed (1 s).
         store_bytes, store_ttl_s: bound on a producer rank's store (1 GiB, 60 s).
         shm: pages between engines on one host go through /dev/shm (default true).
+        torch_backend: "gloo" or "nccl": pages travel over torch.distributed
+            point-to-point pairs between the ranks (``shoal.worker.kv_link``) instead.
     """
 
     def __init__(self, config: KVTransferConfig, engine: EngineConfig):
@@ -112,6 +114,10 @@ class ShoalTransferScheduler:
         transport = self.extra.get("transport", "ipc")
         if transport not in ("ipc", "tcp"):
             raise ValueError(f"transport must be 'ipc' or 'tcp', got {transport!r}")
+        backend = self.extra.get("torch_backend")
+        if backend is not None and backend not in ("gloo", "nccl"):
+            raise ValueError(f"torch_backend must be 'gloo' (CPUs) or 'nccl' (GPUs), got "
+                             f"{backend!r}")
         self.tp_size = parallel.tp_size
         self.engine_id = uuid.uuid4().hex[:12]
         self.stats = TransferStats()
@@ -236,7 +242,8 @@ class ShoalTransferScheduler:
             self._fail(pull, request.req_id, problem)
             return pull
         sources = [KVSource(str(s["endpoint"]), int(s["kv_start"]), int(s["kv_end"]),
-                            str(s.get("host_id", ""))) for s in params["sources"]]
+                            str(s.get("host_id", "")), str(s.get("link", "")))
+                   for s in params["sources"]]
         counts = [0] * len(sources)
         try:
             for hello in self.hellos.values():
@@ -361,7 +368,8 @@ class ShoalTransferScheduler:
             "head_dim": first.head_dim,
             "dtype": first.dtype,
             "sources": [{"endpoint": h.endpoint, "kv_start": h.kv_start, "kv_end": h.kv_end,
-                         "host_id": h.host_id} for _, h in sorted(self.hellos.items())],
+                         "host_id": h.host_id, "link": h.link}
+                        for _, h in sorted(self.hellos.items())],
         }
 
     def close(self) -> None:

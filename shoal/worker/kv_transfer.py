@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import queue
 import random
 import threading
 import time
@@ -31,10 +32,12 @@ import zmq
 
 from shoal.comm.codec import decode, encode
 from shoal.comm.kv_wire import (
+    NO_LINK,
     KVDrop,
     KVFetch,
     KVFetchOrder,
     KVFetchReport,
+    KVLinkPair,
     KVPayload,
     KVRelease,
     KVWorkerHello,
@@ -44,6 +47,7 @@ from shoal.comm.kv_wire import (
 )
 from shoal.errors import ProtocolError
 from shoal.parallel.partition import partition_heads
+from shoal.worker.kv_link import LinkClient, LinkHost
 from shoal.worker.kv_store import (
     KVStore,
     Segment,
@@ -92,9 +96,10 @@ class StoreServer(threading.Thread):
     """Answers KVFetch requests for one rank's store on a ROUTER socket."""
 
     def __init__(self, zctx: zmq.Context, bind: str, store: KVStore, kv_start: int,
-                 dtype: torch.dtype, faults: Faults | None):
+                 dtype: torch.dtype, faults: Faults | None, link_host: LinkHost | None = None):
         super().__init__(name="kv-store", daemon=True)
         self.store, self.kv_start, self.faults = store, kv_start, faults
+        self.link_host = link_host
         self.dtype_name = dtype_name(dtype)
         self.socket = zctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -123,6 +128,10 @@ class StoreServer(threading.Thread):
         if isinstance(ask, KVRelease):
             self.store.retire_one(ask.transfer_id)
             return None
+        if isinstance(ask, KVLinkPair):
+            if self.link_host is not None:
+                self.link_host.pair(ask.pair_id, ask.deadline_s)
+            return None
         if not isinstance(ask, KVFetch):
             return None
         entry = self.store.get(ask.transfer_id, ask.fetches_expected)
@@ -134,6 +143,8 @@ class StoreServer(threading.Thread):
         if not 0 <= lo < hi <= data.shape[3]:
             return KVPayload(ask.transfer_id, f"heads [{ask.kv_start}, {ask.kv_end}) are not "
                              "held by this rank", 0, self.dtype_name, None)
+        if ask.link_pair and self.link_host is not None:
+            return self._answer_by_link(ask, data, lo, hi, entry.checksum)
         if ask.via_shm and entry.segment is not None:  # retired by the consumer's KVRelease
             payload = KVPayload(ask.transfer_id, "", entry.checksum, self.dtype_name, None,
                                 entry.segment.name, list(data.shape), self.kv_start)
@@ -145,6 +156,24 @@ class StoreServer(threading.Thread):
             self.store.retire_one(ask.transfer_id)
         return self.faults.apply(payload) if self.faults is not None else payload
 
+    def _answer_by_link(self, ask: KVFetch, data: np.ndarray, lo: int, hi: int,
+                        whole_sum: int) -> KVPayload | None:
+        """The header now; the pages follow on the fetch's torch.distributed pair."""
+        whole = (lo, hi) == (0, data.shape[3])
+        piece = data if whole else np.ascontiguousarray(data[:, :, :, lo:hi])
+        payload = KVPayload(ask.transfer_id, "", whole_sum if whole else checksum(piece),
+                            self.dtype_name, None, shape=list(piece.shape),
+                            link_tag=ask.link_tag)
+        if self.faults is not None:
+            payload = self.faults.apply(payload)  # data None: corrupts the checksum
+        self.store.retire_one(ask.transfer_id)
+        if payload is None:
+            return None  # lost: nothing is sent on the pair either
+        error = self.link_host.send(ask.link_pair, ask.link_tag, piece, ask.deadline_s)
+        if error:
+            return KVPayload(ask.transfer_id, error, 0, self.dtype_name, None, link_tag=NO_LINK)
+        return payload
+
 
 @dataclass
 class _Job:
@@ -155,6 +184,7 @@ class _Job:
     deadline: float
     waiting: dict[str, tuple[int, int]]  # endpoint -> heads [lo, hi) asked of it
     pieces: dict[int, np.ndarray] = field(default_factory=dict)  # first head -> pages
+    links: dict[str, tuple[str, str]] = field(default_factory=dict)  # endpoint -> link, pair
 
 
 class Puller(threading.Thread):
@@ -166,9 +196,12 @@ class Puller(threading.Thread):
     """
 
     def __init__(self, zctx: zmq.Context, orders: str, reports: str, hello: KVWorkerHello,
-                 fetches: bool):
+                 fetches: bool, links: LinkClient | None = None):
         super().__init__(name="kv-puller", daemon=True)
-        self.zctx, self.hello, self.fetches = zctx, hello, fetches
+        self.zctx, self.hello, self.fetches, self.links = zctx, hello, fetches, links
+        # pages received on a torch.distributed pair: (transfer, endpoint, header, bytes, error)
+        self._link_results: queue.Queue[tuple] = queue.Queue()
+        self._link_pending = 0
         self.orders = zctx.socket(zmq.SUB)
         self.orders.setsockopt(zmq.LINGER, 0)
         self.orders.setsockopt(zmq.SUBSCRIBE, b"")
@@ -200,11 +233,14 @@ class Puller(threading.Thread):
         if self._jobs:
             soonest = min(job.deadline for job in self._jobs.values())
             timeout_ms = max(0, min(timeout_ms, int((soonest - time.monotonic()) * 1000) + 1))
+        if self._link_pending:
+            timeout_ms = min(timeout_ms, 2)  # pair threads report through a queue
         for sock, _ in self._poller.poll(timeout_ms):
             if sock is self.orders:
                 self._read_orders()
             else:
                 self._read_answers(sock)
+        self._read_link_results()
         now = time.monotonic()
         for job in [j for j in self._jobs.values() if now >= j.deadline]:
             self._finish(job, f"no answer from {', '.join(sorted(job.waiting))} for transfer "
@@ -239,10 +275,21 @@ class Puller(threading.Thread):
             return
         for index, lo, hi in plan:
             src = order.sources[index]
-            via_shm = self.use_shm and src.host_id == hello.host_id
+            use_link = self.links is not None and bool(src.link)
+            via_shm = self.use_shm and src.host_id == hello.host_id and not use_link
+            dealer = self._dealer(src.endpoint)
+            pair_id, tag = "", -1
+            if use_link:
+                pair_id, new = self.links.pair_for(src.link, order.deadline_s)
+                if new:
+                    dealer.send_multipart(encode(KVLinkPair(pair_id, order.deadline_s)),
+                                          copy=False)
+                tag = self.links.tag()
+                job.links[src.endpoint] = (src.link, pair_id)
             job.waiting[src.endpoint] = (lo, hi)
-            self._dealer(src.endpoint).send_multipart(encode(KVFetch(
-                order.transfer_id, lo, hi, order.fetch_counts[index], via_shm)), copy=False)
+            dealer.send_multipart(encode(KVFetch(
+                order.transfer_id, lo, hi, order.fetch_counts[index], via_shm, pair_id, tag,
+                order.deadline_s)), copy=False)
         self._jobs[order.transfer_id] = job
 
     def _read_answers(self, dealer: zmq.Socket) -> None:
@@ -259,12 +306,55 @@ class Puller(threading.Thread):
                 continue
             job = self._jobs.get(getattr(reply, "transfer_id", None))
             if not isinstance(reply, KVPayload) or job is None or endpoint not in job.waiting:
-                continue  # a late answer to a job that ended
+                continue  # a late answer to a job that ended (its link send times out)
+            if reply.link_tag >= 0 and not reply.error and endpoint in job.links:
+                self._receive_by_link(job, endpoint, reply)
+                continue
+            if reply.link_tag == NO_LINK and endpoint in job.links:
+                self.links.forget(job.links[endpoint][0])  # the next fetch pairs again
             lo, hi = job.waiting.pop(endpoint)
             try:
                 job.pieces[lo - self.hello.kv_start] = self._check(dealer, job.order, reply,
                                                                   lo, hi)
             except (ValueError, OSError) as exc:
+                self._finish(job, str(exc))
+                continue
+            if not job.waiting:
+                self._finish(job, "")
+
+    def _receive_by_link(self, job: _Job, endpoint: str, reply: KVPayload) -> None:
+        """The header came: queue the receive of its pages on the fetch's pair."""
+        link, pair_id = job.links[endpoint]
+        try:
+            nbytes = int(np.prod(reply.shape)) * wire_numpy_dtype(reply.dtype).itemsize
+        except ValueError as exc:
+            self._finish(job, str(exc))
+            return
+        transfer_id = job.order.transfer_id
+        self._link_pending += 1
+        self.links.receive(link, pair_id, reply.link_tag, nbytes, job.deadline,
+                           lambda raw, error: self._link_results.put(
+                               (transfer_id, endpoint, reply, raw, error)))
+
+    def _read_link_results(self) -> None:
+        while True:
+            try:
+                transfer_id, endpoint, reply, raw, error = self._link_results.get_nowait()
+            except queue.Empty:
+                return
+            self._link_pending -= 1
+            job = self._jobs.get(transfer_id)
+            if job is None or endpoint not in job.waiting:
+                continue
+            if error:
+                self._finish(job, error)
+                continue
+            lo, hi = job.waiting.pop(endpoint)
+            try:
+                reply.data = raw.view(wire_numpy_dtype(reply.dtype)).reshape(reply.shape)
+                job.pieces[lo - self.hello.kv_start] = self._check(
+                    self._dealers[endpoint], job.order, reply, lo, hi)
+            except ValueError as exc:
                 self._finish(job, str(exc))
                 continue
             if not job.waiting:
@@ -371,9 +461,15 @@ class ShoalTransferWorker:
         self._closed = False
         self.server: StoreServer | None = None
         endpoint = ""
-        if self.role in ("kv_producer", "kv_both"):
+        backend = extra.get("torch_backend")
+        host = extra.get("host", "127.0.0.1")
+        producer = self.role in ("kv_producer", "kv_both")
+        consumer = self.role in ("kv_consumer", "kv_both")
+        self.link_host = LinkHost(host, backend) if backend and producer else None
+        self.links = LinkClient(backend, host) if backend and consumer else None
+        if producer:
             self.server = StoreServer(self.zctx, extra["store_bind"].format(rank=ctx.rank),
-                                      self.store, self.kv_start, dtype, faults)
+                                      self.store, self.kv_start, dtype, faults, self.link_host)
             endpoint = self.server.endpoint
             self.server.start()
         hello = KVWorkerHello(rank=ctx.rank, tp_rank=ctx.tp.rank_in_group, endpoint=endpoint,
@@ -381,9 +477,10 @@ class ShoalTransferWorker:
                               total_num_kv_heads=total_kv, num_layers=self.num_layers,
                               head_dim=self.head_dim, dtype=dtype_name(dtype),
                               host_id=host_id() if self.store.use_shm else "",
-                              shm_prefix=self.store.prefix if self.store.use_shm else "")
+                              shm_prefix=self.store.prefix if self.store.use_shm else "",
+                              link=self.link_host.endpoint if self.link_host else "")
         self.puller = Puller(self.zctx, extra["orders"], extra["reports"], hello,
-                             fetches=self.role in ("kv_consumer", "kv_both"))
+                             fetches=consumer, links=self.links)
         self.puller.start()
         atexit.register(self.close)
 
@@ -436,6 +533,9 @@ class ShoalTransferWorker:
             if thread is not None and thread.is_alive():
                 thread.stopping.set()
                 thread.join(timeout=1.0)
+        for links in (self.links, self.link_host):
+            if links is not None:
+                links.close()
         self.store.close()
         if not any(t is not None and t.is_alive() for t in (self.server, self.puller)):
             self.zctx.term()
