@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("gloo", "nccl")
 STORE_TIMEOUT_S = 30.0
+# building a pair may take longer than one transfer's deadline (that transfer then fails
+# and is recomputed; the pair serves the next ones)
+PAIR_TIMEOUT_S = 10.0
 
 
 def check_backend(name: str) -> str:
@@ -112,7 +115,7 @@ class PairThread(threading.Thread):
             torch.cuda.set_device(self.device)
         try:
             group = _make_group(self.make_store(), self.pair_id, self.rank, self.backend,
-                                self.host, max(0.05, self.deadline - time.monotonic()))
+                                self.host, max(PAIR_TIMEOUT_S, self.deadline - time.monotonic()))
         except Exception as exc:  # noqa: BLE001 - any failure to pair is a failed link
             self._break(f"pairing failed: {exc}")
             return
@@ -121,13 +124,19 @@ class PairThread(threading.Thread):
             op = self.ops.get()
             if op is None:
                 break
+            if time.monotonic() >= op.deadline:  # its transfer failed while pairing
+                self._fail(op, f"link {self.pair_id[:8]}: not paired within the deadline")
+                continue
             try:
                 self._run(group, peer, op)
             except Exception as exc:  # noqa: BLE001 - gloo/NCCL errors are RuntimeErrors
                 self._fail(op, f"link {self.pair_id[:8]}: {exc}")
                 self._break(str(exc))
         if self.backend == "nccl":
-            group.abort()
+            try:
+                group.abort()
+            except RuntimeError as exc:
+                logger.debug("KV link %s: abort: %s", self.pair_id[:8], exc)
 
     def _run(self, group, peer: int, op: LinkOp) -> None:
         timeout = _timedelta(op.deadline - time.monotonic())
@@ -224,7 +233,7 @@ class LinkClient:
 
         def connect() -> dist.Store:
             return dist.TCPStore(addr, int(port), None, False,
-                                 timeout=_timedelta(deadline_s))
+                                 timeout=_timedelta(max(PAIR_TIMEOUT_S, deadline_s)))
 
         pair_id = uuid.uuid4().hex
         thread = self.pairs[endpoint] = PairThread(connect, pair_id, 1, self.backend,
