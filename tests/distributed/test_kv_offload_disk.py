@@ -134,6 +134,26 @@ def test_a_bad_file_is_recomputed_with_the_same_tokens(ckpt, reference, tmp_path
     assert not local.exists()
 
 
+def test_a_bad_file_on_one_rank_cuts_the_prefix_for_all_ranks(ckpt, reference, tmp_path):
+    """tp2: rank 1's copy of the fourth page is corrupt, rank 0's is fine; both ranks
+    load three pages only, the rest is recomputed."""
+    local = tmp_path / "kv"
+
+    def spoil(llm):
+        ranks = rank_dirs(local)
+        assert len(ranks) == 2
+        rank1, = (r for r in ranks if r.endswith("-tp1"))
+        with open(page_file_path(rank1, shared_keys()[3]), "r+b") as f:
+            f.seek(-3, os.SEEK_END)
+            f.write(b"\x00\x01\x02")
+
+    tokens, cached, stats = run(ckpt, spoil, tp=2, **disk(local))
+    assert tokens == reference
+    assert cached[-1] == 12
+    assert stats.kv_offload_disk_failed_pages >= 3
+    assert not local.exists()
+
+
 def test_the_directory_stays_within_its_bound_at_tp2(ckpt, reference, tmp_path):
     local = tmp_path / "kv"
     bound = 6 * 2 * (PAGE_BYTES // 2 + 400)  # about six pages of both ranks' files
