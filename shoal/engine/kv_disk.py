@@ -77,7 +77,7 @@ class DiskTier:
             recomputed (1 s).
     """
 
-    def __init__(self, extra: dict, tp_size: int):
+    def __init__(self, extra: dict, world_size: int):
         directory = extra.get("local_dir")
         if not isinstance(directory, str) or not directory:
             raise ValueError(f"local_dir must be a directory path, got {directory!r}")
@@ -94,9 +94,9 @@ class DiskTier:
         self.directory, self.max_bytes, self.persist = directory, max_bytes, persist
         self._made_directory = not os.path.isdir(directory)
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        self.tp_size = tp_size
+        self.world_size = world_size  # every worker rank (tp x pp) has its files
         self.stats = DiskStats(capacity_bytes=max_bytes)
-        self.hellos: dict[int, KVDiskHello] = {}
+        self.hellos: dict[int, KVDiskHello] = {}  # rank -> its hello
         self._hellos_due = time.monotonic() + HELLO_TIMEOUT_S
         self.capacity = 0  # pages, once every rank said how large its files are
         # key (hex prefix hash) -> step id of the plan that writes it (None: the plan being
@@ -136,8 +136,8 @@ class DiskTier:
                 logger.warning("KV directory tier: bad report from a worker (%s)", exc)
                 continue
             if isinstance(msg, KVDiskHello):
-                self.hellos[msg.tp_rank] = msg
-                if len(self.hellos) == self.tp_size:
+                self.hellos[msg.rank] = msg
+                if len(self.hellos) == self.world_size:
                     self._index_directory()
             elif isinstance(msg, KVDiskReport):
                 for read in self._reads.values():
@@ -148,13 +148,13 @@ class DiskTier:
         """Every rank said hello (``wait``: give late ranks until the start-up allowance)."""
         self.poll()
         deadline = max(self._hellos_due, time.monotonic() + 1.0) if wait else 0.0
-        while len(self.hellos) < self.tp_size and time.monotonic() < deadline:
+        while len(self.hellos) < self.world_size and time.monotonic() < deadline:
             self.poll(0.05)
-        if wait and len(self.hellos) < self.tp_size:
+        if wait and len(self.hellos) < self.world_size:
             self._hellos_due = 0.0
             logger.error("KV directory tier: %d of %d worker ranks never said hello: "
-                         "not writing to %s", len(self.hellos), self.tp_size, self.directory)
-        return len(self.hellos) == self.tp_size
+                         "not writing to %s", len(self.hellos), self.world_size, self.directory)
+        return len(self.hellos) == self.world_size
 
     def _index_directory(self) -> None:
         """Every rank's files, once they all said hello: pages all ranks hold are usable
@@ -162,7 +162,7 @@ class DiskTier:
         per_page = sum(h.file_bytes for h in self.hellos.values())
         self.capacity = self.max_bytes // per_page
         found: dict[str, float] = {}
-        for rank, hello in enumerate(sorted(self.hellos.values(), key=lambda h: h.tp_rank)):
+        for rank, hello in enumerate(sorted(self.hellos.values(), key=lambda h: h.rank)):
             mine = {}
             try:
                 with os.scandir(hello.directory) as entries:
@@ -242,7 +242,7 @@ class DiskTier:
         return read
 
     def _settle(self, read: _Read) -> None:
-        if len(read.reports) == self.tp_size:
+        if len(read.reports) == self.world_size:
             first_bad = min((read.keys.index(k) for r in read.reports.values()
                              for k in r.bad_keys if k in read.keys), default=len(read.keys))
             read.staged = set(read.keys[:first_bad])
@@ -259,7 +259,7 @@ class DiskTier:
         elif time.monotonic() > read.deadline:
             logger.warning("KV directory tier: read of %d pages timed out after %g s "
                            "(%d of %d ranks reported), recomputed", len(read.keys),
-                           self.timeout_s, len(read.reports), self.tp_size)
+                           self.timeout_s, len(read.reports), self.world_size)
             read.staged = set()
             self.stats.failed_pages += len(read.keys)
 

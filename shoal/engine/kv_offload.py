@@ -50,10 +50,10 @@ class OffloadingScheduler:
         if not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError('OffloadingConnector needs kv_connector_extra_config '
                              f'{{"num_cpu_blocks": N}} with N >= 1, got {num_blocks!r}')
-        if engine.parallel.pp_size != 1:
-            raise ValueError("OffloadingConnector needs pipeline_parallel_size 1")
         self.page_size = engine.cache.page_size
-        self.disk = (DiskTier(extra, engine.parallel.tp_size)
+        # the layers of each pipeline stage (a directory tier file holds one stage's)
+        self.pp_layer_partition = list(engine.parallel.pp_layer_partition or [])
+        self.disk = (DiskTier(extra, engine.parallel.tp_size * engine.parallel.pp_size)
                      if extra.get("local_dir") is not None else None)
         self.extra = extra
         self.num_blocks = num_blocks
@@ -78,7 +78,8 @@ class OffloadingScheduler:
     def worker_config(self) -> str:
         disk = self.disk.worker_config() if self.disk is not None else {}
         return json.dumps({**self.extra, "num_cpu_blocks": self.num_blocks,
-                           "page_size": self.page_size, **disk})
+                           "page_size": self.page_size,
+                           "pp_layer_partition": self.pp_layer_partition, **disk})
 
     # -- pages out ---------------------------------------------------------------------------
 

@@ -43,8 +43,10 @@ logger = logging.getLogger(__name__)
 POLL_MS = 100
 
 
-def layout_identity(hf_config, dtype: torch.dtype, ctx, page_size: int) -> str:
-    """A name for this rank's page files that no other model or layout shares."""
+def layout_identity(hf_config, dtype: torch.dtype, ctx, page_size: int,
+                    pp_layer_partition: list[int] | None = None) -> str:
+    """A name for this rank's page files that no other model or layout shares (a pipeline
+    stage's layers follow from the stage, the sizes and the layer partition)."""
     total_heads = int(hf_config.num_attention_heads)
     total_kv = int(getattr(hf_config, "num_key_value_heads", None) or total_heads)
     part = partition_heads(total_heads, total_kv, ctx.tp.size, ctx.tp.rank_in_group)
@@ -60,8 +62,8 @@ def layout_identity(hf_config, dtype: torch.dtype, ctx, page_size: int) -> str:
                 st = os.stat(os.path.join(model_dir, name))
                 digest.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
     digest.update(f"{dtype}|page{page_size}|tp{ctx.tp.size}|kv{part.kv_start}-{part.kv_end}"
-                  .encode())
-    return f"shoal-kv-{digest.hexdigest()}-tp{ctx.tp.rank_in_group}"
+                  f"|pp{ctx.pp.size}:{pp_layer_partition or 'even'}".encode())
+    return f"shoal-kv-{digest.hexdigest()}-pp{ctx.pp.rank_in_group}-tp{ctx.tp.rank_in_group}"
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -139,7 +141,8 @@ class DiskTierWorker:
     def __init__(self, ctx, hf_config, dtype: torch.dtype, extra: dict):
         self.ctx, self.dtype = ctx, dtype
         self.page_size = int(extra["page_size"])
-        self.identity = layout_identity(hf_config, dtype, ctx, self.page_size)
+        self.identity = layout_identity(hf_config, dtype, ctx, self.page_size,
+                                        extra.get("pp_layer_partition"))
         self.directory = os.path.join(extra["local_dir"], self.identity)
         self.orders, self.reports = extra["disk_orders"], extra["disk_reports"]
         self.page_shape: tuple[int, ...] = ()

@@ -42,13 +42,14 @@ def dir_bytes(root) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
 
 
-def run(checkpoint, before_last=None, prompts=PROMPTS, tp=1, **options):
+def run(checkpoint, before_last=None, prompts=PROMPTS, tp=1, pp=1, **options):
     """Greedy tokens, cached-token counts and final stats, one request at a time;
     ``before_last(llm)`` runs before the last prompt; the directory's size is checked
     against its bound after every request."""
     extra = options.get("kv_transfer_config", {}).get("kv_connector_extra_config", {})
-    with LLM(checkpoint, dtype="float32", block_size=4, kv_cache_memory=PAGE_BYTES * 20 // tp,
-             max_num_seqs=1, tensor_parallel_size=tp,
+    with LLM(checkpoint, dtype="float32", block_size=4,
+             kv_cache_memory=PAGE_BYTES * 20 // (tp * pp), max_num_seqs=1,
+             tensor_parallel_size=tp, pipeline_parallel_size=pp,
              executor_kwargs={"threads_per_worker": 1}, **options) as llm:
         outs = []
         for i, prompt in enumerate(prompts):
@@ -189,3 +190,16 @@ def test_directory_counters_reach_metrics():
                  'shoal:kv_offload_disk_bytes{model_name="m"} 9000.0',
                  'shoal:kv_offload_disk_capacity_bytes{model_name="m"} 1.048576e+06'):
         assert line in text, line
+
+
+def test_pipeline_stages_spill_and_load_their_own_layers(ckpt, reference, tmp_path):
+    """pp2: each stage's ranks keep their layers' pages in their tier and files; the
+    prefix comes back from the directory on both stages with the same tokens."""
+    local = tmp_path / "kv"
+    seen = {}
+    tokens, cached, stats = run(ckpt, lambda llm: seen.update(dirs=rank_dirs(local)), pp=2,
+                                **disk(local))
+    assert tokens == reference
+    assert sorted(d[-8:] for d in seen["dirs"]) == ["-pp0-tp0", "-pp1-tp0"]
+    assert cached[-1] == len(SHARED) and stats.kv_offload_disk_hit_pages >= 4
+    assert not local.exists()
