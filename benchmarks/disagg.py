@@ -10,7 +10,8 @@ Cases (``--cases``, default all):
   GB/s counts the bytes moved per second, as ``memcpy_gbps`` does.
 - ``offload``: TTFT of a request whose ``--prefix-len``-token prefix was pushed out of
   the KV cache, recomputed (no connector) vs loaded from the host tier
-  (OffloadingConnector), offline ``LLM``, the default model unless ``--model``.
+  (OffloadingConnector) vs from its local directory (a host tier of 2 pages, files in a
+  temporary directory), offline ``LLM``, the default model unless ``--model``.
 - ``mixed``: steady short decodes plus long prompts arriving, against one aggregated
   ``shoal serve`` on all cores vs ``shoal proxy`` over a prefill and a decode engine
   pinned to one core each (``taskset``); TTFT and TPOT p50/p99 of the short requests,
@@ -154,9 +155,14 @@ def bench_offload(args) -> None:
     budget = int(_kv_bytes_per_token(model) * (args.prefix_len + 64))  # one prompt at a time
     first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     results = {}
-    for name, options in (("recompute", {}), ("host_tier", {"kv_transfer_config": {
-            "kv_connector": "OffloadingConnector",
-            "kv_connector_extra_config": {"num_cpu_blocks": args.prefix_len // 16 * 4}}})):
+    local_dir = tempfile.mkdtemp(prefix="shoal-bench-kv-")
+    directory = {"num_cpu_blocks": 2, "local_dir": os.path.join(local_dir, "kv"),
+                 "local_dir_bytes": 8 * budget}  # the host tier too small: files serve
+    cases = (("recompute", {}), ("host_tier", {"num_cpu_blocks": args.prefix_len // 16 * 4}),
+             ("directory", directory))
+    for name, extra in cases:
+        options = {"kv_transfer_config": {"kv_connector": "OffloadingConnector",
+                                          "kv_connector_extra_config": extra}} if extra else {}
         with LLM(model, dtype="float32", kv_cache_memory=budget, max_num_seqs=1,
                  block_size=16, **options) as llm:
             llm.generate([prompts[-1] + tails[-1]], first, use_tqdm=False)  # warm-up
@@ -171,14 +177,20 @@ def bench_offload(args) -> None:
                 ttfts.append(time.perf_counter() - start)
                 cached.append(out.num_cached_tokens)
                 tokens.append(out.outputs[0].token_ids)
-            results[name] = (ttfts, cached, tokens, llm.engine.stats().kv_offload_hit_tokens)
+            stats = llm.engine.stats()
+            results[name] = (ttfts, cached, tokens, stats.kv_offload_hit_tokens,
+                             stats.kv_offload_disk_hit_tokens)
+    os.rmdir(local_dir)  # the engine removed its files and the directory it made
     emit({"bench": "disagg", "case": "offload", "model": os.path.basename(model),
           "prefix_len": args.prefix_len,
           "ttft_recompute": percentiles(results["recompute"][0]),
           "ttft_host_tier": percentiles(results["host_tier"][0]),
+          "ttft_directory": percentiles(results["directory"][0]),
           "cached_tokens": {k: v[1] for k, v in results.items()},
           "host_tier_hit_tokens": results["host_tier"][3],
-          "same_tokens": results["recompute"][2] == results["host_tier"][2]})
+          "directory_hit_tokens": results["directory"][4],
+          "same_tokens": results["recompute"][2] == results["host_tier"][2]
+          == results["directory"][2]})
 
 
 def _kv_bytes_per_token(model: str) -> int:
