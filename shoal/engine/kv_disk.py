@@ -37,7 +37,6 @@ from shoal.errors import ProtocolError
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 1.0
-HELLO_TIMEOUT_S = 30.0
 GRACE_S = 0.2  # after the ranks' own deadline, before the driver gives up on a read
 MAX_REPORT_BYTES = 1 << 20
 
@@ -97,7 +96,7 @@ class DiskTier:
         self.world_size = world_size  # every worker rank (tp x pp) has its files
         self.stats = DiskStats(capacity_bytes=max_bytes)
         self.hellos: dict[int, KVDiskHello] = {}  # rank -> its hello
-        self._hellos_due = time.monotonic() + HELLO_TIMEOUT_S
+        self._directories: set[str] = set()  # every rank directory seen (removed at close)
         self.capacity = 0  # pages, once every rank said how large its files are
         # key (hex prefix hash) -> step id of the plan that writes it (None: the plan being
         # built; -1: found on disk), least recently used first
@@ -137,6 +136,7 @@ class DiskTier:
                 continue
             if isinstance(msg, KVDiskHello):
                 self.hellos[msg.rank] = msg
+                self._directories.add(msg.directory)
                 if len(self.hellos) == self.world_size:
                     self._index_directory()
             elif isinstance(msg, KVDiskReport):
@@ -144,18 +144,11 @@ class DiskTier:
                     if read.order_id == msg.order_id and read.staged is None:
                         read.reports[msg.rank] = msg
 
-    def ready(self, wait: bool) -> bool:
-        """Every rank said hello (``wait``: give late ranks until the start-up allowance)."""
+    def ready(self) -> bool:
+        """Every rank said hello. Ranks do at their first step, and pages are evicted only
+        after steps ran, so this never waits: a rank not heard from yet means no write."""
         self.poll()
-        deadline = max(self._hellos_due, time.monotonic() + 1.0) if wait else 0.0
-        while len(self.hellos) < self.world_size and time.monotonic() < deadline:
-            self.poll(0.05)
-        if wait and len(self.hellos) < self.world_size:
-            self._hellos_due = 0.0
-            logger.error("KV directory tier: %d of %d worker ranks never said hello: "
-                         "not writing to %s", len(self.hellos), self.world_size, self.directory)
         return len(self.hellos) == self.world_size
-
     def _index_directory(self) -> None:
         """Every rank's files, once they all said hello: pages all ranks hold are usable
         (the reads check them); the others are removed when over the bound."""
@@ -188,7 +181,7 @@ class DiskTier:
         if key in self.index:
             self.index.move_to_end(key)
             return
-        if not self.ready(wait=True) or self.capacity < 1:
+        if not self.ready() or self.capacity < 1:
             return
         self.index[key] = None
         self.drops.discard(key)
@@ -310,7 +303,6 @@ class DiskTier:
         """New workers: writes of lost plans may not have happened; index the directory
         again once the new ranks say hello."""
         self.hellos.clear()
-        self._hellos_due = time.monotonic() + HELLO_TIMEOUT_S
         self.index.clear()
         self.write_slots, self.write_pages, self.drops = {}, {}, set()
         self._reads.clear()
@@ -321,8 +313,8 @@ class DiskTier:
         the sockets."""
         self.poll()
         if not self.persist:
-            for hello in self.hellos.values():
-                shutil.rmtree(hello.directory, ignore_errors=True)
+            for directory in self._directories:
+                shutil.rmtree(directory, ignore_errors=True)
             if self._made_directory:
                 try:
                     os.rmdir(self.directory)  # only if nothing else is in it

@@ -4,6 +4,7 @@ goes on to the directory tier, from where, and its bound."""
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -102,7 +103,10 @@ def disk_connector(tmp_path, num_cpu_blocks: int, kv: KVCacheManager, page_files
     push.setsockopt(zmq.LINGER, 0)
     push.connect(json.loads(conn.worker_config())["disk_reports"])
     push.send_multipart(encode(KVDiskHello(0, 0, str(tmp_path / "kv" / "r0"), 100)))
-    assert conn.disk.ready(wait=True) and conn.disk.capacity == page_files
+    deadline = time.monotonic() + 10
+    while not conn.disk.ready() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert conn.disk.ready() and conn.disk.capacity == page_files
     return conn, push, zctx
 
 
