@@ -9,6 +9,7 @@ on with the same tokens; the directory stays within its byte bound; it is remove
 shutdown unless it persists, and a later engine of the same model reads what persisted.
 """
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -202,4 +203,32 @@ def test_pipeline_stages_spill_and_load_their_own_layers(ckpt, reference, tmp_pa
     assert tokens == reference
     assert sorted(d[-8:] for d in seen["dirs"]) == ["-pp0-tp0", "-pp1-tp0"]
     assert cached[-1] == len(SHARED) and stats.kv_offload_disk_hit_pages >= 4
+    assert not local.exists()
+
+
+def test_the_files_outlive_a_replaced_worker_group(ckpt, tmp_path):
+    """kill -9 of the worker once the prefix is only in the files: the new group's host
+    tier is empty, but the directory is indexed again from the files once its rank says
+    hello (a filler's first step), and the prefix comes back from them; no file is left."""
+    local = tmp_path / "kv"
+    extra = [(13 * j + 5) % 200 + 1 for j in range(24)]
+    prompts = PROMPTS[:-1] + [extra] + PROMPTS[-1:]
+    reference, _, _ = run(ckpt, prompts=prompts)
+    killed = {}
+    with LLM(ckpt, dtype="float32", block_size=4, kv_cache_memory=PAGE_BYTES * 20,
+             max_num_seqs=1, executor_kwargs={"threads_per_worker": 1}, **disk(local)) as llm:
+        outs = []
+        for i, prompt in enumerate(prompts):
+            if i == len(prompts) - 2:
+                assert all(os.path.exists(page_file_path(rank_dirs(local)[0], k))
+                           for k in shared_keys())
+                killed["pid"] = llm.engine.core.executor.pids[0]
+                os.kill(killed["pid"], signal.SIGKILL)
+            outs.append(llm.generate([prompt], GREEDY, use_tqdm=False)[0])
+        stats = llm.engine.stats()
+        assert llm.engine.core.executor.pids[0] != killed["pid"]
+    assert [o.outputs[0].token_ids for o in outs] == reference
+    assert stats.num_worker_restarts == 1
+    assert outs[-1].num_cached_tokens == len(SHARED)
+    assert stats.kv_offload_disk_hit_pages == 6  # the host tier went with the old group
     assert not local.exists()
