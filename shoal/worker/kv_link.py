@@ -41,6 +41,8 @@ STORE_TIMEOUT_S = 30.0
 # building a pair may take longer than one transfer's deadline (that transfer then fails
 # and is recomputed; the pair serves the next ones)
 PAIR_TIMEOUT_S = 10.0
+# a producer's pair unused this long ends (its consumer may be gone; a live one pairs again)
+IDLE_S = 300.0
 
 
 def check_backend(name: str) -> str:
@@ -92,8 +94,10 @@ class PairThread(threading.Thread):
     """One side of a pair: build the group, then run its operations in order."""
 
     def __init__(self, make_store: Callable[[], dist.Store], pair_id: str, rank: int,
-                 backend: str, host: str, deadline: float, device: torch.device):
+                 backend: str, host: str, deadline: float, device: torch.device,
+                 idle_s: float | None = None):
         super().__init__(name=f"kv-link-{pair_id[:8]}", daemon=True)
+        self.idle_s = idle_s
         self.make_store, self.pair_id, self.rank = make_store, pair_id, rank
         self.backend, self.host, self.deadline = backend, host, deadline
         self.ops: queue.Queue[LinkOp | None] = queue.Queue()
@@ -121,7 +125,11 @@ class PairThread(threading.Thread):
             return
         peer = 1 - self.rank
         while not self.broken.is_set():
-            op = self.ops.get()
+            try:
+                op = self.ops.get(timeout=self.idle_s)
+            except queue.Empty:
+                self.broken.set()  # idle: the next fetch gets NO_LINK and pairs again
+                break
             if op is None:
                 break
             if time.monotonic() >= op.deadline:  # its transfer failed while pairing
@@ -191,7 +199,7 @@ class LinkHost:
             thread = self.pairs[pair_id] = PairThread(lambda: self.store, pair_id, 0,
                                                       self.backend, self.host,
                                                       time.monotonic() + deadline_s,
-                                                      self.device)
+                                                      self.device, IDLE_S)
         thread.start()
 
     def send(self, pair_id: str, tag: int, data: np.ndarray, deadline_s: float) -> str:
