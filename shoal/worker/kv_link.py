@@ -11,10 +11,12 @@ objects owned by this module, never ``init_process_group``.
 Each pair has one :class:`PairThread` per side: it builds the group (bounded by the
 first transfer's deadline), then runs that pair's sends or receives one after the other,
 in the order the fetches were sent and answered over the pair's one ZeroMQ connection, so
-both sides issue them in the same order (NCCL ignores tags). Every operation waits at
-most until its transfer's deadline; a timeout or error breaks the pair (gloo closes a
-pair that timed out), fails what was queued on it, and the next fetch pairs afresh. A
-failed transfer is recomputed by the decode engine, so nothing waits on a broken link.
+both sides issue them in the same order (NCCL ignores tags); the consumer also receives
+(and drops) the pages of an answer that came after its transfer's deadline, so no send is
+left without its receive. Every operation waits until its transfer's deadline, at least
+``MIN_OP_S``; a timeout or error breaks the pair (gloo closes a pair that timed out),
+fails what was queued on it, and the next fetch pairs afresh. The transfer itself fails
+at its deadline in the consumer's puller whatever its pair does, and is recomputed.
 
 NCCL: pages are stored in host memory, so a send copies them to the GPU and a receive
 copies them back (the interconnect carries them; a GPU-resident store is not built).
@@ -41,6 +43,10 @@ STORE_TIMEOUT_S = 30.0
 # building a pair may take longer than one transfer's deadline (that transfer then fails
 # and is recomputed; the pair serves the next ones)
 PAIR_TIMEOUT_S = 10.0
+# every operation gets at least this long, even past its transfer's deadline (that
+# transfer has failed already): skipping it on one side only would leave the two sides
+# out of step, and a late answer's pages are still taken off the pair (and dropped)
+MIN_OP_S = 0.5
 # a producer's pair unused this long ends (its consumer may be gone; a live one pairs again)
 IDLE_S = 300.0
 
@@ -132,9 +138,6 @@ class PairThread(threading.Thread):
                 break
             if op is None:
                 break
-            if time.monotonic() >= op.deadline:  # its transfer failed while pairing
-                self._fail(op, f"link {self.pair_id[:8]}: not paired within the deadline")
-                continue
             try:
                 self._run(group, peer, op)
             except Exception as exc:  # noqa: BLE001 - gloo/NCCL errors are RuntimeErrors
@@ -147,7 +150,7 @@ class PairThread(threading.Thread):
                 logger.debug("KV link %s: abort: %s", self.pair_id[:8], exc)
 
     def _run(self, group, peer: int, op: LinkOp) -> None:
-        timeout = _timedelta(op.deadline - time.monotonic())
+        timeout = _timedelta(max(MIN_OP_S, op.deadline - time.monotonic()))
         if op.data is not None:  # [nbytes] uint8, the array's bytes
             flat = torch.from_numpy(np.ascontiguousarray(op.data).reshape(-1).view(np.uint8))
             group.send([flat.to(self.device)], peer, op.tag).wait(timeout)

@@ -64,6 +64,7 @@ MAX_FETCH_BYTES = 1 << 12
 MAX_PAYLOAD_BYTES = 1 << 34
 DEFAULT_STORE_BYTES = 1 << 30
 DEFAULT_STORE_TTL_S = 60.0
+DRAIN_S = 1.0  # how long a late transfer's pages may take to be taken off its pair
 
 
 class Faults:
@@ -202,6 +203,7 @@ class Puller(threading.Thread):
         # pages received on a torch.distributed pair: (transfer, endpoint, header, bytes, error)
         self._link_results: queue.Queue[tuple] = queue.Queue()
         self._link_pending = 0
+        self._link_of: dict[str, tuple[str, str]] = {}  # store endpoint -> link, pair id
         self.orders = zctx.socket(zmq.SUB)
         self.orders.setsockopt(zmq.LINGER, 0)
         self.orders.setsockopt(zmq.SUBSCRIBE, b"")
@@ -285,7 +287,7 @@ class Puller(threading.Thread):
                     dealer.send_multipart(encode(KVLinkPair(pair_id, order.deadline_s)),
                                           copy=False)
                 tag = self.links.tag()
-                job.links[src.endpoint] = (src.link, pair_id)
+                job.links[src.endpoint] = self._link_of[src.endpoint] = (src.link, pair_id)
             job.waiting[src.endpoint] = (lo, hi)
             dealer.send_multipart(encode(KVFetch(
                 order.transfer_id, lo, hi, order.fetch_counts[index], via_shm, pair_id, tag,
@@ -306,7 +308,9 @@ class Puller(threading.Thread):
                 continue
             job = self._jobs.get(getattr(reply, "transfer_id", None))
             if not isinstance(reply, KVPayload) or job is None or endpoint not in job.waiting:
-                continue  # a late answer to a job that ended (its link send times out)
+                if isinstance(reply, KVPayload) and reply.link_tag >= 0 and not reply.error:
+                    self._drain(endpoint, reply)
+                continue  # a late answer to a job that ended
             if reply.link_tag >= 0 and not reply.error and endpoint in job.links:
                 self._receive_by_link(job, endpoint, reply)
                 continue
@@ -335,6 +339,18 @@ class Puller(threading.Thread):
         self.links.receive(link, pair_id, reply.link_tag, nbytes, job.deadline,
                            lambda raw, error: self._link_results.put(
                                (transfer_id, endpoint, reply, raw, error)))
+
+    def _drain(self, endpoint: str, reply: KVPayload) -> None:
+        """A late header: still take its pages off the pair (and drop them), so the
+        producer's send ends and the pair's later transfers are not stuck behind it."""
+        link, pair_id = self._link_of.get(endpoint, ("", ""))
+        try:
+            nbytes = int(np.prod(reply.shape)) * wire_numpy_dtype(reply.dtype).itemsize
+        except ValueError:
+            return
+        if link:
+            self.links.receive(link, pair_id, reply.link_tag, nbytes,
+                               time.monotonic() + DRAIN_S, lambda raw, error: None)
 
     def _read_link_results(self) -> None:
         while True:

@@ -119,6 +119,25 @@ def test_a_link_that_never_sends_fails_by_the_deadline(pair):
     assert 0.5 <= seconds < 10.0  # its deadline, not a hang (the bound is for a busy machine)
 
 
+def test_an_answer_after_the_deadline_leaves_the_pair_usable(pair):
+    """The producer answers after the transfer's deadline: that transfer fails, its pages
+    are still taken off the pair and dropped, and the next transfer uses the same pair."""
+    pair.save("a", 1.0)
+    assert pair.fetch("a")[0].ok
+    pair_id = pair.links.pairs[pair.host.endpoint].pair_id
+    answer = pair.server._answer
+    pair.server._answer = lambda frames: (time.sleep(0.4), answer(frames))[1]  # a slow store
+    pair.save("b", 2.0)
+    report, _ = pair.fetch("b", deadline_s=0.2)
+    assert not report.ok and "no answer" in report.error
+    pair.server._answer = answer
+    pair.save("c", 3.0)
+    report, _ = pair.fetch("c")
+    assert report.ok, report.error
+    assert pair.links.pairs[pair.host.endpoint].pair_id == pair_id  # not broken
+    assert float(pair.puller.take("c")[0][1].mean()) == 3.0
+
+
 def test_backend_names_are_checked():
     with pytest.raises(ValueError, match="torch_backend must be one of"):
         check_backend("mpi")
