@@ -49,6 +49,9 @@ class KVSource:
     kv_end: int
     host_id: str = ""  # same as the consumer's: the pages can come through shared memory
     link: str = ""  # "host:port" of its torch.distributed rendezvous (torch_backend set)
+    # the layers it holds, [layer_start, layer_end) (a pipeline stage); 0, 0: all of them
+    layer_start: int = 0
+    layer_end: int = 0
 
 
 @wire_message(40)
@@ -67,6 +70,9 @@ class KVFetch:
     link_pair: str = ""  # send the pages over this torch.distributed pair instead
     link_tag: int = -1
     deadline_s: float = 1.0  # a link send waits at most this long
+    # the layers wanted (absolute), [layer_start, layer_end); 0, 0: all the store holds
+    layer_start: int = 0
+    layer_end: int = 0
 
 
 @wire_message(41)
@@ -83,6 +89,7 @@ class KVPayload:
     shm_name: str = ""
     shape: list[int] = field(default_factory=list)
     kv_start: int = 0  # the first head the segment holds
+    layer_start: int = 0  # ... and its first layer (a pipeline stage's, absolute)
     # >= 0: ``data`` follows on the fetch's torch.distributed pair; NO_LINK: that pair is
     # not (or no longer) on the producer: the consumer pairs again
     link_tag: int = -1
@@ -122,6 +129,8 @@ class KVWorkerHello:
     host_id: str = ""
     shm_prefix: str = ""  # its segments' names start so (the driver removes leftovers)
     link: str = ""  # its torch.distributed rendezvous, "host:port" (torch_backend set)
+    layer_start: int = 0  # its pipeline stage's layers, [layer_start, layer_end)
+    layer_end: int = 0
 
 
 @wire_message(43)
@@ -221,6 +230,31 @@ def plan_fetches(sources: list[KVSource], kv_start: int, kv_end: int) -> list[tu
                 break
         else:
             raise ValueError(f"no producer rank holds KV head {head}")
+    return pieces
+
+
+def plan_layer_fetches(sources: list[KVSource], kv_start: int, kv_end: int,
+                       layer_start: int, layer_end: int) -> list[tuple[int, int, int, int, int]]:
+    """Which producer ranks cover layers ``[layer_start, layer_end)`` x KV heads
+    ``[kv_start, kv_end)``: ``(source index, first head, end head, first layer, end layer)``
+    pieces, layer groups (pipeline stages) in order, heads regrouped within each
+    (:func:`plan_fetches`). A source with ``layer_end`` 0 holds every layer. Raises
+    ValueError when some layer or head is held by no source."""
+    def layers(src: KVSource) -> tuple[int, int]:
+        return (src.layer_start, src.layer_end) if src.layer_end else (0, 1 << 30)
+
+    pieces = []
+    layer = layer_start
+    while layer < layer_end:
+        group = sorted({layers(s) for s in sources if layers(s)[0] <= layer < layers(s)[1]})
+        if not group:
+            raise ValueError(f"no producer rank holds layer {layer}")
+        hi = min(group[0][1], layer_end)
+        members = [i for i, s in enumerate(sources) if layers(s) == group[0]]
+        for index, head_lo, head_hi in plan_fetches([sources[i] for i in members],
+                                                    kv_start, kv_end):
+            pieces.append((members[index], head_lo, head_hi, layer, hi))
+        layer = hi
     return pieces
 
 

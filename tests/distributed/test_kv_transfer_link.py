@@ -126,7 +126,7 @@ def test_an_answer_after_the_deadline_leaves_the_pair_usable(pair):
     assert pair.fetch("a")[0].ok
     pair_id = pair.links.pairs[pair.host.endpoint].pair_id
     answer = pair.server._answer
-    pair.server._answer = lambda frames: (time.sleep(0.4), answer(frames))[1]  # a slow store
+    pair.server._answer = lambda frames, **kw: (time.sleep(0.4), answer(frames, **kw))[1]
     pair.save("b", 2.0)
     report, _ = pair.fetch("b", deadline_s=0.2)
     assert not report.ok and "no answer" in report.error
