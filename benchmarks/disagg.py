@@ -4,12 +4,14 @@ Cases (``--cases``, default all):
 
 - ``transfer``: a large KV transfer between two processes through ShoalTransferConnector's
   own pieces (a producer rank's store and server in a child process, the consumer's
-  fetch, checksum and page writes here), over shared memory and over ZeroMQ frames,
+  fetch, checksum and page writes here), over shared memory, over ZeroMQ frames and over
+  a torch.distributed gloo pair (``torch_backend``),
   against this machine's memory copy bandwidth (a tensor ``copy_`` of the same bytes).
   GB/s counts the bytes moved per second, as ``memcpy_gbps`` does.
 - ``offload``: TTFT of a request whose ``--prefix-len``-token prefix was pushed out of
   the KV cache, recomputed (no connector) vs loaded from the host tier
-  (OffloadingConnector), offline ``LLM``, the default model unless ``--model``.
+  (OffloadingConnector) vs from its local directory (a host tier of 2 pages, files in a
+  temporary directory), offline ``LLM``, the default model unless ``--model``.
 - ``mixed``: steady short decodes plus long prompts arriving, against one aggregated
   ``shoal serve`` on all cores vs ``shoal proxy`` over a prefill and a decode engine
   pinned to one core each (``taskset``); TTFT and TPOT p50/p99 of the short requests,
@@ -17,6 +19,7 @@ Cases (``--cases``, default all):
 
     python benchmarks/disagg.py --cases transfer offload
     python benchmarks/disagg.py --cases mixed --duration 30
+    python benchmarks/disagg.py --cases mixed --duration 30 --torch-backend gloo
 """
 from __future__ import annotations
 
@@ -41,20 +44,23 @@ from serving import make_prompts, one_request
 
 from shoal.comm.codec import decode
 from shoal.comm.kv_wire import KVFetchOrder, KVSource, KVWorkerHello, host_id
+from shoal.worker.kv_link import LinkClient, LinkHost
 from shoal.worker.kv_store import KVStore, gather_pages, write_pages
 from shoal.worker.kv_transfer import Puller, StoreServer
 
 # -- transfer ---------------------------------------------------------------------------------
 
 
-def _producer(bind: str, shape: tuple, count: int, ready, stop) -> None:
+def _producer(bind: str, shape: tuple, count: int, ready, stop, link_endpoint) -> None:
     layers, _, tokens, heads, dim = shape
     page_size = 16
     pages = tokens // page_size
     caches = [torch.randn(2, pages, page_size, heads, dim) for _ in range(layers)]
     store = KVStore(1 << 34, 3600, use_shm=True, rank=0)
     zctx = zmq.Context()
-    server = StoreServer(zctx, bind, store, 0, torch.float32, None)
+    link_host = LinkHost("127.0.0.1", "gloo")
+    link_endpoint.put(link_host.endpoint)
+    server = StoreServer(zctx, bind, store, 0, torch.float32, None, link_host)
     server.start()
     for i in range(count):
         store.save(f"t{i}", shape, np.dtype(np.float32),
@@ -63,6 +69,7 @@ def _producer(bind: str, shape: tuple, count: int, ready, stop) -> None:
     stop.wait()
     server.stopping.set()
     server.join()
+    link_host.close()
     store.close()
 
 
@@ -81,11 +88,14 @@ def bench_transfer(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bind = f"ipc://{tmp}/store"
         ctx = mp.get_context("spawn")
-        ready, stop = ctx.Event(), ctx.Event()
-        child = ctx.Process(target=_producer, args=(bind, shape, 2 * args.repeats, ready, stop))
+        ready, stop, link_endpoint = ctx.Event(), ctx.Event(), ctx.Queue()
+        modes = (("shm", host_id(), False), ("zmq", "", False), ("gloo", "", True))
+        child = ctx.Process(target=_producer, args=(bind, shape, len(modes) * args.repeats,
+                                                    ready, stop, link_endpoint))
         child.start()
         try:
             ready.wait(600)
+            link = link_endpoint.get(timeout=10)
             page_size = 16
             caches = [torch.zeros(2, args.tokens // page_size, page_size, args.kv_heads,
                                   args.head_dim) for _ in range(args.layers)]
@@ -93,15 +103,16 @@ def bench_transfer(args) -> None:
             zctx = zmq.Context()
             reports = zctx.socket(zmq.PULL)
             reports.bind(f"ipc://{tmp}/reports")
-            for mode, own_host in (("shm", host_id()), ("zmq", "")):
+            for m, (mode, own_host, use_link) in enumerate(modes):
                 hello = KVWorkerHello(0, 0, "", 0, args.kv_heads, args.kv_heads, args.layers,
                                       args.head_dim, "float32", own_host)
+                links = LinkClient("gloo") if use_link else None
                 puller = Puller(zctx, f"ipc://{tmp}/orders", f"ipc://{tmp}/reports", hello,
-                                fetches=True)
-                source = KVSource(bind, 0, args.kv_heads, host_id())
+                                fetches=True, links=links)
+                source = KVSource(bind, 0, args.kv_heads, host_id(), link if use_link else "")
                 seconds = []
                 for i in range(args.repeats):
-                    tid = f"t{i + (0 if mode == 'shm' else args.repeats)}"
+                    tid = f"t{i + m * args.repeats}"
                     start = time.perf_counter()
                     puller._start(KVFetchOrder(tid, args.tokens, [source], [1], 30.0))
                     while tid in puller._jobs:
@@ -112,7 +123,9 @@ def bench_transfer(args) -> None:
                     seconds.append(time.perf_counter() - start)
                 for sock in (puller.orders, puller.reports, *puller._dealers.values()):
                     sock.close(0)
-                best = min(seconds)
+                if links is not None:
+                    links.close()
+                best = min(seconds)  # the first gloo transfer also pairs: min, not mean
                 emit({"bench": "disagg", "case": "transfer", "mode": mode, "bytes": nbytes,
                       "shape": list(shape), "transfer_gbps": round(nbytes / best / 1e9, 3),
                       "memcpy_gbps": round(memcpy_gbps, 3),
@@ -142,9 +155,14 @@ def bench_offload(args) -> None:
     budget = int(_kv_bytes_per_token(model) * (args.prefix_len + 64))  # one prompt at a time
     first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     results = {}
-    for name, options in (("recompute", {}), ("host_tier", {"kv_transfer_config": {
-            "kv_connector": "OffloadingConnector",
-            "kv_connector_extra_config": {"num_cpu_blocks": args.prefix_len // 16 * 4}}})):
+    local_dir = tempfile.mkdtemp(prefix="shoal-bench-kv-")
+    directory = {"num_cpu_blocks": 2, "local_dir": os.path.join(local_dir, "kv"),
+                 "local_dir_bytes": 8 * budget}  # the host tier too small: files serve
+    cases = (("recompute", {}), ("host_tier", {"num_cpu_blocks": args.prefix_len // 16 * 4}),
+             ("directory", directory))
+    for name, extra in cases:
+        options = {"kv_transfer_config": {"kv_connector": "OffloadingConnector",
+                                          "kv_connector_extra_config": extra}} if extra else {}
         with LLM(model, dtype="float32", kv_cache_memory=budget, max_num_seqs=1,
                  block_size=16, **options) as llm:
             llm.generate([prompts[-1] + tails[-1]], first, use_tqdm=False)  # warm-up
@@ -159,14 +177,20 @@ def bench_offload(args) -> None:
                 ttfts.append(time.perf_counter() - start)
                 cached.append(out.num_cached_tokens)
                 tokens.append(out.outputs[0].token_ids)
-            results[name] = (ttfts, cached, tokens, llm.engine.stats().kv_offload_hit_tokens)
+            stats = llm.engine.stats()
+            results[name] = (ttfts, cached, tokens, stats.kv_offload_hit_tokens,
+                             stats.kv_offload_disk_hit_tokens)
+    os.rmdir(local_dir)  # the engine removed its files and the directory it made
     emit({"bench": "disagg", "case": "offload", "model": os.path.basename(model),
           "prefix_len": args.prefix_len,
           "ttft_recompute": percentiles(results["recompute"][0]),
           "ttft_host_tier": percentiles(results["host_tier"][0]),
+          "ttft_directory": percentiles(results["directory"][0]),
           "cached_tokens": {k: v[1] for k, v in results.items()},
           "host_tier_hit_tokens": results["host_tier"][3],
-          "same_tokens": results["recompute"][2] == results["host_tier"][2]})
+          "directory_hit_tokens": results["directory"][4],
+          "same_tokens": results["recompute"][2] == results["host_tier"][2]
+          == results["directory"][2]})
 
 
 def _kv_bytes_per_token(model: str) -> int:
@@ -185,8 +209,11 @@ async def _workload(base_url: str, vocab: int, args, long_prompts: bool) -> dict
     short = make_prompts(1000, 16, vocab, args.seed)
     long = make_prompts(100, args.prefix_len, vocab, args.seed + 7)
     outcomes, long_outcomes = [], []
-    deadline = time.perf_counter() + args.duration
     async with httpx.AsyncClient(base_url=base_url, timeout=None) as client:
+        # warm-up, not measured: first steps, first transfers (sockets, pairs), caches
+        for prompt in (short[-1], short[-2], long[-1]):
+            await one_request(client, "m", prompt, 4)
+        deadline = time.perf_counter() + args.duration
         async def stream(worker: int) -> None:
             i = worker
             while time.perf_counter() < deadline:
@@ -221,6 +248,8 @@ def bench_mixed(args) -> None:
 
     def role(name: str) -> list[str]:
         config = {"kv_connector": "ShoalTransferConnector", "kv_role": name}
+        if args.torch_backend:
+            config["kv_connector_extra_config"] = {"torch_backend": args.torch_backend}
         return ["--kv-transfer-config", json.dumps(config)]
 
     records = {}
@@ -274,6 +303,8 @@ def main() -> None:
     parser.add_argument("--short-output", type=int, default=32)
     parser.add_argument("--long-every", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--torch-backend", choices=["gloo", "nccl"], default=None,
+                        help="mixed: the 1P1D engines move pages over torch.distributed")
     args = parser.parse_args()
     for case in args.cases:
         {"transfer": bench_transfer, "offload": bench_offload, "mixed": bench_mixed}[case](args)

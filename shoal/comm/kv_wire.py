@@ -10,6 +10,10 @@ Three kinds of socket carry them:
   once at start (where this rank's store listens, which KV heads it holds) and
   :class:`KVFetchReport` after each order.
 
+With ``torch_backend`` the pages themselves travel over a torch.distributed pair
+(``shoal.worker.kv_link``): :class:`KVLinkPair` asks the store to pair, a fetch names the
+pair and a tag, and the answer is the header only (``link_tag``), its pages following.
+
 KV of a request travels token-major, ``[num_layers, 2, num_tokens, kv_heads, head_dim]``,
 so the two engines may use different page sizes and page ids. Heads are contiguous
 blocks per tp rank (``shoal.parallel.partition``): :func:`plan_fetches` says which
@@ -44,6 +48,10 @@ class KVSource:
     kv_start: int
     kv_end: int
     host_id: str = ""  # same as the consumer's: the pages can come through shared memory
+    link: str = ""  # "host:port" of its torch.distributed rendezvous (torch_backend set)
+    # the layers it holds, [layer_start, layer_end) (a pipeline stage); 0, 0: all of them
+    layer_start: int = 0
+    layer_end: int = 0
 
 
 @wire_message(40)
@@ -59,6 +67,12 @@ class KVFetch:
     kv_end: int
     fetches_expected: int = 1
     via_shm: bool = False  # same host: name the shared-memory segment, send no pages
+    link_pair: str = ""  # send the pages over this torch.distributed pair instead
+    link_tag: int = -1
+    deadline_s: float = 1.0  # a link send waits at most this long
+    # the layers wanted (absolute), [layer_start, layer_end); 0, 0: all the store holds
+    layer_start: int = 0
+    layer_end: int = 0
 
 
 @wire_message(41)
@@ -75,6 +89,19 @@ class KVPayload:
     shm_name: str = ""
     shape: list[int] = field(default_factory=list)
     kv_start: int = 0  # the first head the segment holds
+    layer_start: int = 0  # ... and its first layer (a pipeline stage's, absolute)
+    # >= 0: ``data`` follows on the fetch's torch.distributed pair; NO_LINK: that pair is
+    # not (or no longer) on the producer: the consumer pairs again
+    link_tag: int = -1
+
+
+@wire_message(51)
+@dataclass
+class KVLinkPair:
+    """Consumer rank -> producer store: build your side of pair ``pair_id`` (kv_link)."""
+
+    pair_id: str
+    deadline_s: float
 
 
 @wire_message(46)
@@ -101,6 +128,9 @@ class KVWorkerHello:
     dtype: str
     host_id: str = ""
     shm_prefix: str = ""  # its segments' names start so (the driver removes leftovers)
+    link: str = ""  # its torch.distributed rendezvous, "host:port" (torch_backend set)
+    layer_start: int = 0  # its pipeline stage's layers, [layer_start, layer_end)
+    layer_end: int = 0
 
 
 @wire_message(43)
@@ -147,6 +177,7 @@ class KVLayout:
     sources: list[KVSource] = field(default_factory=list)
 
 
+NO_LINK = -2  # KVPayload.link_tag: the fetch named a pair the producer does not have
 SHM_DIR = "/dev/shm"
 _BLOCK = 4096  # 64-bit words per block of the position-sensitive sum
 
@@ -199,6 +230,31 @@ def plan_fetches(sources: list[KVSource], kv_start: int, kv_end: int) -> list[tu
                 break
         else:
             raise ValueError(f"no producer rank holds KV head {head}")
+    return pieces
+
+
+def plan_layer_fetches(sources: list[KVSource], kv_start: int, kv_end: int,
+                       layer_start: int, layer_end: int) -> list[tuple[int, int, int, int, int]]:
+    """Which producer ranks cover layers ``[layer_start, layer_end)`` x KV heads
+    ``[kv_start, kv_end)``: ``(source index, first head, end head, first layer, end layer)``
+    pieces, layer groups (pipeline stages) in order, heads regrouped within each
+    (:func:`plan_fetches`). A source with ``layer_end`` 0 holds every layer. Raises
+    ValueError when some layer or head is held by no source."""
+    def layers(src: KVSource) -> tuple[int, int]:
+        return (src.layer_start, src.layer_end) if src.layer_end else (0, 1 << 30)
+
+    pieces = []
+    layer = layer_start
+    while layer < layer_end:
+        group = sorted({layers(s) for s in sources if layers(s)[0] <= layer < layers(s)[1]})
+        if not group:
+            raise ValueError(f"no producer rank holds layer {layer}")
+        hi = min(group[0][1], layer_end)
+        members = [i for i, s in enumerate(sources) if layers(s) == group[0]]
+        for index, head_lo, head_hi in plan_fetches([sources[i] for i in members],
+                                                    kv_start, kv_end):
+            pieces.append((members[index], head_lo, head_hi, layer, hi))
+        layer = hi
     return pieces
 
 

@@ -184,6 +184,14 @@ class CoreStats:
     kv_offload_spilled_pages: int = 0
     kv_offload_resident_pages: int = 0
     kv_offload_capacity_pages: int = 0
+    # its local-directory tier: tokens and pages loaded from files, pages written, pages
+    # whose file was missing, foreign, corrupt or late (recomputed); bytes held, bound
+    kv_offload_disk_hit_tokens: int = 0
+    kv_offload_disk_hit_pages: int = 0
+    kv_offload_disk_written_pages: int = 0
+    kv_offload_disk_failed_pages: int = 0
+    kv_offload_disk_bytes: int = 0
+    kv_offload_disk_capacity_bytes: int = 0
 
     @property
     def eplb_balancedness(self) -> np.ndarray | None:

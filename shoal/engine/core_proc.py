@@ -52,6 +52,7 @@ from shoal.errors import EngineDeadError, OverloadedError, ProtocolError, Reques
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_S = 1.0  # how long an idle loop blocks on its input (it checks workers in between)
+STALLED_POLL_S = 0.005  # ... and one whose requests wait on something outside (KV pages)
 EXPERT_COUNTS_PERIOD_S = 1.0  # expert counts travel at most this often (they are larger)
 MAX_INPUT_BYTES = 256 << 20
 
@@ -88,9 +89,13 @@ class CoreServer:
         self.send(EngineReady(os.getpid(), core.num_pages, core.config.cache.page_size,
                               core.max_model_len, core.config.parallel.world_size))
         idle_poll = IDLE_POLL_S
+        stalled = False  # the last step ran nothing, nothing in flight (a KV transfer pending)
         while not self._stopping:
             busy = core.has_unfinished()
-            got_inputs = self._read_inputs(0.0 if busy else idle_poll)
+            # a stalled core waits 5 ms for input rather than spinning: on a core it shares
+            # with its workers, the spin starves the very threads it waits for
+            got_inputs = self._read_inputs((STALLED_POLL_S if stalled else 0.0) if busy
+                                           else idle_poll)
             if got_inputs or self._accepted or self._rejected:
                 self._send_outputs([], [], 0.0)
             if self._stopping:
@@ -101,7 +106,8 @@ class CoreServer:
                 scheduled = self._newly_scheduled()
                 self._send_outputs(deltas, scheduled, started)
                 # nothing ran and nothing is in flight: wait a little instead of spinning
-                idle_poll = 0.005 if not deltas and not core.in_flight else IDLE_POLL_S
+                stalled = not deltas and not core.in_flight
+                idle_poll = STALLED_POLL_S if stalled else IDLE_POLL_S
             elif not got_inputs:
                 core.check_alive()  # replaces workers that died while idle (or raises)
 

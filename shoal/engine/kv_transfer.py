@@ -41,7 +41,7 @@ from shoal.comm.kv_wire import (
     KVFetchReport,
     KVSource,
     KVWorkerHello,
-    plan_fetches,
+    plan_layer_fetches,
     remove_segments,
 )
 from shoal.comm.socket_dirs import make_socket_dir
@@ -55,6 +55,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 1.0
 HELLO_TIMEOUT_S = 30.0
 MAX_REPORT_BYTES = 1 << 16
+
+
+def _layers(hello: KVWorkerHello) -> tuple[int, int]:
+    """The layers a worker rank holds (its pipeline stage's)."""
+    return (hello.layer_start, hello.layer_end) if hello.layer_end else (0, hello.num_layers)
 
 
 def token_hash(token_ids: list[int]) -> str:
@@ -97,13 +102,12 @@ class ShoalTransferScheduler:
         transfer_timeout_s: a transfer not complete after this long is recomputed (1 s).
         store_bytes, store_ttl_s: bound on a producer rank's store (1 GiB, 60 s).
         shm: pages between engines on one host go through /dev/shm (default true).
+        torch_backend: "gloo" or "nccl": pages travel over torch.distributed
+            point-to-point pairs between the ranks (``shoal.worker.kv_link``) instead.
     """
 
     def __init__(self, config: KVTransferConfig, engine: EngineConfig):
         parallel = engine.parallel
-        if parallel.pp_size != 1:
-            raise ValueError("ShoalTransferConnector needs pipeline_parallel_size 1, got "
-                             f"{parallel.pp_size}")
         self.extra = config.extra
         self.role = config.kv_role
         self.timeout_s = float(self.extra.get("transfer_timeout_s", DEFAULT_TIMEOUT_S))
@@ -112,7 +116,12 @@ class ShoalTransferScheduler:
         transport = self.extra.get("transport", "ipc")
         if transport not in ("ipc", "tcp"):
             raise ValueError(f"transport must be 'ipc' or 'tcp', got {transport!r}")
-        self.tp_size = parallel.tp_size
+        backend = self.extra.get("torch_backend")
+        if backend is not None and backend not in ("gloo", "nccl"):
+            raise ValueError(f"torch_backend must be 'gloo' (CPUs) or 'nccl' (GPUs), got "
+                             f"{backend!r}")
+        self.world_size = parallel.tp_size * parallel.pp_size  # every rank reports
+        self.pp_layer_partition = list(parallel.pp_layer_partition or [])
         self.engine_id = uuid.uuid4().hex[:12]
         self.stats = TransferStats()
         self._socket_dir = make_socket_dir("kv")
@@ -162,6 +171,7 @@ class ShoalTransferScheduler:
     def worker_config(self) -> str:
         """The worker half's config: the driver's sockets and how stores bind."""
         return json.dumps({**self.extra, "role": self.role,
+                           "pp_layer_partition": self.pp_layer_partition,
                            "orders": self._orders.getsockopt_string(zmq.LAST_ENDPOINT),
                            "reports": self._reports.getsockopt_string(zmq.LAST_ENDPOINT),
                            "store_bind": self._store_bind})
@@ -179,7 +189,7 @@ class ShoalTransferScheduler:
                 logger.warning("KV connector: bad report from a worker (%s)", exc)
                 continue
             if isinstance(msg, KVWorkerHello):
-                self.hellos[msg.tp_rank] = msg
+                self.hellos[msg.rank] = msg
                 if msg.shm_prefix:
                     self._shm_prefixes.add(msg.shm_prefix)
             elif isinstance(msg, KVFetchReport):
@@ -192,12 +202,12 @@ class ShoalTransferScheduler:
         the workers started, for ranks that have not yet)."""
         self._read_reports()
         deadline = max(self._hellos_due, time.monotonic() + 1.0)  # one late thread start
-        while len(self.hellos) < self.tp_size and time.monotonic() < deadline:
+        while len(self.hellos) < self.world_size and time.monotonic() < deadline:
             self._read_reports(0.1)
-        if len(self.hellos) < self.tp_size:
+        if len(self.hellos) < self.world_size:
             self._hellos_due = 0.0  # from now on a 1 s wait, not the start-up allowance
             logger.error("KV connector: %d of %d worker ranks never said hello",
-                         len(self.hellos), self.tp_size)
+                         len(self.hellos), self.world_size)
             return False
         return True
 
@@ -236,11 +246,14 @@ class ShoalTransferScheduler:
             self._fail(pull, request.req_id, problem)
             return pull
         sources = [KVSource(str(s["endpoint"]), int(s["kv_start"]), int(s["kv_end"]),
-                            str(s.get("host_id", ""))) for s in params["sources"]]
+                            str(s.get("host_id", "")), str(s.get("link", "")),
+                            int(s.get("layer_start", 0)), int(s.get("layer_end", 0)))
+                   for s in params["sources"]]
         counts = [0] * len(sources)
         try:
             for hello in self.hellos.values():
-                for index, _lo, _hi in plan_fetches(sources, hello.kv_start, hello.kv_end):
+                for index, *_ in plan_layer_fetches(sources, hello.kv_start, hello.kv_end,
+                                                    *_layers(hello)):
                     counts[index] += 1
         except ValueError as exc:
             self._fail(pull, request.req_id, str(exc))
@@ -263,6 +276,7 @@ class ShoalTransferScheduler:
                 return "kv_transfer_params has no sources"
             for src in sources:
                 str(src["endpoint"]), int(src["kv_start"]), int(src["kv_end"])
+                int(src.get("layer_start", 0)), int(src.get("layer_end", 0))
             given_hash = str(params["token_hash"])
             str(params["transfer_id"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -281,14 +295,14 @@ class ShoalTransferScheduler:
         failed = [r for r in pull.reports.values() if not r.ok]
         if failed:
             self._fail(pull, None, "; ".join(f"rank {r.rank}: {r.error}" for r in failed))
-        elif len(pull.reports) == self.tp_size:
+        elif len(pull.reports) == self.world_size:
             pull.state = "ready"
             self.stats.num_loaded += 1
             self.stats.num_bytes += sum(r.num_bytes for r in pull.reports.values())
             self.stats.seconds += time.monotonic() - pull.started
         elif time.monotonic() > pull.deadline + 0.2:  # the ranks' own deadline, then ours
             self._fail(pull, None, f"timed out after {self.timeout_s:g} s "
-                       f"({len(pull.reports)} of {self.tp_size} ranks reported)")
+                       f"({len(pull.reports)} of {self.world_size} ranks reported)")
 
     def _fail(self, pull: _Pull, req_id: int | None, problem: str) -> None:
         logger.warning("KV transfer %s failed, recomputing its prefix: %s",
@@ -361,7 +375,9 @@ class ShoalTransferScheduler:
             "head_dim": first.head_dim,
             "dtype": first.dtype,
             "sources": [{"endpoint": h.endpoint, "kv_start": h.kv_start, "kv_end": h.kv_end,
-                         "host_id": h.host_id} for _, h in sorted(self.hellos.items())],
+                         "host_id": h.host_id, "link": h.link,
+                         "layer_start": h.layer_start, "layer_end": h.layer_end}
+                        for _, h in sorted(self.hellos.items())],
         }
 
     def close(self) -> None:

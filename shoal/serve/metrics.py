@@ -135,12 +135,24 @@ class ServerMetrics:
                ("kv_offload_hit_pages", "kv_offload_hit_pages", "Pages loaded from the host "
                 "KV tier."),
                ("kv_offload_spilled_pages", "kv_offload_spilled_pages", "Pages evicted from "
-                "the prefix cache and copied into the host KV tier."))
+                "the prefix cache and copied into the host KV tier."),
+               ("kv_offload_disk_hit_tokens", "kv_offload_disk_hit_tokens", "Tokens loaded "
+                "from the KV tier's local directory instead of recomputed."),
+               ("kv_offload_disk_hit_pages", "kv_offload_disk_hit_pages", "Pages loaded from "
+                "the KV tier's local directory."),
+               ("kv_offload_disk_written_pages", "kv_offload_disk_written_pages", "Pages "
+                "pushed out of the host KV tier and written to its local directory."),
+               ("kv_offload_disk_failed_pages", "kv_offload_disk_failed_pages", "Pages whose "
+                "file was missing, foreign, corrupt or late: recomputed."))
         kv_totals = tuple((key, counter(f"shoal:{name}", doc)) for key, name, doc in kv)
         self.offload_resident = gauge("shoal:kv_offload_resident_pages",
                                       "Pages the host KV tier holds.")
         self.offload_capacity = gauge("shoal:kv_offload_capacity_pages",
                                       "Pages the host KV tier can hold.")
+        self.offload_disk_bytes = gauge("shoal:kv_offload_disk_bytes",
+                                        "Bytes of page files in the KV tier's directory.")
+        self.offload_disk_capacity = gauge("shoal:kv_offload_disk_capacity_bytes",
+                                           "Bytes the KV tier's directory may hold.")
         # the core's running totals (CoreStats fields) that counters follow by increments
         self._totals = (("prefix_cache_queries", self.prefix_queries),
                         ("prefix_cache_hits", self.prefix_hits),
@@ -214,6 +226,8 @@ class ServerMetrics:
         self.num_pages.set(stats.num_pages)
         self.offload_resident.set(stats.kv_offload_resident_pages)
         self.offload_capacity.set(stats.kv_offload_capacity_pages)
+        self.offload_disk_bytes.set(stats.kv_offload_disk_bytes)
+        self.offload_disk_capacity.set(stats.kv_offload_disk_capacity_bytes)
         for key, metric in self._totals:
             total = getattr(stats, key)
             if total > self._last[key]:

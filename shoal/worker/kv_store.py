@@ -192,8 +192,23 @@ class KVStore:
         if self.use_shm:
             remove_stale_segments()
         self._entries: OrderedDict[str, StoreEntry] = OrderedDict()
+        self._pending: dict[str, float] = {}  # transfer id -> when its save was announced
         self._bytes = 0
         self._lock = threading.Lock()
+
+    def expect(self, transfer_id: str) -> None:
+        """This rank's step will save ``transfer_id``: a fetch may wait for it."""
+        now = time.monotonic()
+        with self._lock:
+            for old in [t for t, since in self._pending.items() if now - since > self.ttl_s]:
+                del self._pending[old]  # announced, never saved (a failed step)
+            self._pending[transfer_id] = now
+
+    def is_pending(self, transfer_id: str) -> bool:
+        """Announced by :meth:`expect`, not saved yet, and not long ago."""
+        with self._lock:
+            since = self._pending.get(transfer_id)
+            return since is not None and time.monotonic() - since < self.ttl_s
 
     def save(self, transfer_id: str, shape: tuple[int, ...], dtype: np.dtype, fill) -> None:
         """Store a transfer: ``fill(array)`` writes its pages into a fresh buffer."""
@@ -209,6 +224,7 @@ class KVStore:
         fill(data)
         entry = StoreEntry(data, checksum(data), time.monotonic(), segment)
         with self._lock:
+            self._pending.pop(transfer_id, None)
             old = self._entries.pop(transfer_id, None)
             if old is not None:
                 self._drop(old)

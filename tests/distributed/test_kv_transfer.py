@@ -14,12 +14,18 @@ import numpy as np
 import pytest
 import torch
 import zmq
-
 from factories import tiny_checkpoint
+
 from shoal import LLM, SamplingParams
 from shoal.comm.codec import decode
-from shoal.comm.kv_wire import (KVFetchOrder, KVSource, KVWorkerHello, checksum, host_id,
-                                plan_fetches)
+from shoal.comm.kv_wire import (
+    KVFetchOrder,
+    KVSource,
+    KVWorkerHello,
+    checksum,
+    host_id,
+    plan_fetches,
+)
 from shoal.worker.kv_store import KVStore, gather_pages, write_pages
 from shoal.worker.kv_transfer import Puller, StoreServer
 
@@ -184,10 +190,10 @@ def test_a_lost_transfer_times_out_alone(tmp_path):
     reports = zctx.socket(zmq.PULL)
     reports.bind(f"ipc://{tmp_path}/reports")
     server.start()
+    hello = KVWorkerHello(0, 0, "", 0, 2, 2, 1, 8, "float32", host_id())
+    puller = Puller(zctx, f"ipc://{tmp_path}/orders", f"ipc://{tmp_path}/reports", hello,
+                    fetches=True)
     try:
-        hello = KVWorkerHello(0, 0, "", 0, 2, 2, 1, 8, "float32", host_id())
-        puller = Puller(zctx, f"ipc://{tmp_path}/orders", f"ipc://{tmp_path}/reports", hello,
-                        fetches=True)
         good = KVSource(server.endpoint, 0, 2, host_id())
         began = time.monotonic()
         puller._start(KVFetchOrder("lost", 4, [KVSource(f"ipc://{tmp_path}/silent", 0, 2)],
@@ -208,9 +214,9 @@ def test_a_lost_transfer_times_out_alone(tmp_path):
         assert float(puller.take("ok-shm")[0][1].mean()) == 1.5
         assert float(puller.take("ok-zmq")[0][1].mean()) == 2.5
         assert store.get("ok-shm", 1) is None  # released: segment unlinked
-        for sock in (puller.orders, puller.reports, *puller._dealers.values()):
-            sock.close(0)
     finally:
+        for sock in (puller.orders, puller.reports, *puller._dealers.values()):
+            sock.close(0)  # also when an assertion failed: the context's term waits for them
         server.stopping.set()
         server.join()
         store.close()

@@ -1,12 +1,17 @@
 """OffloadingConnector's scheduler half, without workers: which pages spill to which tier
-slot, which come back, and that a slot a pending load reads is never overwritten."""
+slot, which come back, and that a slot a pending load reads is never overwritten; what
+goes on to the directory tier, from where, and its bound."""
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
+import zmq
 
+from shoal.comm.codec import encode
+from shoal.comm.kv_disk_wire import KVDiskHello
 from shoal.config import EngineConfig, KVTransferConfig
 from shoal.engine.kv_manager import KVCacheManager
 from shoal.engine.kv_offload import OffloadingScheduler
@@ -83,3 +88,69 @@ def test_needs_a_tier_size_and_prefix_caching():
         OffloadingScheduler(KVTransferConfig("OffloadingConnector"), EngineConfig())
     with pytest.raises(ValueError, match="prefix caching"):
         connector(4, kv)
+
+
+def disk_connector(tmp_path, num_cpu_blocks: int, kv: KVCacheManager, page_files: int):
+    """A connector with a directory tier bounded to ``page_files`` files, and the PUSH
+    socket a worker rank would report on (it says hello: one rank, 100 bytes a file)."""
+    extra = {"num_cpu_blocks": num_cpu_blocks, "local_dir": str(tmp_path / "kv"),
+             "local_dir_bytes": 100 * page_files}
+    conn = OffloadingScheduler(KVTransferConfig("OffloadingConnector", "kv_both",
+                                                json.dumps(extra)), EngineConfig())
+    conn.bind_kv_manager(kv)
+    zctx = zmq.Context()
+    push = zctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(json.loads(conn.worker_config())["disk_reports"])
+    push.send_multipart(encode(KVDiskHello(0, 0, str(tmp_path / "kv" / "r0"), 100)))
+    deadline = time.monotonic() + 10
+    while not conn.disk.ready() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert conn.disk.ready() and conn.disk.capacity == page_files
+    return conn, push, zctx
+
+
+def test_pages_out_of_the_host_tier_are_written_to_the_directory_within_its_bound(tmp_path):
+    kv = KVCacheManager(num_pages=4, page_size=2)
+    conn, push, zctx = disk_connector(tmp_path, 1, kv, page_files=3)
+    try:
+        a = run(kv, 0, [1, 2, 3, 4, 5])  # pages [1 2] [3 4] cached
+        hash_of = dict(zip(a, kv.page_hashes(Request(9, [1, 2, 3, 4], SamplingOptions(), 1), 2)))
+        run(kv, 1, [9, 8, 7, 6, 5, 4, 3])  # evicts both into one slot: the first goes on
+        plan = meta(conn)
+        (kept_page, _slot), = plan["spill"]  # the slot keeps its last spill only
+        # the first page's spill into the slot is in this plan: written from its page
+        (out_page, key), = plan["disk"]["write_page"]
+        assert out_page != kept_page and key == hash_of[out_page].hex()
+        assert plan["disk"]["write_slot"] == [] and conn.disk.has(hash_of[out_page])
+        run(kv, 2, [5, 5, 5, 5, 5, 5, 5])  # evicts 3 pages through the slot: 3 go on
+        plan = meta(conn)
+        # the slot's page from the earlier plan is written from the slot, the two spilled
+        # and pushed out again within this plan from their pages
+        assert [k for _, k in plan["disk"]["write_slot"]] == [hash_of[kept_page].hex()]
+        assert len(plan["disk"]["write_page"]) == 2
+        assert len(conn.disk.index) == 3 and conn.disk.stats.resident_bytes == 300
+        # past the bound: the oldest file goes
+        assert plan["disk"]["unlink"] == [hash_of[out_page].hex()]
+        assert not conn.disk.has(hash_of[out_page])
+    finally:
+        push.close(0)
+        zctx.term()
+        conn.close()
+    assert not (tmp_path / "kv").exists()
+
+
+def test_directory_options_are_checked(tmp_path):
+    def make(**extra):
+        config = KVTransferConfig("OffloadingConnector", "kv_both",
+                                  json.dumps({"num_cpu_blocks": 4, **extra}))
+        OffloadingScheduler(config, EngineConfig()).close()
+
+    with pytest.raises(ValueError, match="local_dir_bytes"):
+        make(local_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="local_dir must be"):
+        make(local_dir="", local_dir_bytes=10)
+    with pytest.raises(TypeError, match="local_dir_persist"):
+        make(local_dir=str(tmp_path), local_dir_bytes=10, local_dir_persist="yes")
+    with pytest.raises(ValueError, match="local_dir_timeout_s"):
+        make(local_dir=str(tmp_path), local_dir_bytes=10, local_dir_timeout_s=0)
