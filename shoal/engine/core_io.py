@@ -232,13 +232,13 @@ class EngineFailure:
     restartable: bool = True
 
 
-@wire_message(47)
+@wire_message(52)
 @dataclass
 class ResetPrefixCache:
     """Forget every cached prefix (benchmark rounds, Ray Serve LLM's hook)."""
 
 
-@wire_message(48)
+@wire_message(53)
 @dataclass
 class PrefixCacheReset:
     """The core's answer to :class:`ResetPrefixCache`: done, or why not."""
