@@ -33,6 +33,7 @@ import hashlib
 import os
 import re
 import socket
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -193,13 +194,37 @@ def checksum(data: np.ndarray) -> int:
     n_words = len(raw) // 8
     words = np.frombuffer(raw[: n_words * 8], dtype=np.uint64)
     full = n_words // _BLOCK * _BLOCK
-    sums = words[:full].reshape(-1, _BLOCK).sum(axis=1, dtype=np.uint64)
+    sums = _block_sums(words[:full].reshape(-1, _BLOCK))
     digest = hashlib.blake2b(digest_size=8)
     digest.update(len(raw).to_bytes(8, "little"))
     digest.update(sums.tobytes())
     digest.update(words[full:].tobytes())
     digest.update(bytes(raw[n_words * 8:]))
     return int.from_bytes(digest.digest(), "little") >> 1
+
+
+_PARALLEL_SUM_BYTES = 8 << 20  # below this one thread sums faster than two start
+
+
+def _block_sums(blocks: np.ndarray) -> np.ndarray:
+    """Per-row uint64 sums of ``blocks`` [n, _BLOCK]; large arrays on two threads.
+
+    numpy releases the GIL inside the reduction, so two halves summed at once read
+    memory about twice as fast (189 MB: 17 -> 9 ms here), which is most of what the
+    checksum adds to a transfer. The sums are the same either way.
+    """
+    if blocks.nbytes < _PARALLEL_SUM_BYTES or (os.cpu_count() or 1) < 2:
+        return blocks.sum(axis=1, dtype=np.uint64)
+    half = blocks.shape[0] // 2
+    upper: list[np.ndarray] = []
+    thread = threading.Thread(target=lambda: upper.append(
+        blocks[half:].sum(axis=1, dtype=np.uint64)), daemon=True)
+    thread.start()
+    lower = blocks[:half].sum(axis=1, dtype=np.uint64)
+    thread.join()
+    if not upper:  # the thread failed (it said why on stderr): sum here
+        upper.append(blocks[half:].sum(axis=1, dtype=np.uint64))
+    return np.concatenate([lower, upper[0]])
 
 
 def host_id() -> str:
