@@ -57,23 +57,18 @@ class WorkerMirror:
         request, and, under ``self_append``, the samples the workers will hold first).
         """
         new_requests = []
-        # known requests' deltas go straight into CachedRequests' columns (appends bound
-        # once: this loop runs for every scheduled request every step)
+        # known requests' deltas go straight into CachedRequests' columns
         c_ids, c_computed, c_ntok, c_tokens, c_npage, c_pages = [], [], [], [], [], []
         c_ndraft, c_drafts = [], []
-        add_id, add_computed, add_ntok, add_npage, add_ndraft = (
-            c_ids.append, c_computed.append, c_ntok.append, c_npage.append, c_ndraft.append)
         views = self.views
-        get_view, get_in_flight, get_plans = views.get, in_flight_tokens.get, in_flight_plans.get
         for request, num_new in scheduled:
             rid = request.req_id
-            view = get_view(rid)
-            in_flight = get_in_flight(rid, 0)
+            view = views.get(rid)
+            in_flight = in_flight_tokens.get(rid, 0)
             placed = request.num_computed_tokens + in_flight  # what the workers will have cached
             pending = pending_samples.get(rid, 0) if self_append else 0
             all_tokens = request._all_token_ids
-            num_all = len(all_tokens)
-            held = num_all + pending  # tokens the workers hold when this plan runs
+            held = len(all_tokens) + pending  # tokens the workers hold when this plan runs
             drafts = spec_drafts.get(rid, ()) if spec_drafts else ()
             samples = placed + num_new - len(drafts) == held
             pages = request.page_ids
@@ -93,30 +88,29 @@ class WorkerMirror:
                 view = views[rid] = _WorkerView(held, len(pages))
             else:
                 known_tokens, known_pages = view.num_tokens, view.num_pages
-                add_id(rid)
-                add_computed(placed)
-                if known_tokens < num_all:
-                    add_ntok(num_all - known_tokens)
+                c_ids.append(rid)
+                c_computed.append(placed)
+                if known_tokens < len(all_tokens):
+                    c_ntok.append(len(all_tokens) - known_tokens)
                     c_tokens += all_tokens[known_tokens:]
                 else:
-                    add_ntok(0)
-                num_pages = len(pages)
-                if known_pages < num_pages:
-                    add_npage(num_pages - known_pages)
+                    c_ntok.append(0)
+                if known_pages < len(pages):
+                    c_npage.append(len(pages) - known_pages)
                     c_pages += pages[known_pages:]
                 else:
-                    add_npage(0)
-                add_ndraft(len(drafts))
+                    c_npage.append(0)
+                c_ndraft.append(len(drafts))
                 if drafts:
                     c_drafts += drafts
                 if held > known_tokens:
                     view.num_tokens = held
-                view.num_pages = num_pages
+                view.num_pages = len(pages)
             if samples and self_append and not request.sampling.pooling:
                 view.num_tokens += 1  # the workers append the token they sample
                 pending_samples[rid] = pending + 1
             in_flight_tokens[rid] = in_flight + num_new
-            in_flight_plans[rid] = get_plans(rid, 0) + 1
+            in_flight_plans[rid] = in_flight_plans.get(rid, 0) + 1
         return new_requests, CachedRequests(
             req_ids=np.asarray(c_ids, dtype=np.int64),
             num_computed_tokens=np.asarray(c_computed, dtype=np.int64),
