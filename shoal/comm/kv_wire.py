@@ -37,6 +37,7 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
+import zmq
 
 from shoal.comm.protocol import wire_message
 
@@ -225,6 +226,19 @@ def _block_sums(blocks: np.ndarray) -> np.ndarray:
     if not upper:  # the thread failed (it said why on stderr): sum here
         upper.append(blocks[half:].sum(axis=1, dtype=np.uint64))
     return np.concatenate([lower, upper[0]])
+
+
+def connect_worker_sockets(zctx: zmq.Context, orders: str, reports: str
+                           ) -> tuple[zmq.Socket, zmq.Socket]:
+    """A worker rank's pair to a connector's driver half: orders (SUB), reports (PUSH)."""
+    sub = zctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(orders)
+    push = zctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(reports)
+    return sub, push
 
 
 def host_id() -> str:

@@ -35,6 +35,7 @@ from shoal.comm.kv_disk_wire import (
     read_page_file,
     write_page_file,
 )
+from shoal.comm.kv_wire import connect_worker_sockets
 from shoal.errors import ProtocolError
 from shoal.parallel.partition import partition_heads
 
@@ -85,13 +86,7 @@ class DiskReader(threading.Thread):
                  tier: DiskTierWorker):
         super().__init__(name="kv-disk", daemon=True)
         self.hello, self.tier = hello, tier
-        self.orders = zctx.socket(zmq.SUB)
-        self.orders.setsockopt(zmq.LINGER, 0)
-        self.orders.setsockopt(zmq.SUBSCRIBE, b"")
-        self.orders.connect(orders)
-        self.reports = zctx.socket(zmq.PUSH)
-        self.reports.setsockopt(zmq.LINGER, 0)
-        self.reports.connect(reports)
+        self.orders, self.reports = connect_worker_sockets(zctx, orders, reports)
         self.stopping = threading.Event()
 
     def run(self) -> None:

@@ -32,6 +32,7 @@ from shoal.comm.kv_wire import (
     KVRelease,
     KVWorkerHello,
     checksum,
+    connect_worker_sockets,
     plan_layer_fetches,
 )
 from shoal.errors import ProtocolError
@@ -91,13 +92,7 @@ class Puller(threading.Thread):
         self._link_results: queue.Queue[tuple] = queue.Queue()
         self._link_pending = 0
         self._link_of: dict[str, tuple[str, str]] = {}  # store endpoint -> link, pair id
-        self.orders = zctx.socket(zmq.SUB)
-        self.orders.setsockopt(zmq.LINGER, 0)
-        self.orders.setsockopt(zmq.SUBSCRIBE, b"")
-        self.orders.connect(orders)
-        self.reports = zctx.socket(zmq.PUSH)
-        self.reports.setsockopt(zmq.LINGER, 0)
-        self.reports.connect(reports)
+        self.orders, self.reports = connect_worker_sockets(zctx, orders, reports)
         # transfer id -> (first local head, [L, 2, T, heads, dim]) pieces, ready to load
         self.staged: dict[str, list[tuple[int, np.ndarray]]] = {}
         self.use_shm = bool(hello.host_id)
