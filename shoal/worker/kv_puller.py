@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,17 +33,19 @@ from shoal.comm.kv_wire import (
     KVPayload,
     KVRelease,
     KVWorkerHello,
-    checksum,
     connect_worker_sockets,
     plan_layer_fetches,
 )
 from shoal.errors import ProtocolError
 from shoal.worker.kv_link import LinkClient
-from shoal.worker.kv_store import Segment, wire_numpy_dtype
+from shoal.worker.kv_store import SHM_DIR, Segment, checksum, wire_numpy_dtype
 
 logger = logging.getLogger(__name__)
 
 POLL_MS = 100
+HELD_POLL_MS = 5  # while pages are staged: their releases go out this soon after the write
+MAX_MAPPED_BYTES = 4 << 30  # producers' segments kept mapped here (they are reused)
+PRUNE_EVERY_S = 1.0  # mappings of segments their producer unlinked are dropped this often
 MAX_PAYLOAD_BYTES = 1 << 34
 DRAIN_S = 1.0  # how long a late transfer's pages may take to be taken off its pair
 
@@ -58,6 +62,8 @@ class _Job:
     # (first local layer, first local head) -> pages
     pieces: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     links: dict[str, tuple[str, str]] = field(default_factory=dict)  # endpoint -> link, pair
+    # stores whose segments this job reads in place: each gets a KVRelease after the reads
+    releases: list[str] = field(default_factory=list)
 
 
 def _by_head(pieces: dict[tuple[int, int], np.ndarray]) -> list[tuple[int, np.ndarray]]:
@@ -95,6 +101,12 @@ class Puller(threading.Thread):
         self.orders, self.reports = connect_worker_sockets(zctx, orders, reports)
         # transfer id -> (first local head, [L, 2, T, heads, dim]) pieces, ready to load
         self.staged: dict[str, list[tuple[int, np.ndarray]]] = {}
+        # staged transfers read from segments in place: the stores to release them to
+        self._held: dict[str, list[str]] = {}
+        self._released: queue.Queue[str] = queue.Queue()  # written: release (any thread)
+        # segment name -> (mapping, inode), least recently used first
+        self._maps: OrderedDict[str, tuple[object, int]] = OrderedDict()
+        self._pruned = 0.0
         self.use_shm = bool(hello.host_id)
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -119,13 +131,18 @@ class Puller(threading.Thread):
             timeout_ms = max(0, min(timeout_ms, int((soonest - time.monotonic()) * 1000) + 1))
         if self._link_pending:
             timeout_ms = min(timeout_ms, 2)  # pair threads report through a queue
+        if self._held:
+            timeout_ms = min(timeout_ms, HELD_POLL_MS)
         for sock, _ in self._poller.poll(timeout_ms):
             if sock is self.orders:
                 self._read_orders()
             else:
                 self._read_answers(sock)
         self._read_link_results()
+        self._send_releases()
         now = time.monotonic()
+        if self._maps and now - self._pruned > PRUNE_EVERY_S:
+            self._prune_maps()
         for job in [j for j in self._jobs.values() if now >= j.deadline]:
             self._finish(job, f"no answer from {', '.join(sorted(job.waiting))} for transfer "
                               f"{job.order.transfer_id} within {job.order.deadline_s:g} s")
@@ -144,7 +161,8 @@ class Puller(threading.Thread):
             if isinstance(msg, KVDrop):
                 with self.lock:
                     for transfer_id in msg.transfer_ids:
-                        self.staged.pop(transfer_id, None)
+                        if self.staged.pop(transfer_id, None) is not None:
+                            self._released.put(transfer_id)
             elif isinstance(msg, KVFetchOrder) and self.fetches:
                 self._start(msg)
 
@@ -201,7 +219,7 @@ class Puller(threading.Thread):
                 self.links.forget(job.links[endpoint][0])  # the next fetch pairs again
             lo, hi, first, last = job.waiting.pop(endpoint)
             try:
-                job.pieces[self._key(lo, first)] = self._check(dealer, job.order, reply,
+                job.pieces[self._key(lo, first)] = self._check(endpoint, job, reply,
                                                                lo, hi, first, last)
             except (ValueError, OSError) as exc:
                 self._finish(job, str(exc))
@@ -252,7 +270,7 @@ class Puller(threading.Thread):
             try:
                 reply.data = raw.view(wire_numpy_dtype(reply.dtype)).reshape(reply.shape)
                 job.pieces[self._key(lo, first)] = self._check(
-                    self._dealers[endpoint], job.order, reply, lo, hi, first, last)
+                    endpoint, job, reply, lo, hi, first, last)
             except ValueError as exc:
                 self._finish(job, str(exc))
                 continue
@@ -264,12 +282,15 @@ class Puller(threading.Thread):
         del self._jobs[job.order.transfer_id]
         seconds = time.monotonic() - job.began
         if error:
+            self._release(job.order.transfer_id, job.releases)  # nothing will read them
             self._report(KVFetchReport(job.order.transfer_id, self.hello.rank, False, error,
                                        seconds=seconds))
             return
         pieces = _by_head(job.pieces)
         with self.lock:
             self.staged[job.order.transfer_id] = pieces
+            if job.releases:
+                self._held[job.order.transfer_id] = job.releases
         self._report(KVFetchReport(job.order.transfer_id, self.hello.rank, True, "",
                                    sum(int(p.nbytes) for _, p in pieces), seconds))
 
@@ -279,14 +300,16 @@ class Puller(threading.Thread):
     def _key(self, lo: int, first: int) -> tuple[int, int]:
         return first - self.hello.layer_start, lo - self.hello.kv_start
 
-    def _check(self, dealer: zmq.Socket, order: KVFetchOrder, reply: KVPayload, lo: int,
-               hi: int, first: int, last: int) -> np.ndarray:
+    def _check(self, endpoint: str, job: _Job, reply: KVPayload, lo: int, hi: int,
+               first: int, last: int) -> np.ndarray:
         """Heads ``[lo, hi)`` of layers ``[first, last)`` of an answer, checked
         (ValueError when unusable)."""
         if reply.error:
             raise ValueError(reply.error)
-        data = (self._map(dealer, reply, lo, hi, first, last) if reply.shm_name
-                else reply.data)
+        order = job.order
+        if reply.shm_name:
+            job.releases.append(endpoint)  # even if the mapping fails: the store may reuse
+        data = (self._map(reply, lo, hi, first, last) if reply.shm_name else reply.data)
         hello = self.hello
         expected = (last - first, 2, order.num_tokens, hi - lo, hello.head_dim)
         if data is None or tuple(data.shape) != expected or reply.dtype != hello.dtype:
@@ -297,14 +320,9 @@ class Puller(threading.Thread):
             raise ValueError(f"checksum mismatch in transfer {order.transfer_id}")
         return data
 
-    def _map(self, dealer: zmq.Socket, reply: KVPayload, lo: int, hi: int, first: int,
-             last: int) -> np.ndarray:
-        """Heads ``[lo, hi)`` of layers ``[first, last)`` of a producer's segment, checked;
-        the producer may unlink it."""
-        try:
-            segment = Segment.open(reply.shm_name)
-        finally:
-            dealer.send_multipart(encode(KVRelease(reply.transfer_id)), copy=False)
+    def _map(self, reply: KVPayload, lo: int, hi: int, first: int, last: int) -> np.ndarray:
+        """Heads ``[lo, hi)`` of layers ``[first, last)`` of a producer's segment, checked."""
+        segment = self._mapping(reply.shm_name)
         dtype = wire_numpy_dtype(reply.dtype)
         count = int(np.prod(reply.shape))
         if count * dtype.itemsize > len(segment):
@@ -315,6 +333,54 @@ class Puller(threading.Thread):
                              f"(segment {reply.shm_name})")
         head, layer = reply.kv_start, reply.layer_start
         return whole[first - layer:last - layer, :, :, lo - head:hi - head]
+
+    def _mapping(self, name: str):
+        """A producer's segment, mapped: the mapping kept from an earlier transfer through
+        the same file (the producer reuses segments), else a new one."""
+        if "/" in name or not name.startswith("shoal-kv-"):
+            raise ValueError(f"not a KV segment name: {name!r}")
+        inode = os.stat(os.path.join(SHM_DIR, name)).st_ino
+        kept = self._maps.get(name)
+        if kept is not None and kept[1] == inode:
+            self._maps.move_to_end(name)
+            return kept[0]
+        mapping, inode = Segment.open(name)
+        self._maps[name] = (mapping, inode)
+        self._prune_maps()
+        return mapping
+
+    def _prune_maps(self) -> None:
+        """Drop mappings of unlinked (or replaced) files, and the oldest beyond the bound;
+        a staged view keeps its mapping alive until it is written."""
+        self._pruned = time.monotonic()
+        total = 0
+        for name, (mapping, inode) in reversed(list(self._maps.items())):
+            try:
+                same = os.stat(os.path.join(SHM_DIR, name)).st_ino == inode
+            except FileNotFoundError:
+                same = False
+            total += len(mapping)
+            if not same or total > MAX_MAPPED_BYTES:
+                del self._maps[name]
+
+    def release(self, transfer_id: str) -> None:
+        """The pages of ``transfer_id`` are written (or dropped): its stores may reuse the
+        segments they were read from. Any thread; the puller sends the releases."""
+        self._released.put(transfer_id)
+
+    def _send_releases(self) -> None:
+        while True:
+            try:
+                transfer_id = self._released.get_nowait()
+            except queue.Empty:
+                return
+            with self.lock:
+                endpoints = self._held.pop(transfer_id, [])
+            self._release(transfer_id, endpoints)
+
+    def _release(self, transfer_id: str, endpoints: list[str]) -> None:
+        for endpoint in endpoints:
+            self._dealers[endpoint].send_multipart(encode(KVRelease(transfer_id)), copy=False)
 
     def _dealer(self, endpoint: str) -> zmq.Socket:
         sock = self._dealers.get(endpoint)

@@ -6,9 +6,17 @@ when the host has one, so a consumer on the same host maps it instead of receivi
 it, else plain memory sent as a zero-copy ZeroMQ frame. The store is bounded in bytes
 (oldest out first) and in age; a transfer is forgotten, and its segment unlinked, once
 every consumer rank that needs it has fetched or released it.
+
+Segments are reused: one that every consumer rank released after reading it (and that
+went nowhere else) goes back to a pool, bounded in bytes, and the next save that fits
+takes it. A consumer keeps its mappings, so a transfer through a reused segment
+costs neither side a fresh mapping: populating one costs more than copying its bytes
+(189 MB: 13 ms against a 10 ms copy), and a fresh file is zero-filled page by page as
+the producer writes it.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import mmap
 import os
@@ -21,13 +29,28 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shoal.comm.kv_wire import SHM_DIR, checksum, remove_stale_segments
+from shoal.comm import kv_wire
+from shoal.comm.kv_wire import SHM_DIR, remove_stale_segments
 
 logger = logging.getLogger(__name__)
 
 _WIRE_DTYPE = {torch.bfloat16: torch.int16}  # numpy has no bfloat16: its bits travel
 _NUMPY_OF = {"bfloat16": np.int16, "float16": np.float16, "float32": np.float32,
              "float64": np.float64}
+
+
+def _torch_block_sums(blocks: np.ndarray) -> np.ndarray:
+    """kv_wire's per-block uint64 sums by torch (int64 wraps the same way): on all of
+    torch's threads and vectorised, 189 MB in 4.2 ms here against numpy's 5.2."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffers: only read from
+        sums = torch.from_numpy(blocks.view(np.int64)).sum(dim=1)
+    return sums.numpy().view(np.uint64)
+
+
+def checksum(data: np.ndarray) -> int:
+    """:func:`shoal.comm.kv_wire.checksum` of ``data``, summed by torch."""
+    return kv_wire.checksum(data, _torch_block_sums)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -55,6 +78,7 @@ class Segment:
 
     def __init__(self, name: str, nbytes: int):
         self.name = name
+        self.nbytes = max(1, nbytes)
         fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.ftruncate(fd, max(1, nbytes))
@@ -63,14 +87,15 @@ class Segment:
             os.close(fd)
 
     @staticmethod
-    def open(name: str) -> mmap.mmap:
-        """Map someone else's segment read-only (it stays mapped after they unlink it)."""
+    def open(name: str) -> tuple[mmap.mmap, int]:
+        """Map someone else's segment read-only (it stays mapped after they unlink it);
+        also its inode, which tells a later file of the same name from this one."""
         if "/" in name or not name.startswith("shoal-kv-"):
             raise ValueError(f"not a KV segment name: {name!r}")
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY)
         try:  # populated at once: one fault per page would cost more than the copy
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            return mmap.mmap(fd, 0, flags=flags, prot=mmap.PROT_READ)
+            return mmap.mmap(fd, 0, flags=flags, prot=mmap.PROT_READ), os.fstat(fd).st_ino
         finally:
             os.close(fd)
 
@@ -180,6 +205,18 @@ class StoreEntry:
     segment: Segment | None
     expected: int = 0  # consumer ranks that retire it (0: unknown until the first fetch)
     done: int = 0
+    # every retirement so far was a release after reading the segment in place (nothing
+    # sent from it as a frame or over a link): the segment may be reused when all are in
+    reusable: bool = True
+
+
+def slab_bytes(nbytes: int) -> int:
+    """A segment's size for ``nbytes``: rounded up to an eighth of its power of two (at
+    most 1/8 wasted), so transfers of similar sizes fit each other's segments."""
+    if nbytes <= 1 << 16:
+        return 1 << 16
+    step = 1 << (nbytes.bit_length() - 4)
+    return -(-nbytes // step) * step
 
 
 class KVStore:
@@ -195,6 +232,11 @@ class KVStore:
         self._pending: dict[str, float] = {}  # transfer id -> when its save was announced
         self._bytes = 0
         self._lock = threading.Lock()
+        self._names = itertools.count()
+        self._free: list[Segment] = []  # released segments, for the next saves that fit
+        self._free_bytes = 0
+        self.max_free_bytes = max_bytes // 2
+        self.segments_reused = 0
 
     def expect(self, transfer_id: str) -> None:
         """This rank's step will save ``transfer_id``: a fetch may wait for it."""
@@ -215,7 +257,7 @@ class KVStore:
         nbytes = int(np.prod(shape)) * dtype.itemsize
         with self._lock:
             self._evict_for(nbytes)
-        segment = Segment(self.prefix + transfer_id, nbytes) if self.use_shm else None
+        segment = self._segment_for(nbytes) if self.use_shm else None
         if segment is not None:
             data = np.frombuffer(segment.map, dtype=dtype, count=nbytes // dtype.itemsize)
             data = data.reshape(shape)
@@ -239,21 +281,43 @@ class KVStore:
                 entry.expected = max(1, expected)
             return entry
 
-    def retire_one(self, transfer_id: str) -> None:
-        """One consumer rank is done with it; the last one makes the store forget it."""
+    def retire_one(self, transfer_id: str, read_in_place: bool = False) -> None:
+        """One consumer rank is done with it; the last one makes the store forget it.
+
+        ``read_in_place``: that rank read the segment and released it after its last
+        read (KVRelease); if every rank did, the segment goes back to the pool.
+        """
         with self._lock:
             entry = self._entries.get(transfer_id)
             if entry is None:
                 return
             entry.done += 1
+            entry.reusable = entry.reusable and read_in_place
             if entry.done >= max(1, entry.expected):
                 del self._entries[transfer_id]
-                self._drop(entry)
+                self._drop(entry, reuse=entry.reusable)
 
     def close(self) -> None:
         with self._lock:
             while self._entries:
                 self._drop(self._entries.popitem()[1])
+            for segment in self._free:
+                segment.unlink()
+            self._free, self._free_bytes = [], 0
+
+    def _segment_for(self, nbytes: int) -> Segment:
+        """The smallest pooled segment that holds ``nbytes`` (and not twice over), else
+        a new one; named by a counter, never by the transfer: a name is never reused."""
+        with self._lock:
+            fits = [s for s in self._free if nbytes <= s.nbytes <= 2 * max(nbytes, 1 << 16)]
+            if fits:
+                segment = min(fits, key=lambda s: s.nbytes)
+                self._free.remove(segment)
+                self._free_bytes -= segment.nbytes
+                self.segments_reused += 1
+                return segment
+            name = f"{self.prefix}{next(self._names)}"
+        return Segment(name, slab_bytes(nbytes))
 
     def _evict_for(self, nbytes: int) -> None:
         self._expire(time.monotonic())
@@ -270,10 +334,18 @@ class KVStore:
             del self._entries[transfer_id]
             self._drop(entry)
 
-    def _drop(self, entry: StoreEntry) -> None:
+    def _drop(self, entry: StoreEntry, reuse: bool = False) -> None:
+        """Forget an entry; its segment goes to the pool (``reuse``, room left) or is
+        unlinked: expired, evicted or sent as frames, a reader may still hold it."""
         self._bytes -= entry.data.nbytes
-        if entry.segment is not None:
-            entry.segment.unlink()  # mappings (ours, a reader's) live on until dropped
+        segment = entry.segment
+        if segment is None:
+            return
+        if reuse and self._free_bytes + segment.nbytes <= self.max_free_bytes:
+            self._free.append(segment)
+            self._free_bytes += segment.nbytes
+        else:
+            segment.unlink()  # mappings (ours, a reader's) live on until dropped
 
     @property
     def num_bytes(self) -> int:

@@ -35,7 +35,6 @@ from shoal.comm.kv_wire import (
     KVPayload,
     KVRelease,
     KVWorkerHello,
-    checksum,
     host_id,
 )
 from shoal.errors import ProtocolError
@@ -45,6 +44,7 @@ from shoal.worker.kv_link import LinkClient, LinkHost
 from shoal.worker.kv_puller import Puller
 from shoal.worker.kv_store import (
     KVStore,
+    checksum,
     dtype_name,
     gather_pages,
     wire_numpy_dtype,
@@ -137,8 +137,8 @@ class StoreServer(threading.Thread):
         except ProtocolError as exc:
             logger.warning("KV store: bad fetch (%s)", exc)
             return None
-        if isinstance(ask, KVRelease):
-            self.store.retire_one(ask.transfer_id)
+        if isinstance(ask, KVRelease):  # after the consumer's last read of the segment
+            self.store.retire_one(ask.transfer_id, read_in_place=True)
             return None
         if isinstance(ask, KVLinkPair):
             if self.link_host is not None:
@@ -280,7 +280,11 @@ class ShoalTransferWorker:
             self._check_caches(kv_caches)
         for load in self.loads:
             staged = self.puller.take(load["transfer_id"])
-            write_pages(self.kv_caches, staged, load["start"], load["count"], load["page_ids"])
+            try:
+                write_pages(self.kv_caches, staged, load["start"], load["count"],
+                            load["page_ids"])
+            finally:
+                self.puller.release(load["transfer_id"])  # read: its segments may be reused
 
     def wait_for_layer_load(self, layer_idx: int) -> None:
         pass  # a whole request is loaded before the first layer runs

@@ -115,7 +115,7 @@ def test_store_is_bounded_and_forgets_after_the_expected_fetches(use_shm):
     save("a", 1.0)
     entry = store.get("a", 2)
     assert entry.checksum == checksum(np.ones(32, np.float32)) != checksum(np.zeros(32))
-    assert segments() == ([store.prefix + "a"] if use_shm else [])
+    assert len(segments()) == (1 if use_shm else 0)
     store.retire_one("a")
     assert store.get("a", 2) is not None
     store.retire_one("a")  # two consumer ranks retire it
@@ -125,6 +125,44 @@ def test_store_is_bounded_and_forgets_after_the_expected_fetches(use_shm):
     save("c", 0.0)  # over 300 bytes: the oldest goes
     assert store.get("a", 1) is None and store.get("c", 1) is not None
     store.close()
+    assert segments() == []
+
+
+def test_segments_read_in_place_are_reused_and_the_pool_is_bounded():
+    """A segment every consumer rank released after reading goes back to the pool and
+    the next save that fits takes it (same file: a consumer's mapping stays good); one
+    retired otherwise (sent as a frame, expired) is unlinked; the pool holds at most
+    half the store's bytes; close removes everything."""
+    store = KVStore(max_bytes=1 << 22, ttl_s=60, use_shm=True, rank=0)
+    f32 = np.dtype(np.float32)
+
+    def segments():
+        return sorted(p.name for p in Path("/dev/shm").glob(store.prefix + "*"))
+
+    try:
+        store.save("a", (1000,), f32, lambda out: out.fill(1.0))
+        first = store.get("a", 2).segment.name
+        store.retire_one("a", read_in_place=True)
+        store.retire_one("a", read_in_place=True)  # both ranks: pooled, not unlinked
+        assert segments() == [first] and store.get("a", 1) is None
+        store.save("b", (900,), f32, lambda out: out.fill(2.0))  # fits: the same file
+        entry = store.get("b", 1)
+        assert entry.segment.name == first and store.segments_reused == 1
+        assert entry.checksum == checksum(np.full(900, 2.0, np.float32))
+        store.save("c", (1000,), f32, lambda out: out.fill(3.0))  # none free: a new file
+        assert entry.segment.name != store.get("c", 1).segment.name
+        store.retire_one("b")  # sent as a frame: a reader may hold it, so it goes
+        assert first not in segments()
+        store.retire_one("c", read_in_place=True)  # pooled (a 64 KiB segment)
+        for name in ("d", "e"):  # 1 MiB each: c's is too small, two new segments
+            store.save(name, (1 << 18,), f32, lambda out: out.fill(4.0))
+        names = {n: store.get(n, 1).segment.name for n in ("c", "d", "e") if store.get(n, 1)}
+        store.retire_one("d", read_in_place=True)  # pooled: 64 KiB + 1 MiB of 2 MiB
+        store.retire_one("e", read_in_place=True)  # would pass 2 MiB: unlinked
+        assert names["e"] not in segments() and names["d"] in segments()
+        assert len(segments()) == 2
+    finally:
+        store.close()
     assert segments() == []
 
 
@@ -213,7 +251,21 @@ def test_a_lost_transfer_times_out_alone(tmp_path):
         assert not lost.ok and "no answer" in lost.error and 1.0 <= seconds < 10.0
         assert float(puller.take("ok-shm")[0][1].mean()) == 1.5
         assert float(puller.take("ok-zmq")[0][1].mean()) == 2.5
-        assert store.get("ok-shm", 1) is None  # released: segment unlinked
+        assert store.get("ok-shm", 1) is not None  # read in place: held until written
+        puller.release("ok-shm")  # written: the puller tells the store
+        deadline = time.monotonic() + 10
+        while store.get("ok-shm", 1) is not None and time.monotonic() < deadline:
+            puller.step(10)
+        assert store.get("ok-shm", 1) is None
+        # the segment went back to the pool: the next save of its size takes it, and the
+        # puller reads the new pages through the mapping it kept
+        store.save("again", shape, np.dtype(np.float32), lambda out: out.fill(3.5))
+        assert store.segments_reused == 1
+        puller._start(KVFetchOrder("again", 4, [good], [1], 1.0))
+        while "again" in puller._jobs:
+            puller.step(50)
+        assert decode(reports.recv_multipart()).ok and len(puller._maps) == 1
+        assert float(puller.take("again")[0][1].mean()) == 3.5
     finally:
         for sock in (puller.orders, puller.reports, *puller._dealers.values()):
             sock.close(0)  # also when an assertion failed: the context's term waits for them
