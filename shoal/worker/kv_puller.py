@@ -38,7 +38,7 @@ from shoal.comm.kv_wire import (
 )
 from shoal.errors import ProtocolError
 from shoal.worker.kv_link import LinkClient
-from shoal.worker.kv_store import SHM_DIR, Segment, checksum, wire_numpy_dtype
+from shoal.worker.kv_store import Segment, checksum, wire_numpy_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -337,9 +337,7 @@ class Puller(threading.Thread):
     def _mapping(self, name: str):
         """A producer's segment, mapped: the mapping kept from an earlier transfer through
         the same file (the producer reuses segments), else a new one."""
-        if "/" in name or not name.startswith("shoal-kv-"):
-            raise ValueError(f"not a KV segment name: {name!r}")
-        inode = os.stat(os.path.join(SHM_DIR, name)).st_ino
+        inode = os.stat(Segment.path(name)).st_ino
         kept = self._maps.get(name)
         if kept is not None and kept[1] == inode:
             self._maps.move_to_end(name)
@@ -356,7 +354,7 @@ class Puller(threading.Thread):
         total = 0
         for name, (mapping, inode) in reversed(list(self._maps.items())):
             try:
-                same = os.stat(os.path.join(SHM_DIR, name)).st_ino == inode
+                same = os.stat(Segment.path(name)).st_ino == inode
             except FileNotFoundError:
                 same = False
             total += len(mapping)

@@ -81,18 +81,23 @@ class Segment:
         self.nbytes = max(1, nbytes)
         fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.ftruncate(fd, max(1, nbytes))
-            self.map = mmap.mmap(fd, max(1, nbytes))
+            os.ftruncate(fd, self.nbytes)
+            self.map = mmap.mmap(fd, self.nbytes)
         finally:
             os.close(fd)
+
+    @staticmethod
+    def path(name: str) -> str:
+        """Where the segment ``name`` lives (ValueError for a name that is not a segment's)."""
+        if "/" in name or not name.startswith("shoal-kv-"):
+            raise ValueError(f"not a KV segment name: {name!r}")
+        return os.path.join(SHM_DIR, name)
 
     @staticmethod
     def open(name: str) -> tuple[mmap.mmap, int]:
         """Map someone else's segment read-only (it stays mapped after they unlink it);
         also its inode, which tells a later file of the same name from this one."""
-        if "/" in name or not name.startswith("shoal-kv-"):
-            raise ValueError(f"not a KV segment name: {name!r}")
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY)
+        fd = os.open(Segment.path(name), os.O_RDONLY)
         try:  # populated at once: one fault per page would cost more than the copy
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
             return mmap.mmap(fd, 0, flags=flags, prot=mmap.PROT_READ), os.fstat(fd).st_ino
@@ -210,11 +215,14 @@ class StoreEntry:
     reusable: bool = True
 
 
+MIN_SEGMENT_BYTES = 1 << 16
+
+
 def slab_bytes(nbytes: int) -> int:
     """A segment's size for ``nbytes``: rounded up to an eighth of its power of two (at
     most 1/8 wasted), so transfers of similar sizes fit each other's segments."""
-    if nbytes <= 1 << 16:
-        return 1 << 16
+    if nbytes <= MIN_SEGMENT_BYTES:
+        return MIN_SEGMENT_BYTES
     step = 1 << (nbytes.bit_length() - 4)
     return -(-nbytes // step) * step
 
@@ -309,7 +317,8 @@ class KVStore:
         """The smallest pooled segment that holds ``nbytes`` (and not twice over), else
         a new one; named by a counter, never by the transfer: a name is never reused."""
         with self._lock:
-            fits = [s for s in self._free if nbytes <= s.nbytes <= 2 * max(nbytes, 1 << 16)]
+            most = 2 * max(nbytes, MIN_SEGMENT_BYTES)
+            fits = [s for s in self._free if nbytes <= s.nbytes <= most]
             if fits:
                 segment = min(fits, key=lambda s: s.nbytes)
                 self._free.remove(segment)
