@@ -277,8 +277,17 @@ def _stream(url: str, prompt: list[int], max_tokens: int, out: list[str]) -> Non
 
 
 def _core_processes() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"])
-            if "shoal.frontend.core_main" in " ".join(p.info["cmdline"] or [])]
+    """The engine cores of this test's Ray cluster: descendants of this pytest process only,
+    since another test file running beside this one (pytest-xdist) has cores of its own."""
+    return [p for p in psutil.Process().children(recursive=True)
+            if "shoal.frontend.core_main" in " ".join(_cmdline(p))]
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
 
 
 def test_a_replica_engine_core_killed_mid_stream_is_replaced(client, serve_url):
@@ -337,7 +346,7 @@ def test_serve_replaces_a_replica_whose_engine_is_dead(serve_cluster, serve_url,
                      "health-check-period-s": 1, "health-check-timeout-s": 30})
 
     def fragile_cores() -> list[psutil.Process]:
-        return [p for p in _core_processes() if ckpt in " ".join(p.info["cmdline"])]
+        return [p for p in _core_processes() if ckpt in " ".join(_cmdline(p))]
 
     serve.run(app, name="fragile", route_prefix="/fragile")
     try:
