@@ -271,6 +271,7 @@ class Scheduler:
             if request.status == RequestStatus.RUNNING:
                 i += 1  # blocked; a preempted request left the list, so i already moved on
 
+        waiting_for_kv: list[Request] = []
         while (
             self.waiting
             and budget > 0
@@ -283,8 +284,10 @@ class Scheduler:
             # tokens a KV connector provides beyond the local hit (never the last one:
             # it must be computed to sample)
             num_external = self.connector.get_num_new_matched_tokens(request, num_hit_tokens)
-            if num_external is None:  # its KV is on the way: ask again next step
-                break
+            if num_external is None:  # its KV is on the way: ask again next step, and let
+                # the requests behind it in meanwhile (their own transfers start too)
+                waiting_for_kv.append(self.waiting.popleft())
+                continue
             num_external = max(0, min(num_external, request.num_tokens - 1 - num_hit_tokens))
             num_new = min(request.num_tokens - num_hit_tokens - num_external, budget)
             if self.kv.allocate_slots(request, num_new + num_external, hit_pages) is None:
@@ -298,6 +301,7 @@ class Scheduler:
             self.running.append(request)
             scheduled.append((request, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(waiting_for_kv))  # first in line when it lands
 
         if not scheduled:
             return None

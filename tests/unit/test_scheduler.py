@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from shoal.engine.plan import SamplingOptions, StepResult
 from shoal.config import SchedulerConfig
 from shoal.errors import RequestError
+from shoal.engine.kv_connector import NoKVConnector
 from shoal.engine.kv_manager import KVCacheManager
 from shoal.engine.request import Request, RequestStatus
 from shoal.engine.scheduler import Scheduler
@@ -124,6 +125,47 @@ def test_waiting_head_is_not_overtaken():
     scheduler.add_request(small)
     plan, _ = step(scheduler, mirror)
     assert plan.scheduled_req_ids == [0]
+
+
+class _TransferInFlight(NoKVConnector):
+    """A connector whose transfers for ``pending`` ids are on the way for ``steps`` asks
+    (answering None), then fail: the request recomputes its prefix."""
+
+    def __init__(self, pending: set[int], steps: int):
+        self.pending, self.asks_left = pending, {rid: steps for rid in pending}
+        self.asked: list[int] = []
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int):
+        self.asked.append(request.req_id)
+        if self.asks_left.get(request.req_id, 0) > 0:
+            self.asks_left[request.req_id] -= 1
+            return None
+        return 0
+
+
+def test_a_request_whose_kv_is_on_the_way_lets_the_queue_behind_it_in():
+    """A pending transfer does not block the waiting queue: the requests behind it are
+    admitted (and asked for their own KV) meanwhile, and it is first in line when its KV
+    has landed (or its transfer failed)."""
+    connector = _TransferInFlight({0}, steps=3)
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64)
+    scheduler = Scheduler(config, KVCacheManager(64, 4, True), 256, connector=connector)
+    mirror = WorkerStateMirror(4)
+    requests = [make_request(i, 6, max_tokens=4) for i in range(3)]
+    for request in requests:
+        scheduler.add_request(request)
+    plan, _ = step(scheduler, mirror)
+    assert plan.scheduled_req_ids == [1, 2] and connector.asked == [0, 1, 2]
+    assert [r.req_id for r in scheduler.waiting] == [0]
+    late = make_request(3, 6, max_tokens=4)
+    scheduler.add_request(late)
+    step(scheduler, mirror)
+    plan, _ = step(scheduler, mirror)  # the third ask: still on the way; 3 went in before
+    assert 3 in plan.scheduled_req_ids and 0 not in plan.scheduled_req_ids
+    plan, _ = step(scheduler, mirror)
+    assert plan.num_scheduled_tokens[plan.scheduled_req_ids.index(0)] == 6
+    drive(scheduler, mirror)
+    assert_reference_outputs([*requests, late])
 
 
 def run_all(requests: list[Request], *, depth: int = 1, **scheduler_kwargs):
