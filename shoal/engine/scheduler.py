@@ -229,9 +229,11 @@ class Scheduler:
         speculating = self.spec.enabled
         page_size = self.kv.page_size
         in_flight_ids = self._in_flight
+        running = self.running  # (preemption removes from this list, never replaces it)
+        schedule_one = scheduled.append
         i = 0
-        while i < len(self.running) and budget > 0 and len(scheduled) < room:
-            request = self.running[i]
+        while i < len(running) and budget > 0 and len(scheduled) < room:
+            request = running[i]
             if request.req_id in in_flight_ids:
                 if self._schedule_ahead(request):
                     scheduled.append((request, 1))
@@ -247,10 +249,12 @@ class Scheduler:
                     i += 1
                     continue  # (no pages for the drafts: a plain decode step below)
             computed = request.num_computed_tokens
-            num_new = min(len(request._all_token_ids) - computed, budget)
+            num_new = len(request._all_token_ids) - computed
+            if num_new > budget:
+                num_new = budget
             assert num_new > 0, f"request {request.req_id} is running with nothing to compute"
             if computed + num_new <= len(request.page_ids) * page_size and request.page_ids:
-                scheduled.append((request, num_new))  # fits its pages (allocate_slots' fast case)
+                schedule_one((request, num_new))  # fits its pages (allocate_slots' fast case)
                 budget -= num_new
                 i += 1
                 continue
@@ -346,9 +350,11 @@ class Scheduler:
         changed = []
         in_flight_plans, in_flight_tokens = self._in_flight_plans, self._in_flight
         pending_samples = self._pending_samples
+        get_plans, get_request = in_flight_plans.get, requests.get
+        running = RequestStatus.RUNNING
         for row, (rid, num_scheduled) in enumerate(zip(plan.scheduled_req_ids,
                                                        plan.num_scheduled_tokens)):
-            left = in_flight_plans.get(rid, 0) - 1  # the plan is no longer in flight
+            left = get_plans(rid, 0) - 1  # the plan is no longer in flight
             if left > 0:
                 in_flight_plans[rid] = left
                 in_flight_tokens[rid] -= num_scheduled
@@ -362,10 +368,10 @@ class Scheduler:
                 else:
                     pending_samples.pop(rid, None)
             drafts = spec_in_flight.pop(rid, None) if spec_in_flight else None
-            request = requests.get(rid)
+            request = get_request(rid)
             if request is None:  # ended while in flight
                 continue
-            assert request.status == RequestStatus.RUNNING, (rid, request.status)
+            assert request.status is running, (rid, request.status)
             if drafts:
                 num_scheduled -= self.spec.rejected(plan.step_id, request, drafts,
                                                     spans if spans is not None else result.spans)
@@ -388,12 +394,17 @@ class Scheduler:
                 self._finish(request, RequestStatus.FINISHED_STOPPED)
                 changed.append(request)
                 continue
-            if aligned:
-                request.append_output_token(tokens[row])
+            if aligned:  # (Request.append_output_token and check_stop, inlined: per row)
+                token = tokens[row]
+                outputs = request.output_token_ids
+                outputs.append(token)
+                request._all_token_ids.append(token)
                 request.num_new_output_tokens = 1
-                stop = request.check_stop()
-                if stop is not None:
-                    self._finish(request, stop)
+                if (len(outputs) >= request.max_tokens or token in request.eos_token_ids
+                        or token in request.stop_token_ids):
+                    stop = request.check_stop()
+                    if stop is not None:
+                        self._finish(request, stop)
                 changed.append(request)
                 continue
             if rid not in spans or spans[rid][1] < 1:

@@ -18,7 +18,7 @@ from shoal.engine.plan import CachedRequests, NewRequestData
 from shoal.engine.request import Request
 
 
-@dataclass
+@dataclass(slots=True)
 class _WorkerView:
     """What the workers know of a request: how many of its tokens and pages."""
 
@@ -61,17 +61,22 @@ class WorkerMirror:
         c_ids, c_computed, c_ntok, c_tokens, c_npage, c_pages = [], [], [], [], [], []
         c_ndraft, c_drafts = [], []
         views = self.views
+        get_view, get_in_flight = views.get, in_flight_tokens.get
+        get_plans = in_flight_plans.get
+        get_pending = pending_samples.get if self_append else None
+        get_drafts = spec_drafts.get if spec_drafts else None
         for request, num_new in scheduled:
             rid = request.req_id
-            view = views.get(rid)
-            in_flight = in_flight_tokens.get(rid, 0)
+            view = get_view(rid)
+            in_flight = get_in_flight(rid, 0)
             placed = request.num_computed_tokens + in_flight  # what the workers will have cached
-            pending = pending_samples.get(rid, 0) if self_append else 0
+            pending = get_pending(rid, 0) if get_pending is not None else 0
             all_tokens = request._all_token_ids
-            held = len(all_tokens) + pending  # tokens the workers hold when this plan runs
-            drafts = spec_drafts.get(rid, ()) if spec_drafts else ()
-            samples = placed + num_new - len(drafts) == held
+            num_tokens = len(all_tokens)
+            held = num_tokens + pending  # tokens the workers hold when this plan runs
+            drafts = get_drafts(rid, ()) if get_drafts is not None else ()
             pages = request.page_ids
+            num_pages = len(pages)
             if view is None:
                 assert not in_flight, f"request {rid} is sent in full while in flight"
                 assert not drafts, f"request {rid} has drafts in its first plan"
@@ -85,32 +90,34 @@ class WorkerMirror:
                         sampling=request.sampling,
                     )
                 )
-                view = views[rid] = _WorkerView(held, len(pages))
+                view = views[rid] = _WorkerView(held, num_pages)
             else:
                 known_tokens, known_pages = view.num_tokens, view.num_pages
                 c_ids.append(rid)
                 c_computed.append(placed)
-                if known_tokens < len(all_tokens):
-                    c_ntok.append(len(all_tokens) - known_tokens)
+                if known_tokens < num_tokens:
+                    c_ntok.append(num_tokens - known_tokens)
                     c_tokens += all_tokens[known_tokens:]
                 else:
                     c_ntok.append(0)
-                if known_pages < len(pages):
-                    c_npage.append(len(pages) - known_pages)
+                if known_pages < num_pages:
+                    c_npage.append(num_pages - known_pages)
                     c_pages += pages[known_pages:]
                 else:
                     c_npage.append(0)
-                c_ndraft.append(len(drafts))
-                if drafts:
+                if get_drafts is not None:
+                    c_ndraft.append(len(drafts))
                     c_drafts += drafts
                 if held > known_tokens:
                     view.num_tokens = held
-                view.num_pages = len(pages)
-            if samples and self_append and not request.sampling.pooling:
+                view.num_pages = num_pages
+            if (get_pending is not None and placed + num_new - len(drafts) == held
+                    and not request.sampling.pooling):
                 view.num_tokens += 1  # the workers append the token they sample
                 pending_samples[rid] = pending + 1
             in_flight_tokens[rid] = in_flight + num_new
-            in_flight_plans[rid] = in_flight_plans.get(rid, 0) + 1
+            in_flight_plans[rid] = get_plans(rid, 0) + 1
+        rows = len(c_ids)
         return new_requests, CachedRequests(
             req_ids=np.asarray(c_ids, dtype=np.int64),
             num_computed_tokens=np.asarray(c_computed, dtype=np.int64),
@@ -118,6 +125,7 @@ class WorkerMirror:
             new_token_ids=np.asarray(c_tokens, dtype=np.int32),
             new_page_counts=np.asarray(c_npage, dtype=np.int32),
             new_page_ids=np.asarray(c_pages, dtype=np.int32),
-            draft_counts=np.asarray(c_ndraft, dtype=np.int32),
+            draft_counts=(np.asarray(c_ndraft, dtype=np.int32) if get_drafts is not None
+                          else np.zeros(rows, np.int32)),
             draft_token_ids=np.asarray(c_drafts, dtype=np.int32),
         )

@@ -90,7 +90,7 @@ class NullRunner(ModelRunner):
             sampled = slots[done]
             last = table.tokens[sampled, table.num_tokens[sampled] - 1]
             tokens = (last.astype(np.int64) + 1) % self.vocab_size
-            req_ids = [ids[i] for i in done.tolist()]
+            req_ids = list(ids) if len(done) == len(ids) else [ids[i] for i in done.tolist()]
             counts = None
             if self.self_append:
                 table.append_tokens(sampled, np.ones(len(sampled), np.int64), tokens)

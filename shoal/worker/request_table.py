@@ -96,6 +96,12 @@ class RequestTable:
         """Row ``slots[i]`` gets the next ``counts[i]`` entries of ``token_ids``."""
         if not len(token_ids):
             return
+        if len(token_ids) == len(slots) and counts.min() == 1:  # one each (a decode step)
+            ends = self.num_tokens[slots]
+            self._fit_tokens(int(ends.max()) + 1)
+            self.tokens[slots, ends] = token_ids
+            self.num_tokens[slots] = ends + 1
+            return
         self._fit_tokens(int((self.num_tokens[slots] + counts).max()))
         rows, offsets = ragged_index(counts)
         where = slots[rows]
