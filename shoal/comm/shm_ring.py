@@ -12,7 +12,8 @@ Layout: a header (magic, readers, slots, slot size), then per slot
 - **Back-pressure**: the writer never overwrites a slot until every reader has
   acknowledged its previous use; a slow reader slows the writer, never loses data.
 - **Large messages** span consecutive slots (``more`` = 1 on all but the last).
-- **Doorbells**: a reader spins only briefly (``SPIN_S``), then blocks on its own
+- **Doorbells**: a reader spins only briefly (``SPIN_S``, and not at all when the
+  host has no core to spare for it), then blocks on its own
   FIFO; the writer rings each reader's FIFO (one byte, non-blocking) after every
   message, so a sleeping reader wakes within a scheduler wake-up, and nothing spins
   while the driver plans (two workers spinning would take both cores of a small host).
@@ -114,6 +115,11 @@ class ShmRing:
                 self._bell = os.open(_bell_path(path, reader), os.O_RDONLY | os.O_NONBLOCK)
             except OSError:  # no doorbell (an older writer): sleep-polling still works
                 self._bell = -1
+        # a reader spins before it sleeps only where the host has a core for the writer
+        # and each reader: otherwise the spin holds the core the writer (or the other
+        # readers) needs next, and with every core taken it costs more than the wake-up
+        # (2 workers on 2 cores: 256-request round trip 0.38 -> 0.33 ms without it)
+        self.spin_s = SPIN_S if (os.cpu_count() or 1) > self.num_readers else 0.0
         self.alive: Callable[[], None] | None = None  # writer: raises when a reader is dead
         self.timeout_s = 600.0  # writer: longest wait for a slot
 
@@ -290,7 +296,7 @@ class ShmRing:
                 return b"".join(parts)
 
     def _await_seq(self, meta: np.ndarray, seq: int, deadline: float | None) -> bool:
-        spin_until = time.perf_counter() + SPIN_S
+        spin_until = time.perf_counter() + self.spin_s
         pause = 0.0
         while True:
             current = int(meta[0])
